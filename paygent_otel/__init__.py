@@ -1,0 +1,30 @@
+"""Bill AI speech usage recorded with OpenTelemetry to Paygent.
+
+Set usage as span attributes (or metric points) following the Paygent semantic convention
+(:mod:`paygent_otel.semconv`), and let :class:`PaygentSpanExporter` or
+:class:`PaygentMetricExporter` turn them into Paygent tracking calls.
+"""
+
+from ._config import ExporterConfig
+from ._mapping import IdentityDefaults, Rejection, RejectReason, UsageRecord, map_usage
+from ._retry import RetryPolicy
+from ._version import __version__
+from .recording import record_sts, record_stt, record_tts
+from .semconv import UsageKind
+from .trace_exporter import PaygentSpanExporter
+
+__all__ = [
+    "ExporterConfig",
+    "IdentityDefaults",
+    "PaygentSpanExporter",
+    "RejectReason",
+    "Rejection",
+    "RetryPolicy",
+    "UsageKind",
+    "UsageRecord",
+    "__version__",
+    "map_usage",
+    "record_sts",
+    "record_stt",
+    "record_tts",
+]
