@@ -178,7 +178,8 @@ def _quantities(kind: sc.UsageKind, attributes: Attributes) -> dict[str, Any]:
         if amount:
             _put(raw, q.json_path, amount)
     if not present:
-        expected = ", ".join(q.name for q in sc.QUANTITIES.values() if q.kind is kind)
+        names = [q.name for q in sc.QUANTITIES.values() if q.kind is kind]
+        expected = ", ".join(names) if len(names) <= 3 else f"a paygent.{kind.value}.* attribute"
         raise _Invalid(sc.USAGE_KIND, f"a {kind.value} record needs a quantity (one of {expected})")
     if kind is sc.UsageKind.STS and raw:
         cached = raw[_UM].get("cached", {})
