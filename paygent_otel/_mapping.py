@@ -179,8 +179,12 @@ def _quantities(kind: sc.UsageKind, attributes: Attributes) -> dict[str, Any]:
             _put(raw, q.json_path, amount)
     if not present:
         names = [q.name for q in sc.QUANTITIES.values() if q.kind is kind]
-        expected = ", ".join(names) if len(names) <= 3 else f"a paygent.{kind.value}.* attribute"
-        raise _Invalid(sc.USAGE_KIND, f"a {kind.value} record needs a quantity (one of {expected})")
+        expected = (
+            "one of " + ", ".join(names)
+            if len(names) <= 3
+            else f"a paygent.{kind.value}.* attribute"
+        )
+        raise _Invalid(sc.USAGE_KIND, f"a {kind.value} record needs a quantity ({expected})")
     if kind is sc.UsageKind.STS and raw:
         cached = raw[_UM].get("cached", {})
         if "tokens" in cached and len(cached) > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 from typing import Final
 
 from . import semconv as sc
@@ -34,7 +35,7 @@ def attribute_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(sc))
     docs: dict[str, str] = {}
     body = tree.body
-    for node, following in zip(body, body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.value, ast.Constant)
@@ -89,4 +90,4 @@ def render_tables() -> str:
 
 
 if __name__ == "__main__":
-    print(render_tables())  # noqa: T201 - this module's purpose is to print the tables
+    print(render_tables())

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from . import semconv as sc
-from .recording import record_sts, record_stt, record_tts
+from .recording import record_sts, record_stt
 from .trace_exporter import PaygentSpanExporter
 
 __all__ = ["register", "run_demo"]
@@ -107,7 +107,10 @@ def _span_route(url: str, spool: Path) -> dict[str, int]:
         ("nan", {sc.USAGE_KIND: "stt", sc.STT_AUDIO_SECONDS: float("nan")}),
         ("string-number", {sc.USAGE_KIND: "tts", sc.TTS_CHARACTERS: "1200"}),
         ("unknown-kind", {sc.USAGE_KIND: "video", sc.TTS_CHARACTERS: 5}),
-        ("both-units", {sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 1.0, sc.STT_AUDIO_SECONDS: 60.0}),
+        (
+            "both-units",
+            {sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 1.0, sc.STT_AUDIO_SECONDS: 60.0},
+        ),
         (
             "cached-twice",
             {sc.USAGE_KIND: "sts", sc.STS_CACHED_TOKENS: 5, sc.STS_CACHED_TEXT_TOKENS: 5},
@@ -143,7 +146,9 @@ def run_demo(workdir: Path | None = None) -> int:
             print(f"sandbox (a local Paygent) listening on {sandbox.url}\n")
             routes: list[tuple[str, Route]] = [("spans", _span_route)]
             with _collecting() as refusals:
-                stats = {name: route(sandbox.url, folder / f"{name}.spool") for name, route in routes}
+                stats = {
+                    name: route(sandbox.url, folder / f"{name}.spool") for name, route in routes
+                }
             by = ("agent_id", "kind", "provider", "model")
             print("Billed (the sandbox ledger):")
             print(format_totals(sandbox.ledger.totals(by=by), by))

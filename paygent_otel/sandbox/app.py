@@ -84,6 +84,13 @@ class Faults:
         if self.seed is not None:
             _check_int("seed", self.seed, -(2**63), 2**63 - 1)
 
+    def replace(self, **changes: Any) -> Faults:
+        """A copy with some settings changed; ``ValueError`` for unknown names or bad values."""
+        unknown = changes.keys() - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (the body of ``GET /_sandbox/faults``)."""
         return dataclasses.asdict(self)
@@ -369,13 +376,13 @@ class SandboxApp:
     """
 
     def __init__(
-        self, writer: LedgerWriter, *, api_key: str | None = None, faults: Faults = Faults()
+        self, writer: LedgerWriter, *, api_key: str | None = None, faults: Faults | None = None
     ) -> None:
         self.writer = writer
         """Where accepted usage and the request log go."""
         self._api_key = api_key.encode() if api_key else None
-        self._faults = faults
-        self._rng = random.Random(faults.seed)
+        self._faults = faults if faults is not None else Faults()
+        self._rng = random.Random(self._faults.seed)
         self._counts: Counter[str] = Counter()
         self._refused: Counter[int] = Counter()
         self.asgi = Starlette(
@@ -401,10 +408,7 @@ class SandboxApp:
         Safe to call from another thread: the settings are replaced in one assignment.
         A ``seed`` in ``changes`` restarts the random sequence.
         """
-        unknown = changes.keys() - {f.name for f in dataclasses.fields(Faults)}
-        if unknown:
-            raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
-        faults = dataclasses.replace(self._faults, **changes)
+        faults = self._faults.replace(**changes)
         if "seed" in changes:
             self._rng = random.Random(faults.seed)
         self._faults = faults
@@ -474,7 +478,11 @@ class SandboxApp:
         self.writer.log_request(received_at, "POST", CUSTOMERS_PATH, key, 200, Outcome.CUSTOMER)
         external_id = document.get("externalId")
         return JSONResponse(
-            {"id": f"sandbox-{external_id}", "externalId": external_id, "name": document.get("name")}
+            {
+                "id": f"sandbox-{external_id}",
+                "externalId": external_id,
+                "name": document.get("name"),
+            }
         )
 
     async def _admit(self, request: Request) -> str:
@@ -519,7 +527,7 @@ class SandboxApp:
         self._counts[refusal.outcome] += 1
         self._refused[refusal.status] += 1
         self.writer.log_request(
-            received_at, request.method, request.url.path, key, refusal.status, refusal.outcome
+            received_at, request.method, request.scope["path"], key, refusal.status, refusal.outcome
         )
         return JSONResponse({"error": refusal.error}, refusal.status, headers=refusal.headers)
 
