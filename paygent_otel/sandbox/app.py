@@ -7,8 +7,9 @@ A request to a Paygent API route goes through, in this order:
 3. ``reject_rate``: answer 400 ``{"error": "sandbox injected rejection"}``;
 4. the ``paygent-api-key`` check (401);
 5. content type (415), UTF-8 JSON (400) and the documented shape (400, naming the field);
-6. ``Idempotency-Key``: a key already recorded is acknowledged again and not stored;
-7. the record is stored in the ledger; the answer is 200 ``{"id": N, "duplicate": false}``.
+6. the record is stored in the ledger; the answer is 200 ``{"id": N, "duplicate": false}``,
+   or, for an ``Idempotency-Key`` already recorded, 200 ``{"id": N, "duplicate": true}``
+   with the first record's id and nothing stored.
 
 Every answer is written to the ledger's request log before it is sent.
 """
@@ -25,7 +26,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,9 +36,11 @@ from starlette.routing import Route
 from .ledger import LedgerWriter, Outcome, UsageRow
 
 __all__ = [
+    "CUSTOMERS_PATH",
     "DEFAULT_FAIL_STATUS",
     "INJECTED_REJECTION_ERROR",
     "MAX_SAFE_INTEGER",
+    "USAGE_PATH",
     "Faults",
     "PayloadError",
     "SandboxApp",
@@ -54,7 +57,13 @@ MAX_SAFE_INTEGER: Final = 2**53 - 1
 """Largest token or character count accepted: the largest integer every JSON parser keeps."""
 
 USAGE_PATH: Final = "/api/v2/usage"
+"""Paygent's standalone usage endpoint (``track_stt``, ``track_tts``, ``track_sts``)."""
+
 CUSTOMERS_PATH: Final = "/api/v1/customers/create-or-get"
+"""Paygent's customer endpoint; the sandbox acknowledges it and stores nothing."""
+
+
+_MAX_LATENCY_MS = 600_000.0  # longer than any client timeout; a typo, not a test
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,7 +84,7 @@ class Faults:
     """Seed of the random draws, for reproducible fault sequences (None: unseeded)."""
 
     def __post_init__(self) -> None:
-        _check_number("latency_ms", self.latency_ms, 0.0, math.inf)
+        _check_number("latency_ms", self.latency_ms, 0.0, _MAX_LATENCY_MS)
         _check_number("fail_rate", self.fail_rate, 0.0, 1.0)
         _check_number("reject_rate", self.reject_rate, 0.0, 1.0)
         _check_int("fail_status", self.fail_status, 400, 599)
@@ -121,6 +130,7 @@ class PayloadError(ValueError):
         self.field = field
         """Dotted path of the offending field (``body`` for the document itself)."""
         self.rule = rule
+        """The rule it breaks, such as ``must be > 0, got 0``."""
 
 
 _TOP_FIELDS = frozenset({"agentId", "customerId", "indicator", "rawUsage", "metaTags"})
@@ -175,7 +185,7 @@ def _string(value: object, where: str, *, required: bool) -> str:
     if not isinstance(value, str):
         raise PayloadError(where, f"must be a string, got {_json_type(value)}")
     if required and not value.strip():
-        raise PayloadError(where, "must be a non-empty string")
+        raise PayloadError(where, "must be a non-empty string (not blank)")
     return value
 
 
@@ -345,7 +355,7 @@ def validate_usage(
     )
 
 
-def _refuse_constant(name: str) -> None:
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -360,7 +370,7 @@ class _Refusal(Exception):
     """Stops a request early with an error answer (logged like every answer)."""
 
     def __init__(
-        self, status: int, outcome: str, error: str, headers: dict[str, str] | None = None
+        self, status: int, outcome: Outcome, error: str, headers: dict[str, str] | None = None
     ) -> None:
         super().__init__(error)
         self.status = status
@@ -433,9 +443,11 @@ class SandboxApp:
 
     async def _usage(self, request: Request) -> Response:
         received_at = time.time()
-        key = request.headers.get("idempotency-key") or None
+        # One pass over the raw header list; Starlette's Headers scans it per lookup.
+        headers: dict[bytes, bytes] = dict(request.scope["headers"])
+        key = headers.get(b"idempotency-key", b"").decode("latin-1") or None
         try:
-            text = await self._admit(request)
+            text = await self._admit(request, headers)
             try:
                 document = _DECODER.decode(text)
                 row = validate_usage(
@@ -446,24 +458,28 @@ class SandboxApp:
             except ValueError as exc:
                 raise _Refusal(400, Outcome.INVALID, f"body: not valid JSON: {exc}") from None
         except _Refusal as refusal:
-            return self._refuse(request, received_at, key, refusal)
+            return await self._refuse(request, received_at, key, refusal)
         self._counts["requests"] += 1
         usage_id = self.writer.usage_id(key) if key is not None else None
         if usage_id is not None:
             self.writer.log_request(
                 received_at, "POST", USAGE_PATH, key, 200, Outcome.DUPLICATE
             )
+            await self.writer.committed()
             self._counts[Outcome.DUPLICATE] += 1
             return JSONResponse({"id": usage_id, "duplicate": True})
         usage_id = self.writer.record_usage(row, "POST", USAGE_PATH)
+        await self.writer.committed()
         self._counts[Outcome.ACCEPTED] += 1
         return JSONResponse({"id": usage_id, "duplicate": False})
 
     async def _customer(self, request: Request) -> Response:
         received_at = time.time()
-        key = request.headers.get("idempotency-key") or None
+        # One pass over the raw header list; Starlette's Headers scans it per lookup.
+        headers: dict[bytes, bytes] = dict(request.scope["headers"])
+        key = headers.get(b"idempotency-key", b"").decode("latin-1") or None
         try:
-            text = await self._admit(request)
+            text = await self._admit(request, headers)
             try:
                 document = _DECODER.decode(text)
             except ValueError as exc:
@@ -473,9 +489,10 @@ class SandboxApp:
                     400, Outcome.INVALID, f"body: must be a JSON object, got {_json_type(document)}"
                 )
         except _Refusal as refusal:
-            return self._refuse(request, received_at, key, refusal)
+            return await self._refuse(request, received_at, key, refusal)
         self._counts["requests"] += 1
         self.writer.log_request(received_at, "POST", CUSTOMERS_PATH, key, 200, Outcome.CUSTOMER)
+        await self.writer.committed()
         external_id = document.get("externalId")
         return JSONResponse(
             {
@@ -485,29 +502,26 @@ class SandboxApp:
             }
         )
 
-    async def _admit(self, request: Request) -> str:
+    async def _admit(self, request: Request, headers: dict[bytes, bytes]) -> str:
         """Faults, auth and content type, shared by the API routes; returns the body text."""
         faults = self._faults
         if faults.latency_ms:
             await asyncio.sleep(faults.latency_ms / 1000.0)
         if _draw(self._rng, faults.fail_rate):
-            headers = None
-            if faults.retry_after is not None:
-                headers = {"Retry-After": str(faults.retry_after)}
             raise _Refusal(
                 faults.fail_status,
                 Outcome.INJECTED_FAILURE,
                 f"sandbox injected failure ({faults.fail_status})",
-                headers,
+                None if faults.retry_after is None else {"Retry-After": str(faults.retry_after)},
             )
         if _draw(self._rng, faults.reject_rate):
             raise _Refusal(400, Outcome.INJECTED_REJECTION, INJECTED_REJECTION_ERROR)
-        api_key = request.headers.get("paygent-api-key", "").encode()
+        api_key = headers.get(b"paygent-api-key", b"")
         if not api_key:
             raise _Refusal(401, Outcome.UNAUTHORIZED, "missing paygent-api-key header")
         if self._api_key is not None and not hmac.compare_digest(api_key, self._api_key):
             raise _Refusal(401, Outcome.UNAUTHORIZED, "invalid paygent-api-key")
-        content_type = request.headers.get("content-type", "")
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         if content_type.partition(";")[0].strip().lower() != "application/json":
             raise _Refusal(
                 415,
@@ -520,7 +534,7 @@ class SandboxApp:
         except UnicodeDecodeError as exc:
             raise _Refusal(400, Outcome.INVALID, f"body: not UTF-8: {exc}") from None
 
-    def _refuse(
+    async def _refuse(
         self, request: Request, received_at: float, key: str | None, refusal: _Refusal
     ) -> Response:
         self._counts["requests"] += 1
@@ -529,6 +543,7 @@ class SandboxApp:
         self.writer.log_request(
             received_at, request.method, request.scope["path"], key, refusal.status, refusal.outcome
         )
+        await self.writer.committed()
         return JSONResponse({"error": refusal.error}, refusal.status, headers=refusal.headers)
 
     # ----------------------------------------------------------------- admin routes

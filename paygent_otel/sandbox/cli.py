@@ -1,0 +1,304 @@
+"""The ``sandbox`` and ``ledger`` commands, and ``python -m paygent_otel.sandbox``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Final
+
+from .ledger import Ledger
+
+__all__ = [
+    "DEFAULT_DB_PATH",
+    "DEFAULT_PORT",
+    "LEDGER_GROUPS",
+    "add_sandbox_arguments",
+    "format_totals",
+    "main",
+    "register",
+    "run_sandbox",
+    "show_ledger",
+]
+
+DEFAULT_DB_PATH: Final = "./paygent-sandbox.sqlite3"
+"""Ledger file of the ``sandbox`` and ``ledger`` commands when ``--db`` is not given."""
+
+DEFAULT_PORT: Final = 8787
+"""Port of the ``sandbox`` command when ``--port`` is not given."""
+
+LEDGER_GROUPS: Final = {
+    "customer": "customer_id",
+    "agent": "agent_id",
+    "indicator": "indicator",
+    "kind": "kind",
+    "provider": "provider",
+    "model": "model",
+}
+"""``ledger --by`` names and the ledger columns they group by."""
+
+_SANDBOX_DESCRIPTION = """\
+Run a local stand-in for the Paygent API (POST /api/v2/usage). It checks the
+paygent-api-key header and every body strictly, records accepted usage in a
+SQLite ledger, honours Idempotency-Key, and can add latency, failures and
+rejections. Runs in the foreground until Ctrl-C or SIGTERM.
+"""
+
+_SANDBOX_EPILOG = """\
+examples:
+  paygent-otel sandbox
+      serve http://127.0.0.1:8787, record into ./paygent-sandbox.sqlite3
+  paygent-otel sandbox --db /tmp/ledger.sqlite3 --port 9000 --api-key test-key
+      answer 401 to any paygent-api-key other than test-key
+  paygent-otel sandbox --latency-ms 200 --fail-rate 0.1 --retry-after 2 --seed 1
+      slow Paygent that answers 503 (Retry-After: 2) to one request in ten
+
+then point a client at its URL (http://127.0.0.1:8787) and watch it:
+  curl -s localhost:8787/_sandbox/stats
+  curl -s -X POST localhost:8787/_sandbox/faults -d '{"fail_rate": 1.0}'
+  paygent-otel ledger --db ./paygent-sandbox.sqlite3
+
+faults apply to the Paygent API routes in this order: latency, fail_rate,
+reject_rate; then the api key, the body and Idempotency-Key are checked.
+"""
+
+_LEDGER_EPILOG = """\
+examples:
+  paygent-otel ledger
+      totals per customer, kind and model of ./paygent-sandbox.sqlite3
+  paygent-otel ledger --db /tmp/ledger.sqlite3 --by customer
+  paygent-otel ledger --by agent,indicator,provider --json
+
+columns: calls (accepted usage records), audio min (STT audioDuration),
+chars (TTS characterCount), sts tokens and sts min (every tokens / minutes
+value of the STS usageMetadata added up). Idempotent repeats are acknowledged
+by the sandbox but not recorded; their count is printed below the table.
+"""
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``sandbox`` and ``ledger`` commands to the ``paygent-otel`` parser."""
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a local Paygent that records usage in SQLite",
+        description=_SANDBOX_DESCRIPTION,
+        epilog=_SANDBOX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_sandbox_arguments(sandbox)
+    sandbox.set_defaults(handler=run_sandbox)
+
+    ledger = commands.add_parser(
+        "ledger",
+        help="print the usage totals a sandbox recorded",
+        description=(
+            "Print the totals of the usage a sandbox recorded, grouped as you choose.\n"
+            "Safe to run while the sandbox is serving."
+        ),
+        epilog=_LEDGER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ledger.add_argument(
+        "--db", default=DEFAULT_DB_PATH, metavar="PATH",
+        help=f"the sandbox's ledger file (default: {DEFAULT_DB_PATH})",
+    )  # fmt: skip
+    ledger.add_argument(
+        "--by", type=_group_list, default=("customer_id", "kind", "model"), metavar="LIST",
+        help=(
+            f"comma-separated grouping, from {','.join(LEDGER_GROUPS)} "
+            "(default: customer,kind,model)"
+        ),
+    )  # fmt: skip
+    ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ledger.set_defaults(handler=show_ledger)
+
+
+def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sandbox`` command's flags (shared with ``python -m paygent_otel.sandbox``)."""
+    from .app import DEFAULT_FAIL_STATUS
+    from .server import DEFAULT_HOST
+
+    parser.add_argument(
+        "--db", default=DEFAULT_DB_PATH, metavar="PATH",
+        help=f"SQLite ledger file, created if missing (default: {DEFAULT_DB_PATH})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT,
+        help=f"port to listen on, 0 for any free port (default: {DEFAULT_PORT})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-key", metavar="KEY",
+        help="accept only this paygent-api-key (default: any non-empty key)",
+    )  # fmt: skip
+    faults = parser.add_argument_group(
+        "fault injection", "also changeable while running: POST /_sandbox/faults"
+    )
+    faults.add_argument(
+        "--latency-ms", type=float, default=0.0, metavar="MS",
+        help="delay every API request by MS milliseconds (default: 0)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--fail-rate", type=float, default=0.0, metavar="P",
+        help="answer --fail-status to this fraction of requests, 0..1 (default: 0)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--fail-status", type=int, default=DEFAULT_FAIL_STATUS, metavar="STATUS",
+        help=f"status of injected failures (default: {DEFAULT_FAIL_STATUS})",
+    )  # fmt: skip
+    faults.add_argument(
+        "--retry-after", type=int, metavar="SECONDS",
+        help="send Retry-After: SECONDS with injected failures (default: no header)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--reject-rate", type=float, default=0.0, metavar="P",
+        help="answer 400 'sandbox injected rejection' to this fraction, 0..1 (default: 0)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--seed", type=int, help="seed the fault draws, for a reproducible sequence"
+    )
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    """Handler of ``sandbox``: serve in the foreground until SIGINT or SIGTERM; exit status."""
+    from .server import SandboxServer
+
+    try:
+        server = SandboxServer(
+            args.db,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            latency_ms=args.latency_ms,
+            fail_rate=args.fail_rate,
+            fail_status=args.fail_status,
+            retry_after=args.retry_after,
+            reject_rate=args.reject_rate,
+            seed=args.seed,
+        )
+        server.start()
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"paygent-otel sandbox: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda _sig, _frame: stop.set())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        # SandboxProcess and scripts wait for this exact line (server.LISTENING_LINE).
+        print(f"paygent sandbox listening on {server.url}", flush=True)
+        print(f"ledger: {server.db_path} (Ctrl-C to stop)", flush=True)
+        # A timed wait keeps the main thread returning to the interpreter, where the
+        # signal handlers run.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    count = server.ledger.count()
+    print(f"stopped; {count} usage records in {server.db_path}", flush=True)
+    return 0
+
+
+def show_ledger(args: argparse.Namespace) -> int:
+    """Handler of ``ledger``: print totals as a table or JSON; exit status."""
+    ledger = Ledger(args.db)
+    by: tuple[str, ...] = args.by
+    try:
+        totals = ledger.totals(by=by)
+        overall = ledger.totals(by=())
+        duplicates = ledger.duplicate_count()
+    except FileNotFoundError as exc:
+        print(f"paygent-otel ledger: {exc} (run `paygent-otel sandbox` first)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"groups": totals, "duplicates": duplicates}, indent=2))
+        return 0
+    print(format_totals(totals, by, overall[0] if overall else None))
+    print(f"idempotent repeats acknowledged, not recorded: {duplicates}")
+    return 0
+
+
+_NAME_BY_COLUMN: Final = {column: name for name, column in LEDGER_GROUPS.items()}
+_QUANTITY_HEADERS: Final = (
+    ("calls", "calls"),
+    ("audio_minutes", "audio min"),
+    ("characters", "chars"),
+    ("sts_tokens", "sts tokens"),
+    ("sts_minutes", "sts min"),
+)
+
+
+def format_totals(
+    totals: Sequence[dict[str, Any]], by: Sequence[str], overall: dict[str, Any] | None = None
+) -> str:
+    """An aligned text table of :meth:`Ledger.totals` rows.
+
+    ``overall`` (``Ledger.totals(by=())``, one row) becomes a total line under several groups.
+    """
+    if not totals:
+        return "no usage recorded"
+    headers = [_NAME_BY_COLUMN.get(c, c) for c in by] + [h for _, h in _QUANTITY_HEADERS]
+    body = [
+        [str(row[c]) for c in by] + [_quantity(row[q]) for q, _ in _QUANTITY_HEADERS]
+        for row in totals
+    ]
+    if overall is not None and len(totals) > 1 and by:
+        body.append(
+            ["total"] + [""] * (len(by) - 1) + [_quantity(overall[q]) for q, _ in _QUANTITY_HEADERS]
+        )
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+
+    def render(cells: list[str]) -> str:
+        # Group columns read left to right; numbers line up on the right.
+        return "  ".join(
+            cell.ljust(w) if i < len(by) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [render(headers), rule, *(render(r) for r in body[: len(totals)])]
+    if len(body) > len(totals):
+        lines += [rule, render(body[-1])]
+    return "\n".join(lines)
+
+
+def _quantity(value: int | float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    # Four decimals show a second of audio (0.0167 min); trailing zeros only add noise.
+    return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _group_list(text: str) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEDGER_GROUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a comma list of {','.join(LEDGER_GROUPS)}"
+        )
+    return tuple(LEDGER_GROUPS[n] for n in names)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m paygent_otel.sandbox``: the ``sandbox`` command on its own."""
+    parser = argparse.ArgumentParser(
+        prog="python -m paygent_otel.sandbox",
+        description=_SANDBOX_DESCRIPTION,
+        epilog=_SANDBOX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_sandbox_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_sandbox(args)
