@@ -9,6 +9,8 @@ from ._config import ExporterConfig
 from ._mapping import IdentityDefaults, Rejection, RejectReason, UsageRecord, map_usage
 from ._retry import RetryPolicy
 from ._version import __version__
+from .instruments import UsageInstruments, create_usage_counters
+from .metric_exporter import PaygentMetricExporter
 from .recording import record_sts, record_stt, record_tts
 from .semconv import UsageKind
 from .trace_exporter import PaygentSpanExporter
@@ -16,13 +18,16 @@ from .trace_exporter import PaygentSpanExporter
 __all__ = [
     "ExporterConfig",
     "IdentityDefaults",
+    "PaygentMetricExporter",
     "PaygentSpanExporter",
     "RejectReason",
     "Rejection",
     "RetryPolicy",
+    "UsageInstruments",
     "UsageKind",
     "UsageRecord",
     "__version__",
+    "create_usage_counters",
     "map_usage",
     "record_sts",
     "record_stt",

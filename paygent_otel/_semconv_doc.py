@@ -84,7 +84,15 @@ def render_tables() -> str:
             f"| `{q.name}` | {q.kind.value} | {type_} | `{q.unit.value}` | {_json_field(q)} "
             f"| {docs.get(q.name, '')} |"
         )
-    lines += ["", f"Span event name for one extra record per event: `{sc.USAGE_EVENT_NAME}`.", ""]
+    lines += [
+        "",
+        f"Span event name for one extra record per event: `{sc.USAGE_EVENT_NAME}`.",
+        "",
+        "Metric instruments must be a Counter or ObservableCounter with DELTA temporality; an "
+        "empty unit is accepted, and for counts `1` or `{...}` too; helper arguments and rules "
+        "are in [metrics.md](metrics.md).",
+        "",
+    ]
     lines.append(END_MARKER)
     return "\n".join(lines)
 

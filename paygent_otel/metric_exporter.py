@@ -1,0 +1,251 @@
+"""``PaygentMetricExporter``: usage counters become Paygent tracking calls.
+
+Run it under the SDK's ``PeriodicExportingMetricReader``, or zero-code with
+``OTEL_METRICS_EXPORTER=paygent`` (add it next to ``otlp``: ``otlp,paygent``). Each export
+interval turns every non-zero point of a usage counter into usage; points with the same
+identity in one interval are one call. See ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+import httpx
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    Sum,
+)
+from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation, SumAggregation
+
+from ._config import ExporterConfig
+from ._delivery import DeliveryPipeline
+from ._mapping import IdentityDefaults
+from ._metrics import UsagePoint, is_usage_metric, records_from_points, usage_stream_problem
+from ._retry import RetryPolicy
+from ._selfmetrics import register_self_metrics
+
+__all__ = ["USAGE_TEMPORALITY", "PaygentMetricExporter"]
+
+_logger = logging.getLogger("paygent_otel.metric_exporter")
+
+USAGE_TEMPORALITY: Final[Mapping[type, AggregationTemporality]] = {
+    Counter: AggregationTemporality.DELTA,
+    ObservableCounter: AggregationTemporality.DELTA,
+    Histogram: AggregationTemporality.DELTA,
+    UpDownCounter: AggregationTemporality.CUMULATIVE,
+    ObservableUpDownCounter: AggregationTemporality.CUMULATIVE,
+    ObservableGauge: AggregationTemporality.CUMULATIVE,
+}
+"""The temporality the exporter asks its reader for (the OTLP exporters' ``delta`` preset).
+
+Counters must be DELTA: each point is then exactly the usage of one interval. The other
+instrument types are never billed (a usage name on them is an error), so their entries
+only keep the reader's memory small."""
+
+_BILLED_INSTRUMENTS = (Counter, ObservableCounter)
+_SUM_AGGREGATIONS = (DefaultAggregation, SumAggregation)
+
+
+def _data_type(metric: Metric) -> str:
+    """``Sum`` -> ``"sum"``, ``ExponentialHistogram`` -> ``"exponential histogram"``."""
+    name = type(metric.data).__name__
+    return "".join(" " + c.lower() if c.isupper() else c for c in name).strip()
+
+
+class PaygentMetricExporter(MetricExporter):
+    """Turns the usage counters of each export interval into ``POST /api/v2/usage`` calls.
+
+    Takes the same keyword arguments as :class:`~paygent_otel.PaygentSpanExporter` and the
+    same environment variables (``OTEL_EXPORTER_PAYGENT_METRICS_*`` before the generic
+    ones); with no arguments (zero-code) it configures itself from the environment.
+    ``preferred_temporality`` and ``preferred_aggregation`` are passed to the reader like
+    any exporter's, but one that would make usage counters arrive as cumulative sums or
+    as anything but sums raises ``ValueError`` here: such a configuration would bill the
+    running total every interval, or nothing at all.
+
+    ``export()`` commits the interval's records to the spool (durable by default) and
+    returns; a background worker delivers them. It never raises.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+        agent_id: str | None = None,
+        customer_id: str | None = None,
+        indicator: str | None = None,
+        spool_path: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int | None = None,
+        max_in_flight: int | None = None,
+        max_retry_seconds: float | None = None,
+        trace_tags: bool | None = None,
+        genai: bool | None = None,
+        retry_policy: RetryPolicy | None = None,
+        meter_provider: MeterProvider | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        preferred_temporality: Mapping[type, AggregationTemporality] | None = None,
+        preferred_aggregation: Mapping[type, Aggregation] | None = None,
+    ) -> None:
+        temporality = {**USAGE_TEMPORALITY, **(preferred_temporality or {})}
+        for instrument in _BILLED_INSTRUMENTS:
+            if temporality[instrument] is not AggregationTemporality.DELTA:
+                raise ValueError(
+                    f"PaygentMetricExporter needs DELTA temporality for {instrument.__name__}: "
+                    f"with {temporality[instrument].name} every export would carry the running "
+                    f"total and bill the same usage again each interval"
+                )
+        for instrument_type, aggregation in (preferred_aggregation or {}).items():
+            if instrument_type in _BILLED_INSTRUMENTS and not isinstance(
+                aggregation, _SUM_AGGREGATIONS
+            ):
+                raise ValueError(
+                    f"PaygentMetricExporter needs {instrument_type.__name__} aggregated as a sum, "
+                    f"not {type(aggregation).__name__}: usage counters would not be billed"
+                )
+        super().__init__(
+            preferred_temporality=temporality,
+            preferred_aggregation=dict(preferred_aggregation or {}),
+        )
+        self.config = ExporterConfig.resolve(
+            "metrics",
+            endpoint=endpoint,
+            api_key=api_key,
+            timeout=timeout,
+            headers=headers,
+            agent_id=agent_id,
+            customer_id=customer_id,
+            indicator=indicator,
+            spool_path=spool_path,
+            spool_max_bytes=spool_max_bytes,
+            max_in_flight=max_in_flight,
+            max_retry_seconds=max_retry_seconds,
+            trace_tags=trace_tags,
+            genai=genai,
+        )
+        self._defaults = IdentityDefaults(
+            agent_id=self.config.agent_id,
+            customer_id=self.config.customer_id,
+            indicator=self.config.indicator,
+            trace_tags=self.config.trace_tags,
+        )
+        self._pipeline = DeliveryPipeline(
+            self.config, name="metrics", retry_policy=retry_policy, transport=transport
+        )
+        self._shutdown = False
+        self._reported: set[tuple[str, str]] = set()
+        self._reported_lock = threading.Lock()
+        register_self_metrics(self._pipeline, meter_provider)
+        # Records an earlier process left in the spool go out without waiting for new ones.
+        self._pipeline.start()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of every record's fate (delivered, invalid, ...) and of streams refused
+        (``wrong_instrument``, ``wrong_temporality``, ``wrong_unit``: one per data point)."""
+        return self._pipeline.stats.snapshot()
+
+    @property
+    def pipeline(self) -> DeliveryPipeline:
+        """The spool and worker this exporter feeds (shared seam with the other routes)."""
+        return self._pipeline
+
+    def _refused(self, metric: Metric) -> bool:
+        """True when ``metric`` is a usage stream that must not be billed (reported once)."""
+        data = metric.data
+        unit = metric.unit or ""
+        if isinstance(data, Sum):
+            problem = usage_stream_problem(
+                metric.name,
+                "sum",
+                unit=unit,
+                monotonic=data.is_monotonic,
+                delta=data.aggregation_temporality is AggregationTemporality.DELTA,
+            )
+        else:
+            problem = usage_stream_problem(metric.name, _data_type(metric), unit=unit)
+        if problem is None:
+            return False
+        reason, message = problem
+        self._pipeline.stats.add(reason, len(data.data_points))
+        with self._reported_lock:
+            first = (metric.name, reason) not in self._reported
+            self._reported.add((metric.name, reason))
+        if first:
+            _logger.error("paygent metric exporter: %s", message)
+        return True
+
+    def _usage_points(self, metrics_data: MetricsData) -> Iterator[UsagePoint]:
+        for resource_metrics in metrics_data.resource_metrics:
+            resource = resource_metrics.resource.attributes
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if not is_usage_metric(metric.name) or self._refused(metric):
+                        continue
+                    data = metric.data
+                    if not isinstance(data, Sum):  # _refused let only sums through
+                        continue
+                    for point in data.data_points:
+                        yield UsagePoint(
+                            resource,
+                            metric.name,
+                            point.attributes or {},
+                            point.start_time_unix_nano,
+                            point.time_unix_nano,
+                            point.value,
+                        )
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        """Commit the interval's usage records; SUCCESS once they are stored."""
+        try:
+            records, rejections = records_from_points(
+                self._usage_points(metrics_data), self._defaults, source="metrics"
+            )
+        except Exception:
+            _logger.exception("paygent metric exporter: could not map an export")
+            return MetricExportResult.FAILURE
+        if not records and not rejections:
+            return MetricExportResult.SUCCESS
+        # After shutdown the pipeline refuses, logs and counts them (never silently lost).
+        refused = self._pipeline.submit(records, rejections)
+        return MetricExportResult.FAILURE if refused else MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Wait until every committed record is delivered, within the timeout."""
+        return self._pipeline.force_flush(timeout_millis / 1000.0)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Deliver what is pending within the timeout, then stop. Idempotent.
+
+        ``PeriodicExportingMetricReader`` passes what is left of its deadline as
+        ``timeout=`` (milliseconds), after its last collection of the partial interval.
+        """
+        if self._shutdown:
+            return
+        self._shutdown = True
+        millis = kwargs.get("timeout", timeout_millis)
+        self._pipeline.shutdown(max(float(millis), 0.0) / 1000.0)
+
+    def __repr__(self) -> str:
+        return f"PaygentMetricExporter({self.config!r})"
