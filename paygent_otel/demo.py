@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Tracer
 
 from . import semconv as sc
+from .instruments import UsageInstruments
+from .metric_exporter import PaygentMetricExporter
 from .recording import record_sts, record_stt
 from .trace_exporter import PaygentSpanExporter
 
@@ -29,6 +36,8 @@ DEMO_API_KEY = "demo-key-not-secret"
 """The key the embedded sandbox expects."""
 SPANS_AGENT = "demo-agent-spans"
 """Agent id of the span route's records (set once, on the resource)."""
+METRICS_AGENT = "demo-agent-metrics"
+"""Agent id of the metric route's records."""
 CUSTOMER = "cust_acme"
 
 
@@ -57,51 +66,66 @@ def _collecting() -> Iterator[_Collect]:
         logger.propagate = previous
 
 
+TURNS = 10
+"""Conversation turns the demo's voice agent serves; each turn is STT, TTS and STS usage."""
+
+
+def _turn_usage(turn: int) -> tuple[float, int, dict[str, int]]:
+    """The usage of one turn: audio seconds, characters, speech-to-speech tokens."""
+    sts = {
+        "input_text_tokens": 120 + turn,
+        "input_audio_tokens": 900 + 10 * turn,
+        "output_audio_tokens": 1500 + 20 * turn,
+        "cached_text_tokens": 40,
+    }
+    return 27.0 + turn, 1200 + 10 * turn, sts
+
+
 def _span_route(url: str, spool: Path) -> dict[str, int]:
-    """The seed's three calls, rewritten as attribute-setting code, plus bad input."""
-    exporter = PaygentSpanExporter(
-        endpoint=url, api_key=DEMO_API_KEY, spool_path=spool, trace_tags=True
-    )
+    """The seed's three calls as recording helpers and attributes, one record per call."""
+    exporter = PaygentSpanExporter(endpoint=url, api_key=DEMO_API_KEY, spool_path=spool)
     provider = TracerProvider(resource=Resource.create({sc.AGENT_ID: SPANS_AGENT}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     tracer = provider.get_tracer("paygent_otel.demo")
+    for turn in range(TURNS):
+        seconds, characters, sts = _turn_usage(turn)
+        # client.track_stt(agent, customer, "voice-minutes", {...}) becomes:
+        with tracer.start_as_current_span("transcribe"):
+            record_stt(
+                None,
+                CUSTOMER,
+                "voice-minutes",
+                {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": seconds / 60},
+            )
+        # Plain attributes work too: the convention is just names.
+        with tracer.start_as_current_span("synthesize") as span:
+            span.set_attributes(
+                {
+                    sc.USAGE_KIND: "tts",
+                    sc.CUSTOMER_ID: CUSTOMER,
+                    sc.INDICATOR: "voice-characters",
+                    sc.PROVIDER: "elevenlabs",
+                    sc.MODEL: "eleven_multilingual_v2",
+                    sc.TTS_CHARACTERS: characters,
+                    "paygent.meta.channel": "phone",
+                }
+            )
+        with tracer.start_as_current_span("realtime-turn"):
+            record_sts(
+                None,
+                CUSTOMER,
+                "realtime-tokens",
+                service_provider="openai",
+                model="gpt-4o-realtime-preview",
+                **sts,
+            )
+    _bad_input(tracer)
+    provider.shutdown()  # flushes the batch processor, then delivers within the timeout
+    return exporter.stats
 
-    # client.track_stt(agent, customer, "voice-minutes", {...}) becomes:
-    with tracer.start_as_current_span("transcribe"):
-        record_stt(
-            None,
-            CUSTOMER,
-            "voice-minutes",
-            {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45},
-        )
-    # Plain attributes work too: the convention is just names.
-    with tracer.start_as_current_span("synthesize") as span:
-        span.set_attributes(
-            {
-                sc.USAGE_KIND: "tts",
-                sc.CUSTOMER_ID: CUSTOMER,
-                sc.INDICATOR: "voice-characters",
-                sc.PROVIDER: "elevenlabs",
-                sc.MODEL: "eleven_multilingual_v2",
-                sc.TTS_CHARACTERS: 1200,
-                "paygent.meta.channel": "phone",
-            }
-        )
-    with tracer.start_as_current_span("realtime-turn"):
-        record_sts(
-            None,
-            CUSTOMER,
-            "realtime-tokens",
-            service_provider="openai",
-            model="gpt-4o-realtime-preview",
-            input_text_tokens=120,
-            input_audio_tokens=900,
-            output_text_tokens=60,
-            output_audio_tokens=1500,
-            cached_text_tokens=40,
-            connection_minutes=1.5,
-        )
-    # One of each kind of bad input: each is refused with a reason, nothing crashes.
+
+def _bad_input(tracer: Tracer) -> None:
+    """One of each kind of bad input: each is refused with a reason, nothing crashes."""
     bad: list[tuple[str, dict[str, object]]] = [
         ("negative", {sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: -1.0}),
         ("nan", {sc.USAGE_KIND: "stt", sc.STT_AUDIO_SECONDS: float("nan")}),
@@ -117,18 +141,65 @@ def _span_route(url: str, spool: Path) -> dict[str, int]:
         ),
         ("no-quantity", {sc.USAGE_KIND: "sts"}),
         ("zero", {sc.USAGE_KIND: "tts", sc.TTS_CHARACTERS: 0}),
+        ("no-customer", {sc.USAGE_KIND: "tts", sc.CUSTOMER_ID: " ", sc.TTS_CHARACTERS: 10}),
     ]
     for name, attributes in bad:
         with tracer.start_as_current_span(f"bad-{name}") as span:
             span.set_attributes(
                 {sc.CUSTOMER_ID: CUSTOMER, sc.PROVIDER: "p", sc.MODEL: "m", **attributes}  # type: ignore[dict-item]
             )
-    with tracer.start_as_current_span("bad-no-customer") as span:
-        span.set_attributes(
-            {sc.USAGE_KIND: "tts", sc.PROVIDER: "p", sc.MODEL: "m", sc.TTS_CHARACTERS: 10}
+
+
+def _metric_route(url: str, spool: Path) -> dict[str, int]:
+    """The same usage as counter increments: one call per identity and interval."""
+    exporter = PaygentMetricExporter(endpoint=url, api_key=DEMO_API_KEY, spool_path=spool)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)
+    provider = MeterProvider(
+        metric_readers=[reader], resource=Resource.create({sc.AGENT_ID: METRICS_AGENT})
+    )
+    usage = UsageInstruments(provider.get_meter("paygent_otel.demo"))
+    for turn in range(TURNS):
+        seconds, characters, sts = _turn_usage(turn)
+        # Counters take increments as they happen: audio second by second, and so on.
+        stt = {"customer_id": CUSTOMER, "indicator": "voice-minutes", "provider": "deepgram"}
+        for _ in range(int(seconds)):
+            usage.add_stt(seconds=1.0, model="nova-2", **stt)
+        usage.add_tts(
+            characters=characters,
+            customer_id=CUSTOMER,
+            indicator="voice-characters",
+            provider="elevenlabs",
+            model="eleven_multilingual_v2",
+            meta_tags={"channel": "phone"},
         )
-    provider.shutdown()  # flushes the batch processor, then delivers within the timeout
+        usage.add_sts(
+            customer_id=CUSTOMER,
+            indicator="realtime-tokens",
+            provider="openai",
+            model="gpt-4o-realtime-preview",
+            **sts,
+        )
+    provider.shutdown()  # exports the partial interval, then delivers
     return exporter.stats
+
+
+def _compare_routes(totals: list[dict[str, Any]]) -> str:
+    """One line: the metric route's calls against the span route's, and whether totals match."""
+    by_agent: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in totals:
+        by_agent.setdefault(row["agent_id"], {})[row["kind"]] = row
+    spans, metrics = by_agent.get(SPANS_AGENT, {}), by_agent.get(METRICS_AGENT, {})
+    same = spans.keys() == metrics.keys() and all(
+        spans[k]["characters"] == metrics[k]["characters"]
+        and spans[k]["sts_tokens"] == metrics[k]["sts_tokens"]
+        and math.isclose(spans[k]["audio_minutes"], metrics[k]["audio_minutes"], rel_tol=1e-9)
+        for k in spans
+    )
+    calls = [sum(r["calls"] for r in route.values()) for route in (spans, metrics)]
+    return (
+        f"metric route: {calls[1]} calls for what the span route billed in {calls[0]} calls; "
+        f"totals identical: {'yes' if same else 'NO'}"
+    )
 
 
 Route = Callable[[str, Path], dict[str, int]]
@@ -144,15 +215,16 @@ def run_demo(workdir: Path | None = None) -> int:
         folder = workdir or Path(tmp)
         with SandboxServer(folder / "ledger.sqlite3", api_key=DEMO_API_KEY) as sandbox:
             print(f"sandbox (a local Paygent) listening on {sandbox.url}\n")
-            routes: list[tuple[str, Route]] = [("spans", _span_route)]
+            routes: list[tuple[str, Route]] = [("spans", _span_route), ("metrics", _metric_route)]
             with _collecting() as refusals:
                 stats = {
                     name: route(sandbox.url, folder / f"{name}.spool") for name, route in routes
                 }
-            by = ("agent_id", "kind", "provider", "model")
-            print("Billed (the sandbox ledger):")
+            by = ("kind", "agent_id", "model")
+            print("Billed (the sandbox ledger): the same usage through spans and through metrics")
             print(format_totals(sandbox.ledger.totals(by=by), by))
             print(f"\nidempotent repeats: {sandbox.ledger.duplicate_count()}")
+            print(_compare_routes(sandbox.ledger.totals(by=("agent_id", "kind"))))
         for name, counters in stats.items():
             summary = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
             print(f"{name} route: {summary}")
