@@ -89,6 +89,14 @@ def _number(raw: str | None, name: str, default: float) -> float:
         return default
 
 
+def _positive(value: float, name: str, default: float) -> float:
+    """A timeout, concurrency or size cap of 0 (or NaN) would stall delivery: refuse it."""
+    if value > 0 and value != float("inf"):
+        return value
+    _logger.error("%s=%r must be a positive number; using the default %s", name, value, default)
+    return default
+
+
 def _flag(raw: str | None, default: bool) -> bool:
     if raw is None:
         return default
@@ -190,10 +198,19 @@ class ExporterConfig:
             endpoint=(endpoint or env(OTEL_EXPORTER_PAYGENT_ENDPOINT) or DEFAULT_ENDPOINT).rstrip(
                 "/"
             ),
-            api_key=api_key or _env(PAYGENT_API_KEY),
-            timeout=timeout
-            if timeout is not None
-            else _number(env(OTEL_EXPORTER_PAYGENT_TIMEOUT), "timeout", DEFAULT_TIMEOUT),
+            # A key read from a file often ends in a newline, which no HTTP header may carry.
+            api_key=(api_key or "").strip() or _env(PAYGENT_API_KEY),
+            timeout=_positive(
+                timeout
+                if timeout is not None
+                else _number(
+                    env(OTEL_EXPORTER_PAYGENT_TIMEOUT),
+                    OTEL_EXPORTER_PAYGENT_TIMEOUT,
+                    DEFAULT_TIMEOUT,
+                ),
+                "timeout",
+                DEFAULT_TIMEOUT,
+            ),
             headers=headers
             if headers is not None
             else _headers(env(OTEL_EXPORTER_PAYGENT_HEADERS)),
@@ -201,23 +218,31 @@ class ExporterConfig:
             customer_id=customer_id or _env(PAYGENT_CUSTOMER_ID),
             indicator=indicator if indicator is not None else _env(PAYGENT_INDICATOR),
             spool_path=resolved_spool,
-            spool_max_bytes=spool_max_bytes
-            if spool_max_bytes is not None
-            else int(
-                _number(
-                    env(OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES),
-                    OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES,
+            spool_max_bytes=int(
+                _positive(
+                    spool_max_bytes
+                    if spool_max_bytes is not None
+                    else _number(
+                        env(OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES),
+                        OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES,
+                        DEFAULT_SPOOL_MAX_BYTES,
+                    ),
+                    "spool_max_bytes",
                     DEFAULT_SPOOL_MAX_BYTES,
                 )
             ),
-            max_in_flight=max_in_flight
-            if max_in_flight is not None
-            else max(
+            max_in_flight=max(
                 1,
                 int(
-                    _number(
-                        env(OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT),
-                        OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT,
+                    _positive(
+                        max_in_flight
+                        if max_in_flight is not None
+                        else _number(
+                            env(OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT),
+                            OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT,
+                            DEFAULT_MAX_IN_FLIGHT,
+                        ),
+                        "max_in_flight",
                         DEFAULT_MAX_IN_FLIGHT,
                     )
                 ),

@@ -124,24 +124,27 @@ def _number(q: sc.Quantity, value: object) -> float | int:
     """Validate one quantity; return it in Paygent's unit (minutes or a count)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Invalid(q.name, f"must be a number, got {type(value).__name__} {_describe(value)}")
-    if not math.isfinite(value):
+    # Python ints are unbounded (OpenTelemetry accepts 10**400 as an attribute) and float()
+    # of one that large raises OverflowError: compare ints as ints, never convert them first.
+    if isinstance(value, float) and not math.isfinite(value):
         raise _Invalid(q.name, f"must be finite, got {value}")
     if value < 0:
-        raise _Invalid(q.name, f"must not be negative, got {value}")
+        raise _Invalid(q.name, f"must not be negative, got {_describe(value)}")
     if q.is_count:
+        if value > MAX_COUNT:
+            raise _Invalid(q.name, f"{_describe(value)} exceeds the limit of {MAX_COUNT}")
         if isinstance(value, float):
             if not value.is_integer():
                 raise _Invalid(q.name, f"must be a whole number of {q.unit.value}, got {value}")
             value = int(value)
-        if value > MAX_COUNT:
-            raise _Invalid(q.name, f"{value} exceeds the limit of {MAX_COUNT}")
         return value
-    minutes = float(value) / 60.0 if q.unit is sc.Unit.SECONDS else float(value)
-    if minutes > MAX_MINUTES:
+    limit = MAX_MINUTES * 60.0 if q.unit is sc.Unit.SECONDS else MAX_MINUTES
+    if value > limit:
         raise _Invalid(
-            q.name, f"{value} {q.unit.value} exceeds the limit of {MAX_MINUTES:g} minutes"
+            q.name,
+            f"{_describe(value)} {q.unit.value} exceeds the limit of {MAX_MINUTES:g} minutes",
         )
-    return minutes
+    return float(value) / 60.0 if q.unit is sc.Unit.SECONDS else float(value)
 
 
 def validate_quantities(kind: sc.UsageKind, attributes: Attributes) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import semconv as sc
-from ._mapping import IdentityDefaults, Rejection, UsageRecord, idempotency_key, map_usage
+from ._mapping import (
+    IdentityDefaults,
+    Rejection,
+    RejectReason,
+    UsageRecord,
+    idempotency_key,
+    map_usage,
+)
 
 __all__ = ["has_usage", "records_from_span"]
 
@@ -62,14 +69,34 @@ def records_from_span(
         )
         (records if isinstance(result, UsageRecord) else rejections).append(result)  # type: ignore[arg-type]
 
+    events = list(events)
     if sc.USAGE_KIND in attributes:
         add(0, attributes, (resource,), where)
-    elif genai:
+    elif (
+        genai
+        # A span with any convention record is billed from it alone: never twice.
+        and not any(event_name == sc.USAGE_EVENT_NAME for event_name, _ in events)
+        and (sc.CUSTOMER_ID in attributes or sc.CUSTOMER_ID in resource or defaults.customer_id)
+    ):
         from .genai import genai_record
 
-        converted = genai_record(attributes)
-        if converted is not None:
-            add(0, {**attributes, **converted}, (resource,), where + " (gen_ai.* mapping)")
+        origin = where + " (gen_ai.* mapping)"
+        try:
+            converted = genai_record(attributes)
+        except ValueError as exc:
+            key = idempotency_key("span", trace_id, span_id, 0, sc.UsageKind.STS.value)
+            rejections.append(
+                Rejection(
+                    RejectReason.INVALID,
+                    f"usage record from {origin} rejected: {exc}",
+                    origin,
+                    key,
+                    dict(attributes),
+                )
+            )
+        else:
+            if converted is not None:
+                add(0, {**attributes, **converted}, (resource,), origin)
     for index, (event_name, event_attributes) in enumerate(events, start=1):
         if event_name == sc.USAGE_EVENT_NAME:
             add(index, event_attributes, (attributes, resource), f"{where} event #{index}")

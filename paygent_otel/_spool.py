@@ -443,6 +443,17 @@ class SqliteSpool:
             rows = self._read("SELECT count(*) FROM pending WHERE dest = ?", (dest,))
         return int(rows[0][0])
 
+    def known_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` are pending, delivered (within the retention window) or dead."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for table in ("pending", "delivered", "dead"):
+                rows = self._read(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk)
+                found.update(key for (key,) in rows)
+        return found
+
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and self-metrics."""
         now = time.time()

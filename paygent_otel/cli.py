@@ -13,6 +13,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .bridge.cli import register as register_bridge
     from .demo import register as register_demo
     from .sandbox.cli import register as register_sandbox
 
@@ -27,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log at DEBUG level instead of INFO"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (register_demo, register_sandbox):
+    for register in (register_demo, register_sandbox, register_bridge):
         register(commands)
     return parser
 

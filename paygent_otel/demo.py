@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -70,14 +70,21 @@ TURNS = 10
 """Conversation turns the demo's voice agent serves; each turn is STT, TTS and STS usage."""
 
 
-def _turn_usage(turn: int) -> tuple[float, int, dict[str, int]]:
+class _StsTokens(TypedDict):
+    input_text_tokens: int
+    input_audio_tokens: int
+    output_audio_tokens: int
+    cached_text_tokens: int
+
+
+def _turn_usage(turn: int) -> tuple[float, int, _StsTokens]:
     """The usage of one turn: audio seconds, characters, speech-to-speech tokens."""
-    sts = {
-        "input_text_tokens": 120 + turn,
-        "input_audio_tokens": 900 + 10 * turn,
-        "output_audio_tokens": 1500 + 20 * turn,
-        "cached_text_tokens": 40,
-    }
+    sts = _StsTokens(
+        input_text_tokens=120 + turn,
+        input_audio_tokens=900 + 10 * turn,
+        output_audio_tokens=1500 + 20 * turn,
+        cached_text_tokens=40,
+    )
     return 27.0 + turn, 1200 + 10 * turn, sts
 
 
@@ -161,9 +168,14 @@ def _metric_route(url: str, spool: Path) -> dict[str, int]:
     for turn in range(TURNS):
         seconds, characters, sts = _turn_usage(turn)
         # Counters take increments as they happen: audio second by second, and so on.
-        stt = {"customer_id": CUSTOMER, "indicator": "voice-minutes", "provider": "deepgram"}
         for _ in range(int(seconds)):
-            usage.add_stt(seconds=1.0, model="nova-2", **stt)
+            usage.add_stt(
+                seconds=1.0,
+                customer_id=CUSTOMER,
+                indicator="voice-minutes",
+                provider="deepgram",
+                model="nova-2",
+            )
         usage.add_tts(
             characters=characters,
             customer_id=CUSTOMER,

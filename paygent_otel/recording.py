@@ -31,6 +31,11 @@ _STS_PATHS = {
 }
 
 
+def _require_mapping(argument: str, value: object) -> None:
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{argument}: must be a mapping, got {type(value).__name__}")
+
+
 def _identity(
     agent_id: str | None,
     customer_id: str | None,
@@ -40,6 +45,7 @@ def _identity(
     plan: str | None,
     meta_tags: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    _require_mapping("meta_tags", meta_tags)
     attrs: dict[str, Any] = {}
     for name, value in (
         (sc.AGENT_ID, agent_id),
@@ -80,20 +86,46 @@ def _write(kind: sc.UsageKind, attrs: dict[str, Any], span: trace.Span | None) -
                 "paygent_otel.sampling.UsageSampler to keep usage under sampling."
             )
         return False
+    # The SDK enforces its span limits silently: a full attribute map evicts its oldest
+    # entry, a full event list its oldest event, and long strings are truncated. Each would
+    # change or lose a bill, so check the room first and refuse (loudly) instead.
+    limits = getattr(target, "_limits", None)
+    name = getattr(target, "name", "?")
     existing = getattr(target, "attributes", None) or {}
-    if sc.USAGE_KIND not in existing:
+    added = sum(1 for key in attrs if key not in existing)
+    max_attributes = getattr(limits, "max_span_attributes", None)
+    on_span = sc.USAGE_KIND not in existing and (
+        max_attributes is None or len(existing) + added <= max_attributes
+    )
+    max_length = getattr(
+        limits, "max_span_attribute_length" if on_span else "max_attribute_length", None
+    )
+    if max_length is not None:
+        for key, value in attrs.items():
+            if isinstance(value, str) and len(value) > max_length:
+                raise ValueError(
+                    f"{key}: {len(value)} characters would be truncated to {max_length} by "
+                    "the span attribute length limit (OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT)"
+                )
+    if on_span:
         target.set_attributes(attrs)
         return True
-    events = getattr(target, "_events", None)
-    maxlen = getattr(events, "maxlen", None)
-    if events is not None and maxlen is not None and len(events) >= maxlen:
+    max_events = getattr(limits, "max_events", None)
+    events = getattr(target, "events", ())
+    if max_events is not None and len(events) >= max_events:
         _logger.error(
             "paygent usage not recorded: span %r already holds %d events (the span event "
             "limit, OTEL_SPAN_EVENT_COUNT_LIMIT); record usage on a new span",
-            getattr(target, "name", "?"),
+            name,
             len(events),
         )
         return False
+    max_event_attributes = getattr(limits, "max_event_attributes", None)
+    if max_event_attributes is not None and len(attrs) > max_event_attributes:
+        raise ValueError(
+            f"{len(attrs)} attributes exceed the span event attribute limit "
+            f"({max_event_attributes}, OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT)"
+        )
     target.add_event(sc.USAGE_EVENT_NAME, attrs)
     return True
 
@@ -131,6 +163,7 @@ def record_stt(
     """
 
     def build() -> tuple[sc.UsageKind, dict[str, Any], trace.Span | None]:
+        _require_mapping("stt_usage_data", stt_usage_data)
         data = stt_usage_data or {}
         attrs = _identity(
             agent_id,
@@ -171,6 +204,7 @@ def record_tts(
     """
 
     def build() -> tuple[sc.UsageKind, dict[str, Any], trace.Span | None]:
+        _require_mapping("tts_usage_data", tts_usage_data)
         data = tts_usage_data or {}
         attrs = _identity(
             agent_id,

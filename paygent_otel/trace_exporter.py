@@ -100,17 +100,18 @@ class PaygentSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Commit the usage records of ``spans``; SUCCESS once they are stored."""
-        if self._shutdown:
-            return SpanExportResult.FAILURE
         records: list[UsageRecord] = []
         rejections: list[Rejection] = []
         genai = self.config.genai
-        try:
-            for span in spans:
-                attributes = span.attributes or {}
-                events = span.events
-                if not has_usage(attributes, (e.name for e in events), genai):
-                    continue
+        failed = 0
+        for span in spans:
+            attributes = span.attributes or {}
+            events = span.events
+            if not has_usage(attributes, (e.name for e in events), genai):
+                continue
+            # One span that cannot be mapped must not cost the other spans of the batch
+            # their records (the processor drops a whole batch reported as FAILURE).
+            try:
                 ctx = span.context
                 found, refused = records_from_span(
                     trace_id=format(ctx.trace_id, "032x") if ctx else "0" * 32,
@@ -122,20 +123,31 @@ class PaygentSpanExporter(SpanExporter):
                     defaults=self._defaults,
                     genai=genai,
                 )
-                records += found
-                rejections += refused
-        except Exception:
-            _logger.exception(
-                "paygent span exporter: could not map a batch of %d spans", len(spans)
-            )
-            return SpanExportResult.FAILURE
+            except Exception:
+                failed += 1
+                _logger.exception(
+                    "paygent span exporter: could not map the usage of span %r; its records "
+                    "are counted as mapping_failed",
+                    span.name,
+                )
+                continue
+            records += found
+            rejections += refused
+        self._pipeline.stats.add("mapping_failed", failed)
         if not records and not rejections:
-            return SpanExportResult.SUCCESS
+            return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+        # After shutdown the pipeline refuses the records and counts them: never silent.
         refused_count = self._pipeline.submit(records, rejections)
-        return SpanExportResult.FAILURE if refused_count else SpanExportResult.SUCCESS
+        return SpanExportResult.FAILURE if refused_count or failed else SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Wait until every committed record is delivered, within the timeout."""
+        """Wait until every committed record is delivered, within the timeout.
+
+        After :meth:`shutdown` it returns at once: nothing can be delivered any more, and
+        what shutdown could not deliver stays in the spool (or was counted as dropped).
+        """
+        if self._shutdown:
+            return True
         return self._pipeline.force_flush(timeout_millis / 1000.0)
 
     def shutdown(self, timeout_millis: float = 10_000, **_: Any) -> None:
