@@ -11,13 +11,16 @@ from ._retry import RetryPolicy
 from ._version import __version__
 from .instruments import UsageInstruments, create_usage_counters
 from .metric_exporter import PaygentMetricExporter
+from .baggage import PaygentBaggageSpanProcessor
 from .recording import record_sts, record_stt, record_tts
+from .sampling import UsageSampler, UsageSpanProcessor
 from .semconv import UsageKind
 from .trace_exporter import PaygentSpanExporter
 
 __all__ = [
     "ExporterConfig",
     "IdentityDefaults",
+    "PaygentBaggageSpanProcessor",
     "PaygentMetricExporter",
     "PaygentSpanExporter",
     "RejectReason",
@@ -26,6 +29,8 @@ __all__ = [
     "UsageInstruments",
     "UsageKind",
     "UsageRecord",
+    "UsageSampler",
+    "UsageSpanProcessor",
     "__version__",
     "create_usage_counters",
     "map_usage",

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -28,6 +29,7 @@ from . import semconv as sc
 from .instruments import UsageInstruments
 from .metric_exporter import PaygentMetricExporter
 from .recording import record_sts, record_stt
+from .sampling import run_sampled_service_demo
 from .trace_exporter import PaygentSpanExporter
 
 __all__ = ["register", "run_demo"]
@@ -227,7 +229,11 @@ def run_demo(workdir: Path | None = None) -> int:
         folder = workdir or Path(tmp)
         with SandboxServer(folder / "ledger.sqlite3", api_key=DEMO_API_KEY) as sandbox:
             print(f"sandbox (a local Paygent) listening on {sandbox.url}\n")
-            routes: list[tuple[str, Route]] = [("spans", _span_route), ("metrics", _metric_route)]
+            routes: list[tuple[str, Route]] = [
+                ("spans", _span_route),
+                ("metrics", _metric_route),
+                ("sampled", partial(run_sampled_service_demo, api_key=DEMO_API_KEY)),
+            ]
             with _collecting() as refusals:
                 stats = {
                     name: route(sandbox.url, folder / f"{name}.spool") for name, route in routes
@@ -240,6 +246,12 @@ def run_demo(workdir: Path | None = None) -> int:
         for name, counters in stats.items():
             summary = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
             print(f"{name} route: {summary}")
+        sampled = stats["sampled"]
+        print(
+            f"sampled service (10% of traces kept): {sampled['requests']} requests, "
+            f"{sampled['spans_sampled_to_backend']} spans reached the tracing backend, "
+            f"{sampled['delivered']} of {sampled['usage_spans_recorded']} usage records billed"
+        )
         print("\nRefused, and why:")
         for message in refusals.messages:
             print(f"  - {message}")

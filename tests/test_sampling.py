@@ -1,0 +1,291 @@
+"""Sampling never loses usage: UsageSampler + UsageSpanProcessor under a 10% ratio sampler.
+
+A real OTLP/HTTP exporter (``OTLPSpanExporter`` under ``BatchSpanProcessor``) sends to a
+small local OTLP receiver that decodes every request, so the test counts exactly which
+spans the tracing backend got, while the sandbox ledger shows what was billed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import random
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY, wait_for
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.propagate import inject
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    TraceIdRatioBased,
+)
+
+from paygent_otel import PaygentSpanExporter, record_stt
+from paygent_otel import semconv as sc
+from paygent_otel.sampling import UsageSampler, UsageSpanProcessor, run_sampled_service_demo
+from paygent_otel.sandbox import SandboxServer
+
+AGENT = "agent-sampled"
+CUSTOMER = "cust_8812"
+TRACES = 200
+RATIO = 0.1
+
+
+class SeededIds(IdGenerator):
+    """Random ids from a fixed seed, so which traces the ratio sampler keeps is fixed."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def generate_span_id(self) -> int:
+        return self._rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._rng.getrandbits(128) or 1
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver on loopback: decodes and keeps every span."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        lock = threading.Lock()
+        spans = self.spans
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                with lock:
+                    for resource_spans in request.resource_spans:
+                        for scope_spans in resource_spans.scope_spans:
+                            spans.extend(
+                                {
+                                    "trace_id": int.from_bytes(s.trace_id, "big"),
+                                    "name": s.name,
+                                }
+                                for s in scope_spans.spans
+                            )
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+def run_service(provider: TracerProvider) -> tuple[int, int]:
+    """TRACES requests, each with a TTS record on the root and an STT record on a child.
+
+    Returns (records the helpers wrote, characters written on recording spans)."""
+    tracer = provider.get_tracer("service")
+    written = characters = 0
+    for i in range(1, TRACES + 1):
+        with tracer.start_as_current_span("handle-call") as root:
+            root.set_attributes(
+                {
+                    sc.USAGE_KIND: "tts",
+                    sc.CUSTOMER_ID: CUSTOMER,
+                    sc.PROVIDER: "elevenlabs",
+                    sc.MODEL: "eleven_flash_v2_5",
+                    sc.TTS_CHARACTERS: i,
+                }
+            )
+            if root.is_recording():
+                written += 1
+                characters += i
+            with tracer.start_as_current_span("transcribe"):
+                written += record_stt(
+                    None,
+                    CUSTOMER,
+                    "voice-minutes",
+                    service_provider="deepgram",
+                    model="nova-2",
+                    audio_seconds=6.0,
+                )
+    return written, characters
+
+
+def sampled_by_ratio(seed: int) -> set[int]:
+    """The trace ids TraceIdRatioBased(RATIO) samples among the ids SeededIds(seed) makes."""
+    ids = SeededIds(seed)
+    sampler = TraceIdRatioBased(RATIO)
+    sampled = set()
+    for _ in range(TRACES):
+        trace_id = ids.generate_trace_id()
+        ids.generate_span_id()  # root
+        ids.generate_span_id()  # child
+        if sampler.should_sample(None, trace_id, "x").decision is Decision.RECORD_AND_SAMPLE:
+            sampled.add(trace_id)
+    return sampled
+
+
+def test_ratio_sampled_service_bills_all_usage_and_otlp_still_gets_only_the_sampled_tenth(
+    sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
+) -> None:
+    seed = 7
+    provider = TracerProvider(
+        sampler=UsageSampler(ParentBased(TraceIdRatioBased(RATIO))),
+        resource=Resource.create({sc.AGENT_ID: AGENT}),
+        id_generator=SeededIds(seed),
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
+    exporter = PaygentSpanExporter(
+        endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
+    )
+    provider.add_span_processor(UsageSpanProcessor(exporter))
+    try:
+        written, characters = run_service(provider)
+        assert provider.force_flush(10_000)
+        assert exporter.force_flush(10_000), exporter.stats
+    finally:
+        provider.shutdown()
+
+    # Billed: every record of every trace, sampled or not.
+    assert written == 2 * TRACES
+    assert characters == TRACES * (TRACES + 1) // 2
+    wait_for(lambda: sandbox.ledger.count() == 2 * TRACES, message="all usage billed")
+    totals = {row["kind"]: row for row in sandbox.ledger.totals(by=("customer_id", "kind"))}
+    assert totals["tts"]["calls"] == TRACES and totals["tts"]["characters"] == characters
+    assert totals["stt"]["calls"] == TRACES
+    assert totals["stt"]["audio_minutes"] == pytest.approx(TRACES * 0.1)
+    assert exporter.stats["delivered"] == 2 * TRACES
+
+    # Traced: exactly the traces the ratio sampler picked, both spans of each, no others.
+    expected = sampled_by_ratio(seed)
+    assert 0.05 * TRACES <= len(expected) <= 0.15 * TRACES  # the seed gives a usual tenth
+    received = otlp.spans
+    assert {s["trace_id"] for s in received} == expected
+    assert len(received) == 2 * len(expected)
+
+
+def test_without_it_a_ratio_sampler_bills_only_the_sampled_traces(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    seed = 7
+    provider = TracerProvider(
+        sampler=ParentBased(TraceIdRatioBased(RATIO)),
+        resource=Resource.create({sc.AGENT_ID: AGENT}),
+        id_generator=SeededIds(seed),
+    )
+    exporter = PaygentSpanExporter(
+        endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    try:
+        written, _ = run_service(provider)
+        assert provider.force_flush(10_000)
+        assert exporter.force_flush(10_000), exporter.stats
+    finally:
+        provider.shutdown()
+    kept = len(sampled_by_ratio(seed))
+    assert written == 2 * kept < 2 * TRACES
+    assert sandbox.ledger.count() == 2 * kept
+
+
+def test_unsampled_spans_record_but_propagate_not_sampled() -> None:
+    provider = TracerProvider(sampler=UsageSampler(ALWAYS_OFF))
+    tracer = provider.get_tracer("service")
+    with tracer.start_as_current_span("edge", attributes={sc.CUSTOMER_ID: CUSTOMER}) as span:
+        assert span.is_recording()
+        assert span.attributes == {sc.CUSTOMER_ID: CUSTOMER}  # start attributes kept
+        assert not span.get_span_context().trace_flags.sampled
+        headers: dict[str, str] = {}
+        inject(headers)
+    trace_flags = int(headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert trace_flags & 0x01 == 0  # the sampled bit; 0x02 (random trace id) may be set
+    provider.shutdown()
+
+
+def test_the_root_sampler_decides_what_is_sampled() -> None:
+    sampler = UsageSampler(ALWAYS_ON)
+    assert sampler.should_sample(None, 1, "x").decision is Decision.RECORD_AND_SAMPLE
+    assert UsageSampler(ALWAYS_OFF).should_sample(None, 1, "x").decision is Decision.RECORD_ONLY
+    assert sampler.get_description() == "UsageSampler{AlwaysOnSampler}"
+
+
+def test_unsampled_gen_ai_spans_are_billed_when_the_exporter_maps_them(
+    sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
+) -> None:
+    provider = TracerProvider(
+        sampler=UsageSampler(ALWAYS_OFF), resource=Resource.create({sc.AGENT_ID: AGENT})
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
+    exporter = PaygentSpanExporter(
+        endpoint=sandbox.url,
+        api_key=API_KEY,
+        spool_path=tmp_path / "spool.sqlite3",
+        genai=True,
+    )
+    provider.add_span_processor(UsageSpanProcessor(exporter))
+    tracer = provider.get_tracer("service")
+    tracer.start_span(
+        "realtime",
+        attributes={
+            sc.CUSTOMER_ID: CUSTOMER,
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "gpt-realtime",
+            "gen_ai.usage.input_tokens": 900,
+            "gen_ai.usage.audio.input_tokens": 900,
+        },
+    ).end()
+    tracer.start_span("no-usage").end()
+    try:
+        assert provider.force_flush(10_000)
+        assert exporter.force_flush(10_000), exporter.stats
+    finally:
+        provider.shutdown()
+    rows = wait_for(sandbox.ledger.rows)
+    assert [row["usage_metadata"] for row in rows] == [
+        {"schemaVersion": 1, "input": {"audio": {"tokens": 900}}}
+    ]
+    assert otlp.spans == []
+
+
+def test_demo_function_bills_every_request(sandbox: SandboxServer, tmp_path: Path) -> None:
+    stats = run_sampled_service_demo(
+        sandbox.url, tmp_path / "spool.sqlite3", api_key=API_KEY, requests=40
+    )
+    assert stats["usage_spans_recorded"] == 40 and stats["delivered"] == 40
+    assert stats["spans_sampled_to_backend"] < 2 * 40
+    assert sandbox.ledger.count() == 40
