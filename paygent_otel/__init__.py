@@ -9,9 +9,9 @@ from ._config import ExporterConfig
 from ._mapping import IdentityDefaults, Rejection, RejectReason, UsageRecord, map_usage
 from ._retry import RetryPolicy
 from ._version import __version__
+from .baggage import PaygentBaggageSpanProcessor
 from .instruments import UsageInstruments, create_usage_counters
 from .metric_exporter import PaygentMetricExporter
-from .baggage import PaygentBaggageSpanProcessor
 from .recording import record_sts, record_stt, record_tts
 from .sampling import UsageSampler, UsageSpanProcessor
 from .semconv import UsageKind

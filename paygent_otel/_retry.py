@@ -6,6 +6,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
@@ -62,6 +63,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:
+            # The asctime form carries no zone; every HTTP-date is GMT (RFC 9110 5.6.7).
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if math.isnan(seconds):
         return None
@@ -80,8 +84,11 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds before attempt ``attempt + 1``, where ``attempt`` >= 1 failed already."""
-        base = min(
-            self.initial_interval * self.multiplier ** max(attempt - 1, 0), self.max_interval
-        )
+        try:
+            grown = self.initial_interval * self.multiplier ** max(attempt - 1, 0)
+        except OverflowError:
+            # No time limit by default: after ~1000 failed attempts the power overflows.
+            grown = math.inf
+        base = min(grown, self.max_interval)
         spread = base * self.jitter
         return max(0.0, (rng or random).uniform(base - spread, base + spread))

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,35 @@ CREATE TABLE IF NOT EXISTS delivered (
     at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value
+) WITHOUT ROWID;
 """
+
+_nonces: dict[int, str] = {}
+_live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
+_abandoned_connections: list[sqlite3.Connection] = []
+"""Connections a forked child inherited. SQLite forbids using them in the child, closing
+included (a close may checkpoint or unlock on the parent's behalf): they are kept, unused."""
+
+
+def _process_nonce() -> str:
+    """Tells this process from an earlier one given the same pid (a restarted container's 1)."""
+    return _nonces.setdefault(os.getpid(), uuid.uuid4().hex[:8])
+
+
+def _after_fork_in_child() -> None:
+    for spool in list(_live_spools):
+        spool._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _owner_token() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``host:pid:process nonce:instance``: who holds a lease, and whether it still lives."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_nonce()}:{uuid.uuid4().hex[:8]}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -214,7 +239,18 @@ class SqliteSpool:
         folder = self.path.parent
         # Billing data and the dead letters' bodies are private: the folder is 0700.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files the
+        # database file's mode, and they hold the same payloads.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._connection()  # fail at construction, not at the first export
+        _live_spools.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's lock may be held by a thread that is gone."""
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _abandoned_connections.append(self._conn)
+        self._conn = None
 
     def _connection(self) -> sqlite3.Connection:
         # After fork() the parent's connection must not be used: open our own.
@@ -222,20 +258,29 @@ class SqliteSpool:
             conn = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed batch survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            os.chmod(self.path, 0o600)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed batch survives power loss, not only a process crash.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+                # A write now, so a read-only file or a full disk fails here, at start.
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",
+                    (time.time(),),
+                )
+                self._owner = _owner_token()
+                self._reclaim_orphans(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
             self._pid = os.getpid()
-            self._owner = _owner_token()
-            self._reclaim_orphans(conn)
         return self._conn
 
     def _reclaim_orphans(self, conn: sqlite3.Connection) -> None:
         """Release leases of processes on this host that no longer exist (crash recovery)."""
         host = socket.gethostname()
+        pid = os.getpid()
         owners = [
             row[0]
             for row in conn.execute(
@@ -244,9 +289,13 @@ class SqliteSpool:
         ]
         dead = []
         for owner in owners:
-            owner_host, _, rest = owner.partition(":")
-            pid_text = rest.partition(":")[0]
-            if owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            parts = owner.split(":")
+            if parts[0] != host or len(parts) < 2 or not parts[1].isdigit():
+                continue
+            owner_pid = int(parts[1])
+            # Same pid, other nonce: an earlier process whose pid this one was given.
+            reused = owner_pid == pid and len(parts) == 4 and parts[2] != _process_nonce()
+            if reused or (owner_pid != pid and not _pid_alive(owner_pid)):
                 dead.append(owner)
         for owner in dead:
             conn.execute(
@@ -396,31 +445,36 @@ class SqliteSpool:
         )
 
     def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
-        """Count a failed attempt and release the lease until the next attempt time."""
+        """Count a failed attempt and release the lease until the next attempt time.
+
+        Only records this worker still holds: one whose lease expired and went to another
+        worker is that worker's to settle (and a repeated call changes nothing).
+        """
         if not items:
             return
         self._write(
             lambda conn: conn.executemany(
                 "UPDATE pending SET attempts = attempts + 1, next_attempt = ?, last_error = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                [(when, error[:_BODY_EXCERPT], rowid) for rowid, when, error in items],
+                "lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?",
+                [(when, error[:_BODY_EXCERPT], rowid, self._owner) for rowid, when, error in items],
             )
         )
 
     def dead_letter(self, items: Sequence[tuple[int, str, str]], now: float) -> None:
-        """Move records to the dead-letter table with the status and reason."""
+        """Move records this worker holds to the dead-letter table with status and reason."""
         if not items:
             return
 
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
-                conn.execute(
+                moved = conn.execute(
                     "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
                     " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
-                    " FROM pending WHERE id = ? ON CONFLICT (key) DO NOTHING",
-                    (now, status, reason[:_BODY_EXCERPT], rowid),
-                )
-                conn.execute("DELETE FROM pending WHERE id = ?", (rowid,))
+                    " FROM pending WHERE id = ? AND lease_owner = ? ON CONFLICT (key) DO NOTHING",
+                    (now, status, reason[:_BODY_EXCERPT], rowid, self._owner),
+                ).rowcount
+                if moved:
+                    conn.execute("DELETE FROM pending WHERE id = ?", (rowid,))
 
         self._write(move)
 
@@ -469,6 +523,11 @@ class SqliteSpool:
             oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
             size_bytes=self.size_bytes(),
         )
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters there are of each status (``400``, ``invalid``, ...)."""
+        rows = self._read("SELECT status, count(*) FROM dead GROUP BY status ORDER BY status")
+        return {status: int(n) for status, n in rows}
 
     def dead_letters(self, limit: int = 100, status: str | None = None) -> list[DeadLetter]:
         """Dead letters, newest first, optionally only those with one status."""
@@ -550,6 +609,16 @@ class MemorySpool:
         self._delivered: dict[str, float] = {}
         self._dead: list[DeadLetter] = []
         self._next_id = 0
+        _live_spools.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: start empty (the parent delivers its own records, as the
+        SDK's batch processor clears its queue in the child), with a fresh lock."""
+        self._lock = threading.Lock()
+        self._items.clear()
+        self._due.clear()
+        self._leased.clear()
+        self._keys.clear()
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
         """Queue records, refusing those beyond ``max_records``."""

@@ -126,8 +126,8 @@ class PaygentSpanExporter(SpanExporter):
             except Exception:
                 failed += 1
                 _logger.exception(
-                    "paygent span exporter: could not map the usage of span %r; its records "
-                    "are counted as mapping_failed",
+                    "paygent span exporter: could not map the usage of span %r; the span is "
+                    "counted as mapping_failed and its records are not sent",
                     span.name,
                 )
                 continue
