@@ -12,7 +12,6 @@ import httpx
 import pytest
 from conftest import API_KEY, Tracing, wait_for
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -631,34 +630,3 @@ def test_delivery_requests_are_not_traced(
 
     asyncio.run(ordinary_call())
     assert [s.kind for s in spans.get_finished_spans()] == [SpanKind.CLIENT]
-
-
-def test_delivery_is_not_traced_by_the_real_aiohttp_instrumentation(
-    sandbox: SandboxServer, tracing: Callable[..., Tracing]
-) -> None:
-    instrumentation = pytest.importorskip(
-        "opentelemetry.instrumentation.aiohttp_client",
-        reason="opentelemetry-instrumentation-aiohttp-client is not installed",
-    )
-    import aiohttp
-
-    spans = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({}))
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    instrumentor = instrumentation.AioHttpClientInstrumentor()
-    instrumentor.instrument(tracer_provider=provider)
-    try:
-        pipeline = tracing()  # the default transport: httpx over aiohttp
-        pipeline.exporter.export([ended_span(attributes=STT)])
-        assert pipeline.exporter.force_flush(5000)
-        assert sandbox.ledger.count() == 1
-        assert spans.get_finished_spans() == ()
-
-        async def ordinary_call() -> None:
-            async with aiohttp.ClientSession() as session, session.get(sandbox.url + "/healthz"):
-                pass
-
-        asyncio.run(ordinary_call())
-        assert len(spans.get_finished_spans()) == 1
-    finally:
-        instrumentor.uninstrument()
