@@ -1,0 +1,658 @@
+"""OTLP/HTTP on the wire: request bodies in, usage records out, responses back.
+
+This module only *extracts*: it decodes ``Export*ServiceRequest`` messages (protobuf or
+OTLP/JSON, plain or gzip/deflate) and hands each span, metric point and log record to the
+same functions the SDK exporters use (:func:`paygent_otel._spans.records_from_span`,
+:func:`paygent_otel._metrics.records_from_points`, :func:`paygent_otel._mapping.map_usage`),
+which decide what a valid record is. It never touches HTTP or the spool.
+
+Log records: a log record whose attributes carry ``paygent.usage.kind`` is one usage
+record; it inherits identity and pricing from its resource. Its idempotency key is a
+digest of its resource and of the record itself (attributes, body, timestamp, trace and
+span ids; not the observed time, which a re-read of the same log line changes).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.logs.v1 import logs_pb2
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+from .. import semconv as sc
+from .._mapping import (
+    IdentityDefaults,
+    Rejection,
+    RejectReason,
+    UsageRecord,
+    idempotency_key,
+    map_usage,
+)
+from .._metrics import UsagePoint, records_from_points, usage_stream_problem
+from .._spans import has_usage, records_from_span
+from .cumulative import CumulativePoint, CumulativeStore, StreamUpdate
+
+__all__ = [
+    "JSON_CONTENT_TYPE",
+    "LOGS_PATH",
+    "METRICS_PATH",
+    "PROTOBUF_CONTENT_TYPE",
+    "SIGNAL_PATHS",
+    "TRACES_PATH",
+    "BodyTooLarge",
+    "Extraction",
+    "InvalidRequest",
+    "Signal",
+    "UnsupportedEncoding",
+    "UsageExtractor",
+    "count_items",
+    "decode_request",
+    "decompress",
+    "encode_response",
+    "encode_status",
+]
+
+TRACES_PATH: Final = "/v1/traces"
+"""OTLP/HTTP path of trace export requests (the Collector's ``otlphttp`` default)."""
+METRICS_PATH: Final = "/v1/metrics"
+"""OTLP/HTTP path of metric export requests."""
+LOGS_PATH: Final = "/v1/logs"
+"""OTLP/HTTP path of log export requests."""
+PROTOBUF_CONTENT_TYPE: Final = "application/x-protobuf"
+"""Binary protobuf encoding (what Collectors and SDK exporters send by default)."""
+JSON_CONTENT_TYPE: Final = "application/json"
+"""OTLP/JSON encoding (trace and span ids as hex strings)."""
+
+_PAYGENT_PREFIX: Final = "paygent."
+_GENAI_PREFIX: Final = "gen_ai."
+_MAX_MESSAGES: Final = 5
+"""Distinct rejection messages quoted in one partial_success message."""
+_NO_RECORDED_VALUE: Final = metrics_pb2.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
+_DELTA: Final = metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
+_CUMULATIVE: Final = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
+
+
+class Signal(StrEnum):
+    """The three OTLP signals the bridge receives."""
+
+    TRACES = "traces"
+    METRICS = "metrics"
+    LOGS = "logs"
+
+    @property
+    def item_name(self) -> str:
+        """What one item of this signal is called in messages."""
+        return _ITEM_NAMES[self]
+
+
+_ITEM_NAMES = {Signal.TRACES: "spans", Signal.METRICS: "data points", Signal.LOGS: "log records"}
+
+SIGNAL_PATHS: Final[dict[Signal, str]] = {
+    Signal.TRACES: TRACES_PATH,
+    Signal.METRICS: METRICS_PATH,
+    Signal.LOGS: LOGS_PATH,
+}
+"""The URL path the bridge serves for each signal."""
+
+_REQUESTS: Final[dict[Signal, Callable[[], Message]]] = {
+    Signal.TRACES: trace_service_pb2.ExportTraceServiceRequest,
+    Signal.METRICS: metrics_service_pb2.ExportMetricsServiceRequest,
+    Signal.LOGS: logs_service_pb2.ExportLogsServiceRequest,
+}
+_RESPONSES: Final[dict[Signal, Callable[[], Message]]] = {
+    Signal.TRACES: trace_service_pb2.ExportTraceServiceResponse,
+    Signal.METRICS: metrics_service_pb2.ExportMetricsServiceResponse,
+    Signal.LOGS: logs_service_pb2.ExportLogsServiceResponse,
+}
+_REJECTED_FIELDS: Final = {
+    Signal.TRACES: "rejected_spans",
+    Signal.METRICS: "rejected_data_points",
+    Signal.LOGS: "rejected_log_records",
+}
+
+
+# --------------------------------------------------------------------------- body decoding
+
+
+class InvalidRequest(ValueError):
+    """The body is not a valid export request (answered 400)."""
+
+
+class BodyTooLarge(ValueError):
+    """A size limit was exceeded (answered 413)."""
+
+
+class UnsupportedEncoding(ValueError):
+    """A ``Content-Encoding`` the bridge does not decode (answered 415)."""
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo ``Content-Encoding`` (``gzip``, ``deflate`` or none), never past ``limit`` bytes.
+
+    The output is produced at most ``limit + 1`` bytes at a time, so a small gzip bomb
+    costs no more memory than the limit before it is refused.
+    """
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)"
+        )
+    out = bytearray()
+    data = body
+    try:
+        # A gzip stream may hold several members; each needs a fresh decompressor.
+        while data:
+            inflater = zlib.decompressobj(wbits)
+            chunk = inflater.decompress(data, limit + 1 - len(out))
+            out += chunk
+            while inflater.unconsumed_tail and len(out) <= limit:
+                out += inflater.decompress(inflater.unconsumed_tail, limit + 1 - len(out))
+            if len(out) > limit:
+                raise BodyTooLarge(
+                    f"the decompressed body exceeds the limit of {limit} bytes "
+                    "(--max-decompressed-bytes)"
+                )
+            if not inflater.eof:
+                raise InvalidRequest(f"the {encoding} body is truncated")
+            data = inflater.unused_data
+    except zlib.error as exc:
+        raise InvalidRequest(f"the body is not valid {encoding}: {exc}") from None
+    return bytes(out)
+
+
+_ID_FIELDS: Final = frozenset(
+    {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+)
+
+
+def _hex_ids_to_base64(node: Any) -> None:
+    """OTLP/JSON writes ids as hex; protobuf's JSON mapping expects base64 for bytes."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ID_FIELDS and isinstance(value, str):
+                try:
+                    raw = bytes.fromhex(value)
+                except ValueError:
+                    raise InvalidRequest(f"{key} {value[:40]!r} is not a hex string") from None
+                node[key] = base64.b64encode(raw).decode("ascii")
+            else:
+                _hex_ids_to_base64(value)
+    elif isinstance(node, list):
+        for item in node:
+            _hex_ids_to_base64(item)
+
+
+def decode_request(signal: Signal, body: bytes, *, json_encoded: bool) -> Any:
+    """Parse an ``Export*ServiceRequest`` from protobuf or OTLP/JSON bytes."""
+    message = _REQUESTS[signal]()
+    if json_encoded:
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("the JSON body is nested too deeply") from None
+        if not isinstance(document, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        try:
+            _hex_ids_to_base64(document)
+            json_format.ParseDict(document, message, ignore_unknown_fields=True)
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+            raise InvalidRequest(f"the body is not an OTLP/JSON {signal} request: {exc}") from None
+    else:
+        try:
+            message.ParseFromString(body)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise InvalidRequest(
+                f"the body is not an OTLP protobuf {signal} request: {exc}"
+            ) from None
+    return message
+
+
+def _encode(message: Message, json_encoded: bool) -> bytes:
+    if json_encoded:
+        text: str = json_format.MessageToJson(message, indent=None)
+        return text.encode()
+    return bytes(message.SerializeToString())
+
+
+def encode_response(signal: Signal, rejected: int, message: str, *, json_encoded: bool) -> bytes:
+    """An ``Export*ServiceResponse``; ``partial_success`` set when there is anything to say."""
+    response = _RESPONSES[signal]()
+    if rejected or message:
+        partial = response.partial_success
+        setattr(partial, _REJECTED_FIELDS[signal], rejected)
+        partial.error_message = message
+    return _encode(response, json_encoded)
+
+
+def encode_status(code: int, message: str, *, json_encoded: bool) -> bytes:
+    """A ``google.rpc.Status`` body, as OTLP/HTTP prescribes for error responses."""
+    return _encode(status_pb2.Status(code=code, message=message), json_encoded)
+
+
+def count_items(signal: Signal, request: Any) -> int:
+    """Spans, data points or log records in a request (cheap: no attribute is read)."""
+    if signal is Signal.TRACES:
+        return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    if signal is Signal.LOGS:
+        return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+    total = 0
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                kind = metric.WhichOneof("data")
+                if kind is not None:
+                    total += len(getattr(metric, kind).data_points)
+    return total
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def _value(value: Any) -> Any:
+    """An ``AnyValue`` as the Python value the SDK would hold (lists, dicts, scalars)."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+def _attributes(key_values: Iterable[Any], prefixes: tuple[str, ...] | None) -> dict[str, Any]:
+    """Attributes as a dict; only keys with one of ``prefixes`` when given (cheap skip)."""
+    if prefixes is None:
+        return {kv.key: _value(kv.value) for kv in key_values}
+    out: dict[str, Any] = {}
+    for kv in key_values:
+        key = kv.key
+        if key.startswith(prefixes):
+            out[key] = _value(kv.value)
+    return out
+
+
+def _too_long(attributes: Mapping[str, Any], limit: int) -> str | None:
+    """The first attribute whose key or (string) value is longer than ``limit``, described."""
+    for key, value in attributes.items():
+        if len(key) > limit:
+            return f"attribute key {key[:40]!r}... is {len(key)} characters, over {limit}"
+        if not isinstance(value, str | bytes | list):
+            continue
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, str | bytes) and len(item) > limit:
+                return (
+                    f"attribute {key} is {len(item)} characters long, over the limit of "
+                    f"{limit} (--max-attribute-length)"
+                )
+    return None
+
+
+def _clipped(attributes: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """Attributes for a dead letter: over-long values cut, so a person can still see them."""
+    return {
+        key[:limit]: value[:limit] + "..."
+        if isinstance(value, str) and len(value) > limit
+        else value
+        for key, value in attributes.items()
+    }
+
+
+def _fingerprint(message: Message) -> str:
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _attribute_fingerprint(attributes: Mapping[str, Any]) -> str:
+    """Independent of attribute order, which no sender promises to keep."""
+    text = json.dumps(sorted(attributes.items()), default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass(slots=True)
+class Extraction:
+    """The usage records found in one request, and what was wrong with the rest."""
+
+    signal: Signal
+    records: list[UsageRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    """Invalid records (dead-lettered) and all-zero records (skipped, as the SDK does)."""
+    rejected_items: int = 0
+    """Spans, data points or log records with at least one invalid usage record."""
+    updates: list[StreamUpdate] = field(default_factory=list)
+    """Cumulative-stream positions to commit once the records are in the spool."""
+
+    def add(self, records: Sequence[UsageRecord], rejections: Sequence[Rejection]) -> bool:
+        """Add one item's results; True when any of its records was invalid."""
+        self.records.extend(records)
+        self.rejections.extend(rejections)
+        return any(r.reason is RejectReason.INVALID for r in rejections)
+
+    @property
+    def invalid(self) -> list[Rejection]:
+        """The rejections that break a rule (not the all-zero ones)."""
+        return [r for r in self.rejections if r.reason is RejectReason.INVALID]
+
+    def message(self) -> str:
+        """The partial_success message: how many, and the rules broken (a few, verbatim)."""
+        invalid = self.invalid
+        warnings = [w for r in self.records for w in r.warnings]
+        parts: list[str] = []
+        if invalid:
+            distinct = list(dict.fromkeys(r.message for r in invalid))
+            more = len(distinct) - _MAX_MESSAGES
+            parts.append(
+                f"{self.rejected_items} {self.signal.item_name} carried {len(invalid)} invalid "
+                f"usage records, not billed and kept as dead letters in the bridge's spool: "
+                + "; ".join(distinct[:_MAX_MESSAGES])
+                + (f" (and {more} more)" if more > 0 else "")
+            )
+        if warnings:
+            distinct = list(dict.fromkeys(warnings))
+            parts.append("warnings: " + "; ".join(distinct[:_MAX_MESSAGES]))
+        return " | ".join(parts)
+
+
+class UsageExtractor:
+    """Turns decoded export requests into usage records with the shared mapping."""
+
+    def __init__(
+        self,
+        defaults: IdentityDefaults,
+        *,
+        genai: bool = False,
+        max_attribute_length: int = 256,
+    ) -> None:
+        self.defaults = defaults
+        self.genai = genai
+        self.max_attribute_length = max_attribute_length
+        self._prefixes = (_PAYGENT_PREFIX, _GENAI_PREFIX) if genai else (_PAYGENT_PREFIX,)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _restrict(
+        self,
+        records: list[UsageRecord],
+        rejections: list[Rejection],
+        allowed_agents: frozenset[str] | None,
+    ) -> None:
+        """Move records billed to an agent the caller's token may not use into rejections."""
+        if allowed_agents is None:
+            return
+        kept: list[UsageRecord] = []
+        for record in records:
+            agent = record.payload["agentId"]
+            if agent in allowed_agents:
+                kept.append(record)
+            else:
+                rejections.append(
+                    Rejection(
+                        RejectReason.INVALID,
+                        f"usage record from {record.origin} rejected: {sc.AGENT_ID} {agent!r} "
+                        "is not allowed for this bearer token (allowed: "
+                        f"{', '.join(sorted(allowed_agents))})",
+                        record.origin,
+                        record.idempotency_key,
+                        record.payload,
+                    )
+                )
+        records[:] = kept
+
+    def _limit_rejection(
+        self, problem: str, origin: str, key: str, attributes: Mapping[str, Any]
+    ) -> Rejection:
+        return Rejection(
+            RejectReason.INVALID,
+            f"usage record from {origin} rejected: {problem}",
+            origin,
+            key,
+            _clipped(attributes, self.max_attribute_length),
+        )
+
+    # ------------------------------------------------------------------ traces
+
+    def spans(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
+        """Every usage record on the request's spans and ``paygent.usage`` span events."""
+        out = Extraction(Signal.TRACES)
+        prefixes, limit, genai = self._prefixes, self.max_attribute_length, self.genai
+        for rs in request.resource_spans:
+            resource: dict[str, Any] | None = None
+            resource_problem: str | None = None
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    attributes = _attributes(span.attributes, prefixes)
+                    event_names = [e.name for e in span.events]
+                    if not has_usage(attributes, event_names, genai):
+                        continue
+                    if resource is None:
+                        resource = _attributes(rs.resource.attributes, prefixes)
+                        resource_problem = _too_long(resource, limit)
+                    events = [
+                        (
+                            name,
+                            _attributes(e.attributes, prefixes)
+                            if name == sc.USAGE_EVENT_NAME
+                            else {},
+                        )
+                        for name, e in zip(event_names, span.events, strict=True)
+                    ]
+                    trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+                    problem = resource_problem or _too_long(attributes, limit)
+                    for _, event_attributes in events:
+                        problem = problem or _too_long(event_attributes, limit)
+                    if problem is not None:
+                        where = f"span {span.name[:limit]!r} (trace {trace_id}, span {span_id})"
+                        key = idempotency_key("span", trace_id, span_id, "limits")
+                        out.add((), (self._limit_rejection(problem, where, key, attributes),))
+                        out.rejected_items += 1
+                        continue
+                    records, rejections = records_from_span(
+                        trace_id=trace_id,
+                        span_id=span_id,
+                        name=span.name,
+                        attributes=attributes,
+                        events=events,
+                        resource=resource,
+                        defaults=self.defaults,
+                        genai=genai,
+                    )
+                    self._restrict(records, rejections, allowed_agents)
+                    if out.add(records, rejections):
+                        out.rejected_items += 1
+        return out
+
+    # ------------------------------------------------------------------ logs
+
+    def logs(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
+        """Every log record that carries ``paygent.usage.kind`` is one usage record."""
+        out = Extraction(Signal.LOGS)
+        limit = self.max_attribute_length
+        for rl in request.resource_logs:
+            resource: dict[str, Any] | None = None
+            resource_digest = ""
+            resource_problem: str | None = None
+            for sl in rl.scope_logs:
+                for log in sl.log_records:
+                    attributes = _attributes(log.attributes, (_PAYGENT_PREFIX,))
+                    if sc.USAGE_KIND not in attributes:
+                        continue
+                    if resource is None:
+                        resource = _attributes(rl.resource.attributes, (_PAYGENT_PREFIX,))
+                        resource_digest = _fingerprint(rl.resource)
+                        resource_problem = _too_long(resource, limit)
+                    trace_id, span_id = log.trace_id.hex(), log.span_id.hex()
+                    timestamp = log.time_unix_nano or log.observed_time_unix_nano
+                    where = f"log record (time {timestamp}" + (
+                        f", trace {trace_id}, span {span_id})" if trace_id else ")"
+                    )
+                    identity = logs_pb2.LogRecord()
+                    identity.CopyFrom(log)
+                    identity.observed_time_unix_nano = 0
+                    key = idempotency_key("log", resource_digest, _fingerprint(identity))
+                    problem = resource_problem or _too_long(attributes, limit)
+                    if problem is not None:
+                        out.add((), (self._limit_rejection(problem, where, key, attributes),))
+                        out.rejected_items += 1
+                        continue
+                    result = map_usage(
+                        attributes,
+                        inherited=(resource,),
+                        defaults=self.defaults,
+                        key=key,
+                        origin=where,
+                        trace_ids=(trace_id, span_id) if trace_id else None,
+                    )
+                    records: list[UsageRecord] = []
+                    rejections: list[Rejection] = []
+                    if isinstance(result, UsageRecord):
+                        records.append(result)
+                    else:
+                        rejections.append(result)
+                    self._restrict(records, rejections, allowed_agents)
+                    if out.add(records, rejections):
+                        out.rejected_items += 1
+        return out
+
+    # ------------------------------------------------------------------ metrics
+
+    @staticmethod
+    def _stream_problem(
+        metric: Any, kind: str | None, cumulative: CumulativeStore | None
+    ) -> tuple[str | None, int]:
+        """Why a usage metric's points cannot be billed (or None), and its temporality."""
+        name = metric.name
+        temporality = metric.sum.aggregation_temporality if kind == "sum" else 0
+        if kind == "sum" and metric.sum.is_monotonic:
+            if temporality not in (_DELTA, _CUMULATIVE):
+                return (
+                    f"metric {name!r} has no aggregation temporality; usage counters must be "
+                    "DELTA or CUMULATIVE. Its points are not billed"
+                ), temporality
+            if temporality == _CUMULATIVE and cumulative is None:
+                return (
+                    f"metric {name!r} arrives with cumulative temporality, which the bridge "
+                    "turns into deltas only with a durable spool (serve --spool FILE); or make "
+                    "the sender use delta temporality "
+                    "(OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta). "
+                    "Its points are not billed"
+                ), temporality
+        # Cumulative sums are turned into deltas below, so they are judged as deltas here.
+        found = usage_stream_problem(
+            name,
+            (kind or "metric without data points").replace("_", " "),
+            unit=metric.unit,
+            monotonic=kind == "sum" and metric.sum.is_monotonic,
+            delta=True,
+        )
+        return (found[1] if found else None), temporality
+
+    def metrics(
+        self,
+        request: Any,
+        cumulative: CumulativeStore | None,
+        allowed_agents: frozenset[str] | None = None,
+    ) -> Extraction:
+        """Usage records from the points of usage counters (monotonic sums).
+
+        Delta points are used as they are. Cumulative points become deltas against the last
+        value of their stream in ``cumulative`` (the positions to commit are in
+        :attr:`Extraction.updates`); without a store they are refused. Any other
+        instrument type carrying a usage name is refused.
+        """
+        out = Extraction(Signal.METRICS)
+        limit = self.max_attribute_length
+        deltas: list[UsagePoint] = []
+        running: list[CumulativePoint] = []
+        invalid_points = 0
+        for rm in request.resource_metrics:
+            resource: dict[str, Any] = {}
+            resource_digest = ""
+            resource_problem: str | None = None
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    name = metric.name
+                    if name not in sc.QUANTITIES:
+                        continue
+                    if not resource_digest:
+                        resource = _attributes(rm.resource.attributes, None)
+                        resource_digest = _attribute_fingerprint(resource)
+                        resource_problem = _too_long(resource, limit)
+                    kind = metric.WhichOneof("data")
+                    problem, temporality = self._stream_problem(metric, kind, cumulative)
+                    data = getattr(metric, kind) if kind is not None else None
+                    for point in data.data_points if data is not None else ():
+                        if point.flags & _NO_RECORDED_VALUE:
+                            continue
+                        attributes = _attributes(point.attributes, None)
+                        stream = idempotency_key(
+                            "stream",
+                            resource_digest,
+                            sm.scope.name,
+                            sm.scope.version,
+                            name,
+                            _attribute_fingerprint(attributes),
+                        )
+                        where = f"metric {name!r} point at {point.time_unix_nano} (stream {stream})"
+                        problem_here = problem or resource_problem or _too_long(attributes, limit)
+                        if problem_here is not None:
+                            key = idempotency_key("metric-invalid", stream, point.time_unix_nano)
+                            rejection = Rejection(
+                                RejectReason.INVALID,
+                                f"usage record from {where} rejected: {problem_here}",
+                                where,
+                                key,
+                                _clipped(attributes, limit),
+                            )
+                            out.add((), (rejection,))
+                            invalid_points += 1
+                            continue
+                        is_int = point.WhichOneof("value") == "as_int"
+                        value = point.as_int if is_int else point.as_double
+                        usage = UsagePoint(
+                            resource,
+                            name,
+                            attributes,
+                            point.start_time_unix_nano,
+                            point.time_unix_nano,
+                            value,
+                        )
+                        if temporality == _CUMULATIVE:
+                            running.append(CumulativePoint(stream, usage))
+                        else:
+                            deltas.append(usage)
+        if running:
+            assert cumulative is not None
+            converted, out.updates = cumulative.deltas(running)
+            deltas += converted
+        records, rejections = records_from_points(deltas, self.defaults, source="otlp metrics")
+        self._restrict(records, rejections, allowed_agents)
+        out.add(records, rejections)
+        out.rejected_items = invalid_points + sum(
+            max(1, sum(1 for name in r.attributes if name in sc.QUANTITIES))
+            for r in rejections
+            if r.reason is RejectReason.INVALID
+        )
+        return out

@@ -1,0 +1,210 @@
+"""The bridge as a server: health, its own metrics, back-pressure, concurrency, shutdown.
+
+The shutdown test runs the real ``paygent-otel serve`` command in a child process and
+stops it with SIGTERM while a request is half-way in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import API_KEY, wait_for
+from google.rpc import status_pb2
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from paygent_otel import ExporterConfig
+from paygent_otel import semconv as sc
+from paygent_otel.bridge import TRACES_PATH, BridgeApp, BridgeConfig, BridgeServer, Limits
+from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+from paygent_otel.sandbox import SandboxServer
+
+PB = {"Content-Type": "application/x-protobuf"}
+
+
+def spans(count: int, customer: str = "cust-1") -> bytes:
+    """``count`` TTS usage spans from a real TracerProvider, protobuf-encoded by the SDK."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({sc.AGENT_ID: "agent-voice"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("tests")
+    for _ in range(count):
+        attributes = {sc.USAGE_KIND: "tts", sc.TTS_CHARACTERS: 10, sc.CUSTOMER_ID: customer,
+                      sc.PROVIDER: "el", sc.MODEL: "m1"}  # fmt: skip
+        with tracer.start_as_current_span("synthesize", attributes=attributes):
+            pass
+    provider.shutdown()
+    return encode_spans(exporter.get_finished_spans()).SerializeToString()
+
+
+@pytest.fixture
+def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
+    started: list[BridgeServer] = []
+
+    def start(spool_max_bytes: int | None = None, **config: Any) -> BridgeServer:
+        exporter = ExporterConfig.resolve(
+            None,
+            endpoint=sandbox.url,
+            api_key=API_KEY,
+            spool_path=tmp_path / "spool.sqlite3",
+            spool_max_bytes=spool_max_bytes,
+        )
+        server = BridgeServer(
+            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
+        )
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (``name`` with its labels) in Prometheus text."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in\n{text}"
+    return float(match[1])
+
+
+def half_sent(url: str, body: bytes) -> socket.socket:
+    """A request whose headers and first half of the body are sent; the rest is not (yet)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10.0)
+    head = (
+        f"POST {TRACES_PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def finish(sock: socket.socket, body: bytes) -> int:
+    """Send the rest of the body; the response's status code."""
+    sock.sendall(body[len(body) // 2 :])
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        assert chunk, answer
+        answer += chunk
+    sock.close()
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_health_and_own_metrics(bridge, sandbox) -> None:
+    server = bridge()
+    health = httpx.get(server.url + "/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert httpx.post(server.url + TRACES_PATH, content=spans(3), headers=PB).status_code == 200
+    assert httpx.post(server.url + TRACES_PATH, content=b"\x01", headers=PB).status_code == 400
+    assert server.app.pipeline.force_flush(5.0)
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, 'paygent_bridge_requests_total{signal="traces",status="200"}') == 1
+    assert metric(text, 'paygent_bridge_requests_total{signal="traces",status="400"}') == 1
+    assert metric(text, 'paygent_bridge_items_received_total{signal="traces"}') == 3
+    assert metric(text, 'paygent_bridge_usage_records_total{signal="traces",result="valid"}') == 3
+    assert metric(text, 'paygent_bridge_requests_rejected_total{reason="bad_request"}') == 1
+    assert metric(text, 'paygent_bridge_delivery_records_total{outcome="delivered"}') == 3
+    assert metric(text, "paygent_bridge_spool_pending") == 0
+    assert metric(text, "paygent_bridge_in_flight_requests") == 0
+    assert sandbox.ledger.count() == 3
+
+
+def test_a_full_spool_is_503_with_retry_after_and_nothing_acknowledged(bridge, sandbox) -> None:
+    server = bridge(spool_max_bytes=1)
+    response = httpx.post(server.url + TRACES_PATH, content=spans(2), headers=PB)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    message = status_pb2.Status.FromString(response.content).message
+    assert "could not be stored (spool full or stopping)" in message
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, 'paygent_bridge_requests_rejected_total{reason="spool_full"}') == 1
+    assert server.app.pipeline.spool.pending() == 0
+    assert sandbox.ledger.count() == 0
+
+
+def test_more_requests_than_the_limit_are_429_with_retry_after(bridge, sandbox) -> None:
+    server = bridge(limits=Limits(max_concurrent_requests=1))
+    body = spans(5)
+    slow = half_sent(server.url, body)
+    wait_for(
+        lambda: "paygent_bridge_in_flight_requests 1" in httpx.get(server.url + "/metrics").text,
+        message="the half-sent request is in progress",
+    )
+    second = httpx.post(server.url + TRACES_PATH, content=spans(1), headers=PB)
+    assert second.status_code == 429
+    assert second.headers["retry-after"] == "1"
+    assert (
+        "more than 1 export requests in progress"
+        in status_pb2.Status.FromString(second.content).message
+    )
+    assert finish(slow, body) == 200
+    assert server.app.pipeline.force_flush(5.0)
+    assert sandbox.ledger.count() == 5
+
+
+def test_concurrent_senders_are_all_billed_once(bridge, sandbox) -> None:
+    server = bridge()
+    bodies = [spans(20, customer=f"cust-{i}") for i in range(16)]
+    with httpx.Client(headers=PB, timeout=30.0) as client, ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda b: client.post(server.url + TRACES_PATH, content=b).status_code, bodies)
+        )
+    assert statuses == [200] * 16
+    assert server.app.pipeline.force_flush(20.0)
+    assert sandbox.ledger.count() == 320
+    assert len(set(sandbox.ledger.keys())) == 320
+
+
+def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path) -> None:
+    env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
+    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
+               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith(LISTENING_LINE_PREFIX), line
+        url = line.removeprefix(LISTENING_LINE_PREFIX).strip()
+        body = spans(4)
+        sock = half_sent(url, body)
+        wait_for(
+            lambda: "paygent_bridge_in_flight_requests 1" in httpx.get(url + "/metrics").text,
+            message="the half-sent request is in progress",
+        )
+        process.send_signal(signal.SIGTERM)
+
+        def refusing() -> bool:
+            try:
+                httpx.get(url + "/health", timeout=1.0)
+            except httpx.TransportError:
+                return True
+            return False
+
+        wait_for(refusing, message="the bridge stops accepting connections")
+        assert finish(sock, body) == 200
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "SIGTERM received, stopping" in output
+    assert output.rstrip().endswith("paygent-otel bridge stopped")
+    assert sandbox.ledger.count() == 4  # delivered during the shutdown flush
