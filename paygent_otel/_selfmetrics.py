@@ -7,6 +7,9 @@ and the spool's depth.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections import Counter
 from collections.abc import Iterable
 
 from opentelemetry import metrics
@@ -28,37 +31,82 @@ SPOOL_DEAD_METRIC = "paygent_otel.spool.dead_letters"
 """Gauge: dead letters in the spool (rejected by Paygent or invalid)."""
 
 
+class _ObservedPipelines:
+    """The instruments of one ``MeterProvider`` and every pipeline they report.
+
+    A meter hands back the instrument registered first for a name and silently drops the
+    callbacks of a second registration, so the span and metric exporters (and the bridge)
+    share one set of instruments per provider instead of each creating its own.
+    """
+
+    def __init__(self, meter_provider: MeterProvider) -> None:
+        self._pipelines: weakref.WeakSet[DeliveryPipeline] = weakref.WeakSet()
+        meter = meter_provider.get_meter("paygent_otel", __version__)
+        meter.create_observable_counter(
+            RECORDS_METRIC,
+            callbacks=[self._records],
+            unit="{record}",
+            description="Usage records handled by paygent-otel, by outcome",
+        )
+        meter.create_observable_gauge(
+            SPOOL_PENDING_METRIC,
+            callbacks=[lambda _: self._spool("pending")],
+            unit="{record}",
+            description="Usage records waiting in the spool",
+        )
+        meter.create_observable_gauge(
+            SPOOL_DEAD_METRIC,
+            callbacks=[lambda _: self._spool("dead")],
+            unit="{record}",
+            description="Dead letters in the spool",
+        )
+
+    def add(self, pipeline: DeliveryPipeline) -> None:
+        self._pipelines.add(pipeline)
+
+    def _records(self, _: CallbackOptions) -> Iterable[Observation]:
+        # Pipelines of the same name (two span exporters) add up under one attribute set.
+        totals: Counter[tuple[str, str]] = Counter()
+        for pipeline in list(self._pipelines):
+            for outcome, count in pipeline.stats.snapshot().items():
+                totals[pipeline.name, outcome] += count
+        for (name, outcome), count in sorted(totals.items()):
+            yield Observation(count, {"pipeline": name, "outcome": outcome})
+
+    def _spool(self, metric: str) -> Iterable[Observation]:
+        totals: Counter[str] = Counter()
+        seen: set[tuple[str, int]] = set()
+        for pipeline in list(self._pipelines):
+            # A shut-down pipeline's spool is closed (reading it would open it again); one
+            # spool shared by two pipelines of a name is counted once.
+            if pipeline.is_shut_down or (pipeline.name, id(pipeline.spool)) in seen:
+                continue
+            seen.add((pipeline.name, id(pipeline.spool)))
+            try:
+                stats = pipeline.spool.stats()
+            except Exception as exc:
+                _logger.debug("spool of %s not observed: %s", pipeline.name, exc)
+                continue
+            totals[pipeline.name] += stats.pending if metric == "pending" else stats.dead_letters
+        for name, value in sorted(totals.items()):
+            yield Observation(value, {"pipeline": name})
+
+
+_observed: weakref.WeakKeyDictionary[MeterProvider, _ObservedPipelines] = (
+    weakref.WeakKeyDictionary()
+)
+_observed_lock = threading.Lock()
+
+
 def register_self_metrics(pipeline: DeliveryPipeline, meter_provider: MeterProvider | None) -> None:
-    """Create observable instruments reading ``pipeline``'s counters and spool."""
-    meter = (meter_provider or metrics.get_meter_provider()).get_meter("paygent_otel", __version__)
-    labels = {"pipeline": pipeline.name}
+    """Report ``pipeline``'s counters and spool through ``meter_provider`` (or the global one).
 
-    def records(_: CallbackOptions) -> Iterable[Observation]:
-        for outcome, count in pipeline.stats.snapshot().items():
-            yield Observation(count, {**labels, "outcome": outcome})
-
-    def spool(metric: str) -> Iterable[Observation]:
-        try:
-            stats = pipeline.spool.stats()
-        except Exception:  # a closed spool after shutdown: nothing to observe
-            return
-        yield Observation(stats.pending if metric == "pending" else stats.dead_letters, labels)
-
-    meter.create_observable_counter(
-        RECORDS_METRIC,
-        callbacks=[records],
-        unit="{record}",
-        description="Usage records handled by paygent-otel, by outcome",
-    )
-    meter.create_observable_gauge(
-        SPOOL_PENDING_METRIC,
-        callbacks=[lambda _: spool("pending")],
-        unit="{record}",
-        description="Usage records waiting in the spool",
-    )
-    meter.create_observable_gauge(
-        SPOOL_DEAD_METRIC,
-        callbacks=[lambda _: spool("dead")],
-        unit="{record}",
-        description="Dead letters in the spool",
-    )
+    Each pipeline is reported under its ``pipeline`` attribute (``traces``, ``metrics``,
+    ``bridge``) for as long as it exists.
+    """
+    provider = meter_provider or metrics.get_meter_provider()
+    with _observed_lock:
+        observed = _observed.get(provider)
+        if observed is None:
+            observed = _observed[provider] = _ObservedPipelines(provider)
+    observed.add(pipeline)

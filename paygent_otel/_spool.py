@@ -10,6 +10,7 @@ handed over twice (a Collector retrying an OTLP request) is not sent twice.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -191,9 +192,7 @@ CREATE TABLE IF NOT EXISTS meta (
 
 _nonces: dict[int, str] = {}
 _live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
-_abandoned_connections: list[sqlite3.Connection] = []
-"""Connections a forked child inherited. SQLite forbids using them in the child, closing
-included (a close may checkpoint or unlock on the parent's behalf): they are kept, unused."""
+_held_across_fork: list[SqliteSpool | MemorySpool] = []
 
 
 def _process_nonce() -> str:
@@ -201,12 +200,30 @@ def _process_nonce() -> str:
     return _nonces.setdefault(os.getpid(), uuid.uuid4().hex[:8])
 
 
+def _before_fork() -> None:
+    # Hold every spool's lock across fork(), so no thread is inside SQLite (holding its
+    # locks and mutexes, or half-way through a transaction) in the child's copy.
+    for spool in list(_live_spools):
+        spool._lock.acquire()
+        _held_across_fork.append(spool)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_across_fork:
+        _held_across_fork.pop()._lock.release()
+
+
 def _after_fork_in_child() -> None:
+    _held_across_fork.clear()
     for spool in list(_live_spools):
         spool._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _owner_token() -> str:
@@ -242,15 +259,22 @@ class SqliteSpool:
         # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files the
         # database file's mode, and they hold the same payloads.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)  # a file an earlier version created with the umask's mode
         self._connection()  # fail at construction, not at the first export
         _live_spools.add(self)
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent's lock may be held by a thread that is gone."""
+        """In a forked child: a fresh lock, and our own connection at the next use.
+
+        The inherited connection is idle (the lock was held across fork) and is closed
+        here, which only cleans up this process's copy of SQLite's state: POSIX locks
+        are not inherited, so the parent's locks and its WAL are not touched.
+        """
         self._lock = threading.Lock()
-        if self._conn is not None:
-            _abandoned_connections.append(self._conn)
-        self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def _connection(self) -> sqlite3.Connection:
         # After fork() the parent's connection must not be used: open our own.
@@ -436,6 +460,22 @@ class SqliteSpool:
 
         self._write(done)
 
+    def adopt(self, from_dest: str, to_dest: str) -> int:
+        """File the pending records of ``from_dest`` under ``to_dest``; returns how many.
+
+        For records spooled while no API key was configured: the first process that has
+        a key for the same endpoint takes them over.
+        """
+
+        def move(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE pending SET dest = ? WHERE dest = ?", (to_dest, from_dest)
+            )
+            return int(cursor.rowcount)
+
+        moved: int = self._write(move)
+        return moved
+
     def prune_delivered(self, now: float) -> None:
         """Drop delivered keys older than the retention window."""
         self._write(
@@ -467,14 +507,15 @@ class SqliteSpool:
 
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
-                moved = conn.execute(
+                conn.execute(
                     "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
                     " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
                     " FROM pending WHERE id = ? AND lease_owner = ? ON CONFLICT (key) DO NOTHING",
                     (now, status, reason[:_BODY_EXCERPT], rowid, self._owner),
-                ).rowcount
-                if moved:
-                    conn.execute("DELETE FROM pending WHERE id = ?", (rowid,))
+                )
+                conn.execute(
+                    "DELETE FROM pending WHERE id = ? AND lease_owner = ?", (rowid, self._owner)
+                )
 
         self._write(move)
 

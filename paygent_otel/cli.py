@@ -16,6 +16,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bridge.cli import register as register_bridge
     from .demo import register as register_demo
     from .sandbox.cli import register as register_sandbox
+    from .spool_cli import register as register_spool
 
     parser = argparse.ArgumentParser(
         prog="paygent-otel",
@@ -28,7 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log at DEBUG level instead of INFO"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (register_demo, register_sandbox, register_bridge):
+    for register in (register_demo, register_sandbox, register_bridge, register_spool):
         register(commands)
     return parser
 

@@ -584,7 +584,7 @@ def test_bad_configuration_values_fall_back_to_defaults_with_an_error(
         config = exporter.config
         assert (
             config.timeout == 10.0
-            and config.max_in_flight == 64
+            and config.max_in_flight == 128
             and config.spool_max_bytes == 1 << 30
         )
         assert any(r.levelno == logging.ERROR and value in r.getMessage() for r in caplog.records)
