@@ -108,7 +108,7 @@ class DeliveryPipeline:
         self.retry_policy = retry_policy or RetryPolicy()
         self.stats = DeliveryStats()
         self._transport = transport
-        self._dest = destination_id(config.endpoint, config.api_key)
+        self._dest = destination_id(config.endpoint)
         self._url = config.endpoint + USAGE_PATH
         self._headers = {
             **config.headers,
@@ -268,7 +268,6 @@ class DeliveryPipeline:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._adopt_keyless_records()
             ready = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
@@ -283,23 +282,6 @@ class DeliveryPipeline:
     def is_shut_down(self) -> bool:
         """True once :meth:`shutdown` was called (its spool is closed, records refused)."""
         return self._shutdown
-
-    def _adopt_keyless_records(self) -> None:
-        """Take over what was spooled for this endpoint while no API key was configured."""
-        keyless = destination_id(self.config.endpoint, None)
-        if keyless == self._dest or not isinstance(self.spool, SqliteSpool):
-            return
-        try:
-            adopted = self.spool.adopt(keyless, self._dest)
-        except Exception as exc:
-            self._spool_trouble(exc, time.time())
-            return
-        if adopted:
-            _logger.info(
-                "%s: %d usage records spooled without an API key are now sent with this one",
-                self.name,
-                adopted,
-            )
 
     def start(self) -> None:
         """Start delivering what the spool holds (records left by an earlier process)."""

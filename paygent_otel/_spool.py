@@ -47,11 +47,16 @@ reclaimed at once when the owner is on this host, else when it expires."""
 _BODY_EXCERPT = 500
 
 
-def destination_id(endpoint: str, api_key: str | None) -> str:
-    """Which Paygent account a record is for, without storing the key itself."""
+def destination_id(endpoint: str) -> str:
+    """Which Paygent endpoint a record is for.
+
+    Not the API key: records spooled before a key was configured, or under a key since
+    rotated, belong to the same account and must still be sent. One spool file therefore
+    serves one Paygent account (docs/delivery.md).
+    """
     import hashlib
 
-    return hashlib.sha256(f"{endpoint}\x1f{api_key or ''}".encode()).hexdigest()[:16]
+    return hashlib.sha256(endpoint.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,22 +464,6 @@ class SqliteSpool:
             )
 
         self._write(done)
-
-    def adopt(self, from_dest: str, to_dest: str) -> int:
-        """File the pending records of ``from_dest`` under ``to_dest``; returns how many.
-
-        For records spooled while no API key was configured: the first process that has
-        a key for the same endpoint takes them over.
-        """
-
-        def move(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "UPDATE pending SET dest = ? WHERE dest = ?", (to_dest, from_dest)
-            )
-            return int(cursor.rowcount)
-
-        moved: int = self._write(move)
-        return moved
 
     def prune_delivered(self, now: float) -> None:
         """Drop delivered keys older than the retention window."""

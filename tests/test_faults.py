@@ -405,16 +405,25 @@ def test_a_producer_killed_with_records_in_flight_is_finished_by_the_next_one(
     recorded = first.call("record 120 0", "recorded")
     store = SqliteSpool(spool, max_bytes=1 << 30)
     # The first wave is answered; the second is leased at once and, a moment later, sits
-    # in the sandbox's 2 s of latency: on the wire when the process dies.
+    # in the sandbox's 2 s of latency: on the wire.
     wait_for(
         lambda: sandbox.ledger.count() >= 16 and store.stats().in_flight >= 8,
         timeout=30,
         message="deliveries done and requests in flight",
     )
     time.sleep(0.3)
-
-    first.kill()
+    # The worst moment to die: Paygent has stored the records, their answers are on the
+    # way, the spool still says "in flight". Freeze the process, let the sandbox answer,
+    # then kill it before it reads a byte.
+    first.process.send_signal(signal.SIGSTOP)
     in_flight = store.stats().in_flight
+    stored_before = sandbox.ledger.count()
+    wait_for(
+        lambda: sandbox.ledger.count() >= stored_before + in_flight,
+        timeout=10,
+        message="the sandbox stored the requests in flight",
+    )
+    first.kill()
     store.close()
     sandbox.set_faults(latency_ms=0)
     second = Producer(sandbox.url, spool)
@@ -425,8 +434,11 @@ def test_a_producer_killed_with_records_in_flight_is_finished_by_the_next_one(
     assert flushed["ok"], flushed
     result = verdict(sandbox, spool, recorded=recorded["stats"]["accepted"])
     assert result.delivered == 120
+    # Each record that was in flight was sent again by the second process, with its key,
+    # and recognised by the sandbox as a repeat: nothing else was sent twice.
+    assert result.duplicates_sent == in_flight
     repeated = Counter(e["idempotency_key"] for e in sandbox.ledger.request_log())
-    assert sum(n - 1 for n in repeated.values()) == result.duplicates_sent
+    assert sum(n - 1 for n in repeated.values()) == in_flight
     report(capsys, "5 crash", result, f"{in_flight} in flight at SIGKILL")
 
 

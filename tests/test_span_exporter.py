@@ -481,12 +481,6 @@ def test_missing_api_key_keeps_durable_records_without_sending(
     assert sum("no Paygent API key" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_delivery/_spool: records spooled without a key are filed under destination_id("
-    "endpoint, None) and a process that has the key only leases its own destination, so "
-    "they are never sent (reported to the delivery owner)",
-)
 def test_records_spooled_without_a_key_are_sent_once_a_key_is_configured(
     sandbox: SandboxServer, tracing: Callable[..., Tracing], tmp_path: Path
 ) -> None:
