@@ -40,7 +40,9 @@ def test_every_attribute_constant_is_in_the_doc_and_documented() -> None:
 def test_every_quantity_row_names_unit_and_json_field() -> None:
     rows = {
         m.group(1): m.group(0)
-        for m in re.finditer(r"^\| `(paygent\.(?:stt|tts|sts)\.[a-z.]+)` \|.*$", DOC.read_text(), re.M)
+        for m in re.finditer(
+            r"^\| `(paygent\.(?:stt|tts|sts)\.[a-z.]+)` \|.*$", DOC.read_text(), re.M
+        )
     }
     assert set(rows) == set(sc.QUANTITIES)
     for name, q in sc.QUANTITIES.items():
