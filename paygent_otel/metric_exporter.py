@@ -9,10 +9,9 @@ identity in one interval are one call. See ``docs/metrics.md``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, Unpack
 
 import httpx
 from opentelemetry.metrics import MeterProvider
@@ -34,12 +33,9 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import Aggregation, DefaultAggregation, SumAggregation
 
-from ._config import ExporterConfig
-from ._delivery import DeliveryPipeline
-from ._mapping import IdentityDefaults
+from ._exporter import ExporterSettings, PaygentExporterBase
 from ._metrics import UsagePoint, is_usage_metric, records_from_points, usage_stream_problem
 from ._retry import RetryPolicy
-from ._selfmetrics import register_self_metrics
 
 __all__ = ["USAGE_TEMPORALITY", "PaygentMetricExporter"]
 
@@ -69,7 +65,7 @@ def _data_type(metric: Metric) -> str:
     return "".join(" " + c.lower() if c.isupper() else c for c in name).strip()
 
 
-class PaygentMetricExporter(MetricExporter):
+class PaygentMetricExporter(PaygentExporterBase, MetricExporter):
     """Turns the usage counters of each export interval into ``POST /api/v2/usage`` calls.
 
     Takes the same keyword arguments as :class:`~paygent_otel.PaygentSpanExporter` and the
@@ -84,27 +80,17 @@ class PaygentMetricExporter(MetricExporter):
     returns; a background worker delivers them. It never raises.
     """
 
+    signal = "metrics"
+
     def __init__(
         self,
         *,
-        endpoint: str | None = None,
-        api_key: str | None = None,
-        timeout: float | None = None,
-        headers: dict[str, str] | None = None,
-        agent_id: str | None = None,
-        customer_id: str | None = None,
-        indicator: str | None = None,
-        spool_path: str | os.PathLike[str] | None = None,
-        spool_max_bytes: int | None = None,
-        max_in_flight: int | None = None,
-        max_retry_seconds: float | None = None,
-        trace_tags: bool | None = None,
-        genai: bool | None = None,
         retry_policy: RetryPolicy | None = None,
         meter_provider: MeterProvider | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         preferred_temporality: Mapping[type, AggregationTemporality] | None = None,
         preferred_aggregation: Mapping[type, Aggregation] | None = None,
+        **settings: Unpack[ExporterSettings],
     ) -> None:
         temporality = {**USAGE_TEMPORALITY, **(preferred_temporality or {})}
         for instrument in _BILLED_INSTRUMENTS:
@@ -126,48 +112,9 @@ class PaygentMetricExporter(MetricExporter):
             preferred_temporality=temporality,
             preferred_aggregation=dict(preferred_aggregation or {}),
         )
-        self.config = ExporterConfig.resolve(
-            "metrics",
-            endpoint=endpoint,
-            api_key=api_key,
-            timeout=timeout,
-            headers=headers,
-            agent_id=agent_id,
-            customer_id=customer_id,
-            indicator=indicator,
-            spool_path=spool_path,
-            spool_max_bytes=spool_max_bytes,
-            max_in_flight=max_in_flight,
-            max_retry_seconds=max_retry_seconds,
-            trace_tags=trace_tags,
-            genai=genai,
-        )
-        self._defaults = IdentityDefaults(
-            agent_id=self.config.agent_id,
-            customer_id=self.config.customer_id,
-            indicator=self.config.indicator,
-            trace_tags=self.config.trace_tags,
-        )
-        self._pipeline = DeliveryPipeline(
-            self.config, name="metrics", retry_policy=retry_policy, transport=transport
-        )
-        self._shutdown = False
         self._reported: set[tuple[str, str]] = set()
         self._reported_lock = threading.Lock()
-        register_self_metrics(self._pipeline, meter_provider)
-        # Records an earlier process left in the spool go out without waiting for new ones.
-        self._pipeline.start()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters of every record's fate (delivered, invalid, ...) and of streams refused
-        (``wrong_instrument``, ``wrong_temporality``, ``wrong_unit``: one per data point)."""
-        return self._pipeline.stats.snapshot()
-
-    @property
-    def pipeline(self) -> DeliveryPipeline:
-        """The spool and worker this exporter feeds (shared seam with the other routes)."""
-        return self._pipeline
+        self._start_pipeline(settings, retry_policy, meter_provider, transport)
 
     def _refused(self, metric: Metric) -> bool:
         """True when ``metric`` is a usage stream that must not be billed (reported once)."""
@@ -230,22 +177,3 @@ class PaygentMetricExporter(MetricExporter):
         # After shutdown the pipeline refuses, logs and counts them (never silently lost).
         refused = self._pipeline.submit(records, rejections)
         return MetricExportResult.FAILURE if refused else MetricExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        """Wait until every committed record is delivered, within the timeout."""
-        return self._pipeline.force_flush(timeout_millis / 1000.0)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        """Deliver what is pending within the timeout, then stop. Idempotent.
-
-        ``PeriodicExportingMetricReader`` passes what is left of its deadline as
-        ``timeout=`` (milliseconds), after its last collection of the partial interval.
-        """
-        if self._shutdown:
-            return
-        self._shutdown = True
-        millis = kwargs.get("timeout", timeout_millis)
-        self._pipeline.shutdown(max(float(millis), 0.0) / 1000.0)
-
-    def __repr__(self) -> str:
-        return f"PaygentMetricExporter({self.config!r})"

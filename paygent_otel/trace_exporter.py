@@ -8,20 +8,17 @@ Run it under the SDK's ``BatchSpanProcessor`` (or, to bill unsampled spans too,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Unpack
 
 import httpx
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from ._config import ExporterConfig
-from ._delivery import DeliveryPipeline
-from ._mapping import IdentityDefaults, Rejection, UsageRecord
+from ._exporter import ExporterSettings, PaygentExporterBase
+from ._mapping import Rejection, UsageRecord
 from ._retry import RetryPolicy
-from ._selfmetrics import register_self_metrics
 from ._spans import has_usage, records_from_span
 
 __all__ = ["PaygentSpanExporter"]
@@ -29,7 +26,7 @@ __all__ = ["PaygentSpanExporter"]
 _logger = logging.getLogger("paygent_otel.trace_exporter")
 
 
-class PaygentSpanExporter(SpanExporter):
+class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
     """Turns every usage record on exported spans into one ``POST /api/v2/usage``.
 
     Every argument falls back to its environment variable, then to its default (see
@@ -38,65 +35,17 @@ class PaygentSpanExporter(SpanExporter):
     default) and returns; a background worker delivers them. It never raises.
     """
 
+    signal = "traces"
+
     def __init__(
         self,
         *,
-        endpoint: str | None = None,
-        api_key: str | None = None,
-        timeout: float | None = None,
-        headers: dict[str, str] | None = None,
-        agent_id: str | None = None,
-        customer_id: str | None = None,
-        indicator: str | None = None,
-        spool_path: str | os.PathLike[str] | None = None,
-        spool_max_bytes: int | None = None,
-        max_in_flight: int | None = None,
-        max_retry_seconds: float | None = None,
-        trace_tags: bool | None = None,
-        genai: bool | None = None,
         retry_policy: RetryPolicy | None = None,
         meter_provider: MeterProvider | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        **settings: Unpack[ExporterSettings],
     ) -> None:
-        self.config = ExporterConfig.resolve(
-            "traces",
-            endpoint=endpoint,
-            api_key=api_key,
-            timeout=timeout,
-            headers=headers,
-            agent_id=agent_id,
-            customer_id=customer_id,
-            indicator=indicator,
-            spool_path=spool_path,
-            spool_max_bytes=spool_max_bytes,
-            max_in_flight=max_in_flight,
-            max_retry_seconds=max_retry_seconds,
-            trace_tags=trace_tags,
-            genai=genai,
-        )
-        self._defaults = IdentityDefaults(
-            agent_id=self.config.agent_id,
-            customer_id=self.config.customer_id,
-            indicator=self.config.indicator,
-            trace_tags=self.config.trace_tags,
-        )
-        self._pipeline = DeliveryPipeline(
-            self.config, name="traces", retry_policy=retry_policy, transport=transport
-        )
-        self._shutdown = False
-        register_self_metrics(self._pipeline, meter_provider)
-        # Records an earlier process left in the spool go out without waiting for new ones.
-        self._pipeline.start()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters of every record's fate: delivered, retried, rejected, invalid, ..."""
-        return self._pipeline.stats.snapshot()
-
-    @property
-    def pipeline(self) -> DeliveryPipeline:
-        """The spool and worker this exporter feeds (shared seam with the other routes)."""
-        return self._pipeline
+        self._start_pipeline(settings, retry_policy, meter_provider, transport)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Commit the usage records of ``spans``; SUCCESS once they are stored."""
@@ -139,23 +88,3 @@ class PaygentSpanExporter(SpanExporter):
         # After shutdown the pipeline refuses the records and counts them: never silent.
         refused_count = self._pipeline.submit(records, rejections)
         return SpanExportResult.FAILURE if refused_count or failed else SpanExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Wait until every committed record is delivered, within the timeout.
-
-        After :meth:`shutdown` it returns at once: nothing can be delivered any more, and
-        what shutdown could not deliver stays in the spool (or was counted as dropped).
-        """
-        if self._shutdown:
-            return True
-        return self._pipeline.force_flush(timeout_millis / 1000.0)
-
-    def shutdown(self, timeout_millis: float = 10_000, **_: Any) -> None:
-        """Deliver what is pending within the timeout, then stop. Idempotent."""
-        if self._shutdown:
-            return
-        self._shutdown = True
-        self._pipeline.shutdown(timeout_millis / 1000.0)
-
-    def __repr__(self) -> str:
-        return f"PaygentSpanExporter({self.config!r})"

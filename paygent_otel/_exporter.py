@@ -1,0 +1,105 @@
+"""What the span and metric exporters share: settings, identity defaults, the delivery
+pipeline, self-metrics, flush and shutdown. Each exporter adds only its ``export()``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, TypedDict
+
+import httpx
+from opentelemetry.metrics import MeterProvider
+
+from ._config import ExporterConfig
+from ._delivery import DeliveryPipeline
+from ._mapping import IdentityDefaults
+from ._retry import RetryPolicy
+from ._selfmetrics import register_self_metrics
+
+__all__ = ["ExporterSettings", "PaygentExporterBase"]
+
+
+class ExporterSettings(TypedDict, total=False):
+    """Keyword arguments every exporter takes; each falls back to its environment variable,
+    then to its default (``ExporterConfig.resolve``; README, *Configuration*)."""
+
+    endpoint: str | None
+    api_key: str | None
+    timeout: float | None
+    headers: dict[str, str] | None
+    agent_id: str | None
+    customer_id: str | None
+    indicator: str | None
+    spool_path: str | os.PathLike[str] | None
+    spool_max_bytes: int | None
+    max_in_flight: int | None
+    max_retry_seconds: float | None
+    trace_tags: bool | None
+    genai: bool | None
+
+
+class PaygentExporterBase:
+    """Mixed in before ``SpanExporter`` / ``MetricExporter``; ``signal`` names the pipeline."""
+
+    signal: ClassVar[str]
+    config: ExporterConfig
+    _defaults: IdentityDefaults
+    _pipeline: DeliveryPipeline
+    _shutdown: bool
+
+    def _start_pipeline(
+        self,
+        settings: ExporterSettings,
+        retry_policy: RetryPolicy | None,
+        meter_provider: MeterProvider | None,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> None:
+        self.config = ExporterConfig.resolve(self.signal, **settings)
+        self._defaults = IdentityDefaults(
+            agent_id=self.config.agent_id,
+            customer_id=self.config.customer_id,
+            indicator=self.config.indicator,
+            trace_tags=self.config.trace_tags,
+        )
+        self._pipeline = DeliveryPipeline(
+            self.config, name=self.signal, retry_policy=retry_policy, transport=transport
+        )
+        self._shutdown = False
+        register_self_metrics(self._pipeline, meter_provider)
+        # Records an earlier process left in the spool go out without waiting for new ones.
+        self._pipeline.start()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of every record's fate: delivered, retried, rejected, invalid, ... (and,
+        for metrics, streams refused: ``wrong_instrument``, ``wrong_temporality``, ...)."""
+        return self._pipeline.stats.snapshot()
+
+    @property
+    def pipeline(self) -> DeliveryPipeline:
+        """The spool and worker this exporter feeds (the seam every route shares)."""
+        return self._pipeline
+
+    def force_flush(self, timeout_millis: float = 30_000) -> bool:
+        """Wait until every committed record is delivered, within the timeout.
+
+        After :meth:`shutdown` it returns at once: nothing can be delivered any more, and
+        what shutdown could not deliver stays in the spool (or was counted as dropped).
+        """
+        if self._shutdown:
+            return True
+        return self._pipeline.force_flush(timeout_millis / 1000.0)
+
+    def shutdown(self, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        """Deliver what is pending within the timeout, then stop. Idempotent.
+
+        ``PeriodicExportingMetricReader`` passes what is left of its deadline as
+        ``timeout=`` (milliseconds); it wins over ``timeout_millis``.
+        """
+        if self._shutdown:
+            return
+        self._shutdown = True
+        millis = kwargs.get("timeout", timeout_millis)
+        self._pipeline.shutdown(max(float(millis), 0.0) / 1000.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
