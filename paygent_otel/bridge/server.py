@@ -9,19 +9,17 @@ stays in the durable spool for the next start.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import ipaddress
 import logging
 import signal
 import socket
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import Final, Self
+from typing import Self
 
 import uvicorn
 
+from .._serving import HTTP_IMPLEMENTATION, LOOP_IMPLEMENTATION, base_url, bind_socket
 from .app import BridgeApp
 from .config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HOST
 
@@ -32,31 +30,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("paygent_otel.bridge")
-
-
-_HTTP: Final = "httptools" if importlib.util.find_spec("httptools") else "h11"
-_LOOP: Final = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; SO_REUSEADDR so a restarted bridge gets its port back."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _url(host: str, port: int) -> str:
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host.strip("[]")).version == 6:
-            return f"http://[{host.strip('[]')}]:{port}"
-    return f"http://{host}:{port}"
 
 
 class BridgeServer:
@@ -85,7 +58,7 @@ class BridgeServer:
     @property
     def url(self) -> str:
         """Base URL for OTLP/HTTP senders (``{url}/v1/traces`` ...)."""
-        return _url(self.host, self._port)
+        return base_url(self.host, self._port)
 
     @property
     def running(self) -> bool:
@@ -100,8 +73,8 @@ class BridgeServer:
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app.asgi,
-            http=_HTTP,
-            loop=_LOOP,
+            http=HTTP_IMPLEMENTATION,
+            loop=LOOP_IMPLEMENTATION,
             ws="none",
             lifespan="on",
             log_config=None,

@@ -9,15 +9,11 @@ port and ledger file, which is how tests simulate a Paygent outage.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import ipaddress
 import logging
 import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +26,7 @@ from typing import IO, Any, Final, Self
 import httpx
 import uvicorn
 
+from .._serving import HTTP_IMPLEMENTATION, LOOP_IMPLEMENTATION, base_url, bind_socket
 from .app import Faults, SandboxApp
 from .ledger import Ledger, LedgerWriter
 
@@ -47,42 +44,11 @@ _log = logging.getLogger(__name__)
 DEFAULT_HOST: Final = "127.0.0.1"
 """Loopback only: the sandbox has no business on other interfaces."""
 
-HTTP_IMPLEMENTATION: Final = "httptools" if importlib.util.find_spec("httptools") else "h11"
-"""uvicorn's HTTP parser: ``httptools`` (C, several times faster) when installed, else ``h11``."""
-
-LOOP_IMPLEMENTATION: Final = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-"""uvicorn's event loop: ``uvloop`` when installed, else the standard ``asyncio`` loop."""
-
 LISTENING_LINE: Final = re.compile(r"listening on (?P<url>https?://\S+)")
 """The line ``python -m paygent_otel.sandbox`` prints once it accepts connections."""
 
 _GRACEFUL_SHUTDOWN_S = 2
 """How long in-flight requests (say, under injected latency) may finish on stop."""
-
-
-def _format_url(host: str, port: int) -> str:
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).version == 6:
-            return f"http://[{host}]:{port}"
-    return f"http://{host}:{port}"
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
-    # accepted sockets copy it from this one. Without it, Nagle holds each response body
-    # for the client's delayed ACK: 40 ms per request on a keep-alive connection.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        # Lets a restarted sandbox take its port back while the old connections are in
-        # TIME_WAIT (the outage-then-recovery tests do exactly that).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class SandboxServer:
@@ -123,7 +89,7 @@ class SandboxServer:
     @property
     def url(self) -> str:
         """Base URL to give clients, such as ``http://127.0.0.1:40213``."""
-        return _format_url(self.host, self.port)
+        return base_url(self.host, self.port)
 
     @property
     def running(self) -> bool:
@@ -155,7 +121,7 @@ class SandboxServer:
             raise RuntimeError("the sandbox is already running")
         writer = LedgerWriter(self.db_path)
         try:
-            sock = _bind(self.host, self._port)
+            sock = bind_socket(self.host, self._port)
         except BaseException:
             writer.close()
             raise
@@ -294,9 +260,7 @@ class SandboxProcess:
         """Start the child and return once it prints its listening line."""
         if self._process is not None:
             raise RuntimeError("the sandbox process is already running")
-        process = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, text=True, bufsize=1
-        )
+        process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, text=True, bufsize=1)
         assert process.stdout is not None
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(
