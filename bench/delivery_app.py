@@ -16,8 +16,6 @@ Protocol: prints ``started`` and ``recorded`` (monotonic times), waits for ``don
 
 from __future__ import annotations
 
-import gc
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -117,9 +115,6 @@ def main() -> None:
     rs = workload.records(s["n"])
     app: SdkApp | BridgeApp = SdkApp(s, rs) if s["client"] == "sdk" else BridgeApp(s, rs)
     timer = CallTimer()
-    if os.environ.get("BENCH_FREEZE"):
-        gc.collect()
-        gc.freeze()
     cpu0 = cpu_seconds()
     emit("started", t=now())
     app.run(timer)

@@ -332,16 +332,31 @@ class SqliteSpool:
                 (owner,),
             )
 
-    def _write(self, fn: Any, *args: Any) -> Any:
+    def _write(self, fn: Any, *args: Any, synced: bool = True) -> Any:
+        """Run ``fn(conn, *args)`` in one transaction.
+
+        ``synced=False`` commits without an fsync (``synchronous=NORMAL``) for the worker's
+        bookkeeping of records already committed: a lease or a delivery that a power loss
+        (not a process crash) undoes only means the record is leased or sent again, with
+        the same idempotency key. The next synced commit makes it durable too. An fsync per
+        lease and per settlement cost ~200 us CPU and ~2.4 ms of the worker's event loop
+        each (``bench/README.md``).
+        """
         with self._lock:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            if not synced:
+                conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                result = fn(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn, *args)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if not synced:
+                    conn.execute("PRAGMA synchronous=FULL")
             return result
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -437,7 +452,7 @@ class SqliteSpool:
             ).fetchall()
             return [SpooledItem(*row) for row in rows]
 
-        items: list[SpooledItem] = self._write(take)
+        items: list[SpooledItem] = self._write(take, synced=False)
         return items
 
     def next_due(self, dest: str) -> float | None:
@@ -463,7 +478,7 @@ class SqliteSpool:
                 [(k, now) for k in keys],
             )
 
-        self._write(done)
+        self._write(done, synced=False)
 
     def prune_delivered(self, now: float) -> None:
         """Drop delivered keys older than the retention window."""
@@ -486,7 +501,8 @@ class SqliteSpool:
                 "UPDATE pending SET attempts = attempts + 1, next_attempt = ?, last_error = ?, "
                 "lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?",
                 [(when, error[:_BODY_EXCERPT], rowid, self._owner) for rowid, when, error in items],
-            )
+            ),
+            synced=False,
         )
 
     def dead_letter(self, items: Sequence[tuple[int, str, str]], now: float) -> None:
