@@ -30,6 +30,7 @@ from ._config import ExporterConfig
 from ._mapping import Rejection, RejectReason, UsageRecord
 from ._retry import Outcome, RetryPolicy, classify_status, parse_retry_after
 from ._spool import MemorySpool, SpooledItem, SqliteSpool, destination_id, open_spool
+from ._transport import AiohttpSender, HttpxSender, Sender
 from ._version import __version__
 
 __all__ = ["USAGE_PATH", "DeliveryPipeline", "DeliveryStats"]
@@ -375,10 +376,10 @@ class DeliveryPipeline:
         finally:
             loop.close()
 
-    def _sender(self) -> _HttpxSender | _AiohttpSender:
+    def _sender(self) -> Sender:
         if self._transport is not None:
-            return _HttpxSender(self._transport, self._url, self._headers, self.config.timeout)
-        return _AiohttpSender(self._url, self._headers, self.config.max_in_flight)
+            return HttpxSender(self._transport, self._url, self._headers, self.config.timeout)
+        return AiohttpSender(self._url, self._headers, self.config.max_in_flight)
 
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         self._loop = loop
@@ -474,9 +475,7 @@ class DeliveryPipeline:
         if in_flight:
             await asyncio.sleep(BATCH_WINDOW_SECONDS)
 
-    async def _send(
-        self, sender: _HttpxSender | _AiohttpSender, item: SpooledItem, settled: _Settlement
-    ) -> None:
+    async def _send(self, sender: Sender, item: SpooledItem, settled: _Settlement) -> None:
         try:
             # asyncio.timeout, not wait_for: no extra task per request.
             async with asyncio.timeout(self.config.timeout):
@@ -598,60 +597,3 @@ class _Settlement:
 
     def __bool__(self) -> bool:
         return bool(self.delivered or self.retry or self.rejected or self.gave_up)
-
-
-class _HttpxSender:
-    """POSTs through an injected httpx transport (tests, custom TLS or proxies)."""
-
-    def __init__(
-        self, transport: httpx.AsyncBaseTransport, url: str, headers: dict[str, str], timeout: float
-    ) -> None:
-        self._url = url
-        self._client = httpx.AsyncClient(transport=transport, timeout=timeout, headers=headers)
-
-    async def post(self, body: bytes, key: str) -> tuple[int, str | None, str]:
-        """(status, Retry-After header, response text)."""
-        response = await self._client.post(
-            self._url, content=body, headers={"Idempotency-Key": key}
-        )
-        return response.status_code, response.headers.get("Retry-After"), response.text
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
-class _AiohttpSender:
-    """POSTs with aiohttp itself: the default.
-
-    httpx's client layers (URL merging, cookies, auth and redirect handling, its own
-    request and response objects) over the aiohttp transport cost about 60% more CPU per
-    request than aiohttp alone on this path (``bench/README.md``, delivery profile).
-    """
-
-    def __init__(self, url: str, headers: dict[str, str], max_in_flight: int) -> None:
-        from yarl import URL
-
-        self._url = URL(url)
-        self._headers = headers
-        # Timeouts are applied by the caller (asyncio.timeout around each post).
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_in_flight),
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
-
-    async def post(self, body: bytes, key: str) -> tuple[int, str | None, str]:
-        """(status, Retry-After header, response text; empty after a 2xx)."""
-        async with self._session.post(
-            self._url,
-            data=body,
-            headers={**self._headers, "Idempotency-Key": key},
-            allow_redirects=False,  # as with httpx: a redirect is an answer, not followed
-        ) as response:
-            raw = await response.read()
-            if 200 <= response.status < 300:
-                return response.status, None, ""
-            text = raw.decode("utf-8", "replace")
-            return response.status, response.headers.get("Retry-After"), text
-
-    async def aclose(self) -> None:
-        await self._session.close()
