@@ -60,6 +60,12 @@ OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS = "OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECON
 durable spool (an outage of hours loses nothing), 300 in memory mode."""
 OTEL_EXPORTER_PAYGENT_TRACE_TAGS = "OTEL_EXPORTER_PAYGENT_TRACE_TAGS"
 """``true``/``false``: attach ``otel_trace_id``/``otel_span_id`` metaTags. Default true."""
+OTEL_EXPORTER_PAYGENT_CERTIFICATE = "OTEL_EXPORTER_PAYGENT_CERTIFICATE"
+"""CA bundle (PEM file) that verifies the endpoint's TLS certificate. Default: the system's."""
+OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE = "OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE"
+"""Client certificate (PEM file) for mutual TLS. Default: none."""
+OTEL_EXPORTER_PAYGENT_CLIENT_KEY = "OTEL_EXPORTER_PAYGENT_CLIENT_KEY"
+"""Private key (PEM file) of the client certificate. Default: none."""
 OTEL_EXPORTER_PAYGENT_GENAI = "OTEL_EXPORTER_PAYGENT_GENAI"
 """``true``/``false``: bill spans that carry ``gen_ai.usage.*`` as STS records. Default false."""
 
@@ -139,6 +145,12 @@ class ExporterConfig:
     """None: retry until delivered."""
     trace_tags: bool = True
     genai: bool = False
+    certificate: str | None = None
+    """CA bundle that verifies the endpoint's TLS certificate (None: the system's)."""
+    client_certificate: str | None = None
+    """Client certificate presented to the endpoint (mutual TLS)."""
+    client_key: str | None = None
+    """Private key of ``client_certificate`` (when not in the same file)."""
 
     @property
     def durable(self) -> bool:
@@ -177,6 +189,9 @@ class ExporterConfig:
         max_retry_seconds: float | None = None,
         trace_tags: bool | None = None,
         genai: bool | None = None,
+        certificate: str | None = None,
+        client_certificate: str | None = None,
+        client_key: str | None = None,
     ) -> ExporterConfig:
         """Apply the precedence: argument > ``..._<SIGNAL>_...`` env > generic env > default.
 
@@ -253,4 +268,7 @@ class ExporterConfig:
             if trace_tags is not None
             else _flag(env(OTEL_EXPORTER_PAYGENT_TRACE_TAGS), True),
             genai=genai if genai is not None else _flag(env(OTEL_EXPORTER_PAYGENT_GENAI), False),
+            certificate=certificate or env(OTEL_EXPORTER_PAYGENT_CERTIFICATE),
+            client_certificate=client_certificate or env(OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE),
+            client_key=client_key or env(OTEL_EXPORTER_PAYGENT_CLIENT_KEY),
         )

@@ -23,14 +23,22 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
 import httpx
 
 from ._config import ExporterConfig
 from ._mapping import Rejection, RejectReason, UsageRecord
+from ._reporting import FailureReport
 from ._retry import Outcome, RetryPolicy, classify_status, parse_retry_after
 from ._spool import MemorySpool, SpooledItem, SqliteSpool, destination_id, open_spool
-from ._transport import AiohttpSender, HttpxSender, Sender
+from ._transport import (
+    AiohttpSender,
+    HttpxSender,
+    Route,
+    Sender,
+    describe_error,
+    is_connect_failure,
+    route_for,
+)
 from ._version import __version__
 
 __all__ = ["USAGE_PATH", "DeliveryPipeline", "DeliveryStats"]
@@ -111,6 +119,7 @@ class DeliveryPipeline:
         self._transport = transport
         self._dest = destination_id(config.endpoint)
         self._url = config.endpoint + USAGE_PATH
+        self.route, self.blocked = self._route(config)
         self._headers = {
             **config.headers,
             "Content-Type": "application/json",
@@ -128,21 +137,46 @@ class DeliveryPipeline:
         self._pid = os.getpid()
         self._gate_until = 0.0
         self._drain_deadline = 0.0
-        self._auth_failed_logged = False
+        self._endpoint_verified = False
+        """True once the endpoint accepted a record: a 404 is then about the record."""
+        self._endpoint_failures = 0
+        self._misconfigured = False
+        """The last answer said the key or the endpoint is wrong: waiting cannot help."""
         self._spool_failing = False
         self._spool_error: str | None = None
         self._spool_retry_at = 0.0
         self.spool = spool if spool is not None else self._open_spool()
+        self.report = FailureReport(
+            _logger, name, self.route.describe(), lambda: self.spool.pending(self._dest)
+        )
         _live_pipelines.add(self)
-        if not config.api_key:
+        if self.blocked:
             _logger.error(
-                "%s: no Paygent API key (set PAYGENT_API_KEY or pass api_key=); usage is %s "
-                "but nothing is sent until a key is configured",
+                "%s: nothing is sent to %s: %s. Usage is %s until this is fixed",
                 name,
+                config.endpoint,
+                self.blocked,
                 "kept in the spool " + str(config.spool_path)
                 if self.spool.durable
                 else "counted as dropped (in-memory mode)",
             )
+
+    @staticmethod
+    def _route(config: ExporterConfig) -> tuple[Route, str | None]:
+        """The route to the endpoint, and why nothing can be sent there (None: it can)."""
+        url = config.endpoint + USAGE_PATH
+        try:
+            route = route_for(
+                url,
+                certificate=config.certificate,
+                client_certificate=config.client_certificate,
+                client_key=config.client_key,
+            )
+        except ValueError as exc:
+            return Route(url), f"the TLS settings cannot be used ({exc})"
+        if not config.api_key:
+            return route, "no Paygent API key (set PAYGENT_API_KEY)"
+        return route, None
 
     def _open_spool(self) -> SqliteSpool | MemorySpool:
         """The configured spool; if it cannot be opened, a stand-in that refuses everything.
@@ -216,8 +250,11 @@ class DeliveryPipeline:
             self.stats.add("refused_after_shutdown", len(records))
             _logger.error("%s: %d usage records after shutdown refused", self.name, len(records))
             return len(records)
-        if not self.config.api_key and not self.spool.durable:
-            self.stats.add("dropped_no_api_key", len(records))
+        if self.blocked and not self.spool.durable:
+            self.stats.add(
+                "dropped_no_api_key" if not self.config.api_key else "dropped_delivery_stopped",
+                len(records),
+            )
             return len(records)
         if not self._spool_usable():
             self.stats.add("refused", len(records))
@@ -253,7 +290,7 @@ class DeliveryPipeline:
                 self.config.spool_path,
                 result.refused,
             )
-        if result.accepted and self.config.api_key:
+        if result.accepted and not self.blocked:
             self._ensure_worker()
             self._notify()
         return result.refused
@@ -286,7 +323,7 @@ class DeliveryPipeline:
 
     def start(self) -> None:
         """Start delivering what the spool holds (records left by an earlier process)."""
-        if self.config.api_key and not self._shutdown:
+        if not self.blocked and not self._shutdown:
             self._ensure_worker()
             self._notify()
 
@@ -297,14 +334,22 @@ class DeliveryPipeline:
                 loop.call_soon_threadsafe(wake.set)
 
     def force_flush(self, timeout: float = 30.0) -> bool:
-        """Wait until this destination has nothing pending; False on timeout."""
-        if not self.config.api_key:
+        """Wait until this destination has nothing pending; False on timeout.
+
+        Returns early (False) when nothing can be delivered before the deadline: delivery is
+        stopped, or paused (Retry-After, an unreachable endpoint) past the deadline, or, at
+        shutdown, the key or the endpoint was refused (a process exiting cannot fix them).
+        """
+        if self.blocked:
             return self.spool.pending(self._dest) == 0
         self.start()
         deadline = time.monotonic() + timeout
+        wall_deadline = time.time() + timeout
         while time.monotonic() < deadline:
             if self.spool.pending(self._dest) == 0:
                 return True
+            if self._gate_until > wall_deadline or (self._shutdown and self._misconfigured):
+                break
             self._notify()
             time.sleep(0.02)
         return self.spool.pending(self._dest) == 0
@@ -347,10 +392,16 @@ class DeliveryPipeline:
                 left,
             )
         elif left:
+            why = self.blocked or self.report.last_error or "not in time"
             _logger.warning(
-                "%s: %d usage records stay in the spool %s for the next start",
+                "%s: %d usage records were not delivered to %s before shutdown (%s). They "
+                "stay in the spool %s and are sent by the next process that delivers from it "
+                "(`paygent-otel spool status --spool %s`)",
                 self.name,
                 left,
+                self.config.endpoint,
+                why,
+                self.config.spool_path,
                 self.config.spool_path,
             )
         self.spool.close()
@@ -379,7 +430,7 @@ class DeliveryPipeline:
     def _sender(self) -> Sender:
         if self._transport is not None:
             return HttpxSender(self._transport, self._url, self._headers, self.config.timeout)
-        return AiohttpSender(self._url, self._headers, self.config.max_in_flight)
+        return AiohttpSender(self.route, self._headers, self.config.max_in_flight)
 
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         self._loop = loop
@@ -480,38 +531,42 @@ class DeliveryPipeline:
             # asyncio.timeout, not wait_for: no extra task per request.
             async with asyncio.timeout(self.config.timeout):
                 status, retry_after_header, text = await sender.post(item.body, item.key)
-        except (httpx.TransportError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            connect_failed = isinstance(
-                exc, httpx.ConnectError | aiohttp.ClientConnectorError | ConnectionRefusedError
-            )
-            self._retry(item, settled, f"{type(exc).__name__}: {exc}", None, connect_failed)
-            return
         except Exception as exc:
-            self._retry(item, settled, f"{type(exc).__name__}: {exc}", None, False)
+            detail = describe_error(exc, self.route, self.config.timeout)
+            cause = type(exc).__name__
+            self._retry(item, settled, cause, detail, None, pause_all=is_connect_failure(exc))
             return
         outcome = classify_status(status)
         if outcome is Outcome.DELIVERED:
             settled.delivered.append(item)
+            self._endpoint_verified = True
+            self._endpoint_failures = 0
+            self._misconfigured = False
+            self.report.recovered()
             return
         excerpt = text[:500]
         retry_after = parse_retry_after(retry_after_header)
+        cause = f"HTTP {status}"
         if outcome is Outcome.RETRY:
             if retry_after is not None:
                 # Throttling applies to the client, not to one record: pause all sends.
                 self._gate_until = max(self._gate_until, time.time() + retry_after)
-            self._retry(item, settled, f"HTTP {status}: {excerpt}", retry_after, False)
+                cause += f" with Retry-After {retry_after:g} s"
+            self._retry(item, settled, cause, f"{cause}: {excerpt}", retry_after)
         elif outcome is Outcome.AUTH:
-            if not self._auth_failed_logged:
-                _logger.error(
-                    "%s: Paygent answered %d (the API key is not accepted); delivery paused, "
-                    "records kept: %s",
-                    self.name,
-                    status,
-                    excerpt,
-                )
-                self._auth_failed_logged = True
+            detail = f"{cause}, the API key is not accepted ({excerpt}); delivery paused"
             self._gate_until = time.time() + self.retry_policy.max_interval
-            self._retry(item, settled, f"HTTP {status}: {excerpt}", None, False)
+            self._misconfigured = True
+            self._retry(item, settled, cause, detail, None)
+        elif outcome is Outcome.ENDPOINT and not (self._endpoint_verified and status in (404, 410)):
+            self._endpoint_failures += 1
+            self._misconfigured = True
+            detail = (
+                f"{cause} for POST {self._url}: the endpoint looks wrong (it must be the API's "
+                "base URL, for example https://cp-api.withpaygent.com; OTEL_EXPORTER_PAYGENT_"
+                f"ENDPOINT); delivery paused, records kept. Answer: {excerpt[:200]}"
+            )
+            self._retry(item, settled, cause, detail, None, pause_all=True)
         else:
             _logger.error(
                 "%s: Paygent rejected usage record %s (%s) with %d: %s; kept as a dead letter",
@@ -527,23 +582,30 @@ class DeliveryPipeline:
         self,
         item: SpooledItem,
         settled: _Settlement,
+        cause: str,
         error: str,
         retry_after: float | None,
-        connect_failed: bool,
+        *,
+        pause_all: bool = False,
     ) -> None:
+        """Schedule the record's next attempt and report the failure (rate-limited).
+
+        ``pause_all``: the failure is the endpoint's, not the record's (it cannot be reached,
+        or it is the wrong URL): back off for everyone instead of record by record.
+        """
         now = time.time()
         attempts = item.attempts + 1
         limit = self.config.max_retry_seconds
         if limit is not None and now - item.created >= limit:
             settled.gave_up.append((item, error))
             return
-        delay = self.retry_policy.delay(attempts, self._rng)
+        delay = self.retry_policy.delay(max(attempts, self._endpoint_failures), self._rng)
         if retry_after is not None:
             delay = max(delay, retry_after)
-        if connect_failed:
-            # The endpoint is down: back off for everyone instead of record by record.
+        if pause_all:
             self._gate_until = max(self._gate_until, now + delay)
         settled.retry.append((item, now + delay, error))
+        self.report.failed(cause, error, max(self._gate_until, now + delay) - now)
 
     def _settle(self, settled: _Settlement) -> None:
         """Write the outcomes of finished requests to the spool in a few transactions.
@@ -561,7 +623,6 @@ class DeliveryPipeline:
                 self.spool.complete([i.rowid for i in chunk], [i.key for i in chunk], now)
                 del settled.delivered[: len(chunk)]
                 self.stats.add("delivered", len(chunk))
-                self._auth_failed_logged = False
             retry = settled.retry
             self.spool.reschedule([(i.rowid, when, err) for i, when, err in retry])
             settled.retry = []

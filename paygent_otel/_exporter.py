@@ -35,6 +35,9 @@ class ExporterSettings(TypedDict, total=False):
     max_retry_seconds: float | None
     trace_tags: bool | None
     genai: bool | None
+    certificate: str | None
+    client_certificate: str | None
+    client_key: str | None
 
 
 class PaygentExporterBase:

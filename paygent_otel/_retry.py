@@ -12,6 +12,7 @@ from enum import StrEnum
 
 __all__ = [
     "AUTH_STATUSES",
+    "ENDPOINT_STATUSES",
     "RETRYABLE_STATUSES",
     "Outcome",
     "RetryPolicy",
@@ -27,6 +28,11 @@ AUTH_STATUSES = frozenset({401, 403})
 """The API key is wrong: every record would fail the same way, so delivery pauses and
 records stay pending (never dead-lettered for a credential problem)."""
 
+ENDPOINT_STATUSES = frozenset({301, 302, 303, 307, 308, 404, 405, 410})
+"""Answers that point at a wrong endpoint (a path Paygent does not serve, a redirect from
+``http`` to ``https``) rather than at one record: until this endpoint has accepted a record,
+delivery pauses and records stay pending instead of every one being dead-lettered."""
+
 MAX_RETRY_AFTER = 3600.0
 """Longest ``Retry-After`` honoured, in seconds; a longer one is capped."""
 
@@ -37,17 +43,21 @@ class Outcome(StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     AUTH = "auth"
+    ENDPOINT = "endpoint"
     REJECTED = "rejected"
 
 
 def classify_status(status: int) -> Outcome:
-    """2xx delivered; 408/425/429/5xx retried; 401/403 pause; any other 4xx rejected."""
+    """2xx delivered; 408/425/429/5xx retried; 401/403 pause; 3xx/404/405/410 point at the
+    endpoint; any other 4xx rejected."""
     if 200 <= status < 300:
         return Outcome.DELIVERED
     if status in RETRYABLE_STATUSES or status >= 500:
         return Outcome.RETRY
     if status in AUTH_STATUSES:
         return Outcome.AUTH
+    if status in ENDPOINT_STATUSES or 300 <= status < 400:
+        return Outcome.ENDPOINT
     return Outcome.REJECTED
 
 

@@ -65,7 +65,12 @@ def test_a_refused_key_pauses_instead_of_rejecting(status: int) -> None:
     assert classify_status(status) is Outcome.AUTH
 
 
-@pytest.mark.parametrize("status", [400, 404, 405, 409, 413, 415, 422])
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 399, 404, 405, 410])
+def test_redirects_and_unknown_paths_point_at_the_endpoint(status: int) -> None:
+    assert classify_status(status) is Outcome.ENDPOINT
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 422])
 def test_other_4xx_are_definitive(status: int) -> None:
     assert classify_status(status) is Outcome.REJECTED
 

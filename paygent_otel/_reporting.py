@@ -1,0 +1,100 @@
+"""Delivery trouble said where an operator sees it: once at WARNING, then as summaries.
+
+A failing endpoint fails every request, hundreds a second: one line per request would
+drown the log, and none at all (as before) leaves usage waiting in silence. Each class of
+failure (connection refused, HTTP 503, a TLS certificate not trusted, ...) is logged the
+first time it is seen, then at most once per :data:`SUMMARY_INTERVAL_SECONDS` as a summary
+with how many records wait and when the next try is; recovery is logged once too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["SUMMARY_INTERVAL_SECONDS", "FailureReport"]
+
+SUMMARY_INTERVAL_SECONDS = 30.0
+"""Least time between two summaries of the same failure."""
+
+
+class FailureReport:
+    """Rate-limited WARNING lines about one destination's failed attempts."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        name: str,
+        target: str,
+        waiting: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._name = name
+        self._target = target
+        self._waiting = waiting
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cause: str | None = None
+        self._last_line = 0.0
+        self._failures = 0
+        self.last_error: str | None = None
+        """The latest failure's full text (None once delivery works)."""
+
+    def failed(self, cause: str, detail: str, retry_in: float) -> None:
+        """One failed attempt of class ``cause`` (``detail`` says it in full)."""
+        now = self._clock()
+        with self._lock:
+            self._failures += 1
+            self.last_error = detail
+            new = cause != self._cause
+            if not new and now - self._last_line < SUMMARY_INTERVAL_SECONDS:
+                return
+            failures, self._failures = self._failures, 0
+            self._cause, self._last_line = cause, now
+        waiting = self._safe_waiting()
+        if new:
+            self._logger.warning(
+                "%s: cannot deliver usage to %s: %s. %s records wait in the spool; next try "
+                "in %.0f s",
+                self._name,
+                self._target,
+                detail,
+                waiting,
+                retry_in,
+            )
+        else:
+            self._logger.warning(
+                "%s: still cannot deliver usage to %s: %s (%d failed attempts in the last "
+                "%.0f s). %s records wait; next try in %.0f s",
+                self._name,
+                self._target,
+                detail,
+                failures,
+                SUMMARY_INTERVAL_SECONDS,
+                waiting,
+                retry_in,
+            )
+
+    def recovered(self) -> None:
+        """A record was accepted: say so once if something had failed."""
+        if self._cause is None:
+            return
+        with self._lock:
+            cause, self._cause, self.last_error = self._cause, None, None
+            self._failures = 0
+        if cause is not None:
+            self._logger.warning(
+                "%s: delivery to %s works again (it had failed: %s)",
+                self._name,
+                self._target,
+                cause,
+            )
+
+    def _safe_waiting(self) -> str:
+        try:
+            return str(self._waiting())
+        except Exception:  # the spool is in trouble too; its own log line says so
+            return "some"
