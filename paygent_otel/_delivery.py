@@ -57,6 +57,9 @@ BATCH_WINDOW_SECONDS = 0.002
 """After a request finishes while others are in flight, how long the worker lets more
 finish before it settles them and leases the next records (one transaction each for the
 lot instead of two per record)."""
+EXIT_CONNECT_ATTEMPTS = 3
+"""At shutdown with a durable spool, connection failures in a row after which the process
+stops waiting for the endpoint (its records stay on disk for the next process)."""
 _SETTLE_BATCH = 256
 _WORKER_THREAD_PREFIX = "paygent-otel-"
 
@@ -142,6 +145,8 @@ class DeliveryPipeline:
         self._endpoint_failures = 0
         self._misconfigured = False
         """The last answer said the key or the endpoint is wrong: waiting cannot help."""
+        self._unreachable = 0
+        """Connection attempts failed in a row (reset by any answer)."""
         self._spool_failing = False
         self._spool_error: str | None = None
         self._spool_retry_at = 0.0
@@ -338,7 +343,9 @@ class DeliveryPipeline:
 
         Returns early (False) when nothing can be delivered before the deadline: delivery is
         stopped, or paused (Retry-After, an unreachable endpoint) past the deadline, or, at
-        shutdown, the key or the endpoint was refused (a process exiting cannot fix them).
+        shutdown, the key or the endpoint was refused (a process exiting cannot fix them) or
+        the endpoint could not be reached :data:`EXIT_CONNECT_ATTEMPTS` times in a row (a
+        durable spool keeps the records for the next process; memory mode waits it out).
         """
         if self.blocked:
             return self.spool.pending(self._dest) == 0
@@ -348,11 +355,16 @@ class DeliveryPipeline:
         while time.monotonic() < deadline:
             if self.spool.pending(self._dest) == 0:
                 return True
-            if self._gate_until > wall_deadline or (self._shutdown and self._misconfigured):
+            if self._gate_until > wall_deadline or (self._shutdown and self._hopeless()):
                 break
             self._notify()
             time.sleep(0.02)
         return self.spool.pending(self._dest) == 0
+
+    def _hopeless(self) -> bool:
+        return self._misconfigured or (
+            self.spool.durable and self._unreachable >= EXIT_CONNECT_ATTEMPTS
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Deliver what is pending within ``timeout``, then stop. Idempotent.
@@ -534,8 +546,11 @@ class DeliveryPipeline:
         except Exception as exc:
             detail = describe_error(exc, self.route, self.config.timeout)
             cause = type(exc).__name__
-            self._retry(item, settled, cause, detail, None, pause_all=is_connect_failure(exc))
+            unreachable = is_connect_failure(exc)
+            self._unreachable = self._unreachable + 1 if unreachable else 0
+            self._retry(item, settled, cause, detail, None, pause_all=unreachable)
             return
+        self._unreachable = 0
         outcome = classify_status(status)
         if outcome is Outcome.DELIVERED:
             settled.delivered.append(item)

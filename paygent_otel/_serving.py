@@ -37,10 +37,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(host: str, port: int) -> str:
-    """``http://host:port``, with brackets around an IPv6 address."""
+def base_url(host: str, port: int, scheme: str = "http") -> str:
+    """``http://host:port`` (or ``https``), with brackets around an IPv6 address."""
     host = host.strip("[]")
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(host).version == 6:
-            return f"http://[{host}]:{port}"
-    return f"http://{host}:{port}"
+            return f"{scheme}://[{host}]:{port}"
+    return f"{scheme}://{host}:{port}"

@@ -137,6 +137,16 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", metavar="KEY",
         help="accept only this paygent-api-key (default: any non-empty key)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tls-cert", metavar="PEM",
+        help="serve HTTPS with this certificate chain (PEM; needs --tls-key). Clients then "
+        "trust its CA with OTEL_EXPORTER_PAYGENT_CERTIFICATE",
+    )  # fmt: skip
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", metavar="PEM",
+        help="require a client certificate signed by this CA (mutual TLS; needs --tls-cert)",
+    )  # fmt: skip
     faults = parser.add_argument_group(
         "fault injection", "also changeable while running: POST /_sandbox/faults"
     )
@@ -175,6 +185,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             api_key=args.api_key,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
             latency_ms=args.latency_ms,
             fail_rate=args.fail_rate,
             fail_status=args.fail_status,

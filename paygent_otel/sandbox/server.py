@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -65,6 +66,9 @@ class SandboxServer:
         host: str = DEFAULT_HOST,
         port: int = 0,
         api_key: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_client_ca: str | os.PathLike[str] | None = None,
         **faults: Any,
     ) -> None:
         self.db_path = Path(db_path)
@@ -72,6 +76,10 @@ class SandboxServer:
         self.host = host
         self._port = port
         self._api_key = api_key
+        self._tls = _tls_files(tls_cert, tls_key)
+        self._client_ca = os.fspath(tls_client_ca) if tls_client_ca else None
+        if self._client_ca and not self._tls:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         self._faults = Faults().replace(**faults)
         self.ledger = Ledger(self.db_path)
         """Read access to the ledger file (works while running and after stop)."""
@@ -88,8 +96,8 @@ class SandboxServer:
 
     @property
     def url(self) -> str:
-        """Base URL to give clients, such as ``http://127.0.0.1:40213``."""
-        return base_url(self.host, self.port)
+        """Base URL to give clients, such as ``http://127.0.0.1:40213`` (``https`` with TLS)."""
+        return base_url(self.host, self.port, "https" if self._tls else "http")
 
     @property
     def running(self) -> bool:
@@ -143,6 +151,10 @@ class SandboxServer:
             date_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+            ssl_certfile=self._tls[0] if self._tls else None,
+            ssl_keyfile=self._tls[1] if self._tls else None,
+            ssl_ca_certs=self._client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if self._client_ca else ssl.CERT_NONE,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
@@ -210,6 +222,8 @@ class SandboxProcess:
         host: str = DEFAULT_HOST,
         port: int = 0,
         api_key: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         **faults: Any,
     ) -> None:
         self.db_path = Path(db_path)
@@ -217,6 +231,7 @@ class SandboxProcess:
         self.host = host
         self._port = port
         self._api_key = api_key
+        self._tls = _tls_files(tls_cert, tls_key)
         self._faults = Faults().replace(**faults)
         self.ledger = Ledger(self.db_path)
         """Read access to the ledger file."""
@@ -254,6 +269,8 @@ class SandboxProcess:
             argv += ["--seed", str(faults.seed)]
         if self._api_key:
             argv += ["--api-key", self._api_key]
+        if self._tls:
+            argv += ["--tls-cert", self._tls[0], "--tls-key", self._tls[1]]
         return argv
 
     def start(self, timeout: float = 20.0) -> Self:
@@ -312,6 +329,17 @@ class SandboxProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _tls_files(
+    cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None
+) -> tuple[str, str] | None:
+    """(certificate chain, key) PEM files to serve HTTPS with, or None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    return os.fspath(cert), os.fspath(key)
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
