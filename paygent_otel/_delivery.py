@@ -155,6 +155,7 @@ class DeliveryPipeline:
             _logger, name, self.route.describe(), lambda: self.spool.pending(self._dest)
         )
         _live_pipelines.add(self)
+        self._file_under_endpoint()
         if self.blocked:
             _logger.error(
                 "%s: nothing is sent to %s: %s. Usage is %s until this is fixed",
@@ -164,6 +165,36 @@ class DeliveryPipeline:
                 "kept in the spool " + str(config.spool_path)
                 if self.spool.durable
                 else "counted as dropped (in-memory mode)",
+            )
+
+    def _file_under_endpoint(self) -> None:
+        """Remember this endpoint's URL in the spool, and say if records wait for others.
+
+        Records are filed by endpoint and only sent to it (a spool once used against a
+        sandbox must not bill its records to production): after an endpoint change, the
+        old endpoint's records wait until ``paygent-otel spool retarget`` moves them.
+        """
+        if not self.spool.durable:
+            return
+        try:
+            self.spool.remember_endpoint(self._dest, self.config.endpoint)
+            stranded = [e for e in self.spool.endpoints() if e.dest != self._dest and e.pending]
+        except Exception:  # the first export reports spool trouble with its reason
+            return
+        for other in stranded:
+            url = other.url or f"an endpoint used before this version (id {other.dest})"
+            _logger.warning(
+                "%s: %d usage records in the spool %s are filed under %s, not under the "
+                "configured endpoint %s, and are not sent. If that endpoint was a mistake, "
+                "move them: paygent-otel spool retarget --spool %s --from %s --to %s",
+                self.name,
+                other.pending,
+                self.config.spool_path,
+                url,
+                self.config.endpoint,
+                self.config.spool_path,
+                other.url or other.dest,
+                self.config.endpoint,
             )
 
     @staticmethod

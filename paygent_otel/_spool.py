@@ -30,6 +30,7 @@ from ._mapping import Rejection, UsageRecord
 __all__ = [
     "AddResult",
     "DeadLetter",
+    "EndpointStatus",
     "MemorySpool",
     "Spool",
     "SpoolStats",
@@ -105,6 +106,23 @@ class DeadLetter:
     attempts: int
     origin: str
     body: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """What the spool holds for one destination (``spool status``, the exit warning)."""
+
+    dest: str
+    url: str | None
+    """The endpoint's URL (None for records spooled before URLs were remembered)."""
+    pending: int
+    in_flight: int
+    dead_letters: int
+    oldest_pending_age: float | None
+    next_attempt: float | None
+    """Earliest next-attempt time (Unix seconds) of a pending record."""
+    last_error: str | None
+    """The most recent failure of a pending record."""
 
 
 class Spool(Protocol):
@@ -189,6 +207,10 @@ CREATE TABLE IF NOT EXISTS delivered (
     at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
+CREATE TABLE IF NOT EXISTS endpoints (
+    dest TEXT PRIMARY KEY,
+    url TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value
@@ -570,6 +592,71 @@ class SqliteSpool:
             size_bytes=self.size_bytes(),
         )
 
+    def remember_endpoint(self, dest: str, url: str) -> None:
+        """Record which URL ``dest`` stands for (status output, ``spool retarget``)."""
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO endpoints (dest, url) VALUES (?, ?) "
+                "ON CONFLICT (dest) DO UPDATE SET url = excluded.url",
+                (dest, url),
+            ),
+            synced=False,
+        )
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """Pending and dead records per destination, with the last error and next attempt."""
+        now = time.time()
+        urls = dict(self._read("SELECT dest, url FROM endpoints"))
+        dead = dict(self._read("SELECT dest, count(*) FROM dead WHERE dest != '' GROUP BY dest"))
+        pending = {
+            row[0]: row[1:]
+            for row in self._read(
+                "SELECT dest, count(*), coalesce(sum(lease_until >= ?), 0), min(created), "
+                "min(next_attempt), (SELECT last_error FROM pending AS p WHERE p.dest = "
+                "pending.dest AND last_error IS NOT NULL ORDER BY attempts DESC, id DESC "
+                "LIMIT 1) FROM pending GROUP BY dest",
+                (now,),
+            )
+        }
+        out = []
+        for dest in sorted(pending.keys() | dead.keys(), key=lambda d: urls.get(d) or d):
+            count, in_flight, oldest, due, error = pending.get(dest, (0, 0, None, None, None))
+            out.append(
+                EndpointStatus(
+                    dest,
+                    urls.get(dest),
+                    int(count),
+                    int(in_flight),
+                    int(dead.get(dest, 0)),
+                    None if oldest is None else max(0.0, now - oldest),
+                    due,
+                    error,
+                )
+            )
+        return out
+
+    def retarget(self, from_dest: str, to_dest: str, to_url: str) -> tuple[int, int]:
+        """File the pending records and dead letters of ``from_dest`` under ``to_dest``;
+        pending ones fall due now. Returns (pending moved, dead letters moved)."""
+
+        def move(conn: sqlite3.Connection) -> tuple[int, int]:
+            conn.execute(
+                "INSERT INTO endpoints (dest, url) VALUES (?, ?) "
+                "ON CONFLICT (dest) DO UPDATE SET url = excluded.url",
+                (to_dest, to_url),
+            )
+            before = conn.total_changes
+            conn.execute(
+                "UPDATE pending SET dest = ?, next_attempt = min(next_attempt, ?) WHERE dest = ?",
+                (to_dest, time.time(), from_dest),
+            )
+            moved_pending = conn.total_changes - before
+            conn.execute("UPDATE dead SET dest = ? WHERE dest = ?", (to_dest, from_dest))
+            return moved_pending, conn.total_changes - before - moved_pending
+
+        moved: tuple[int, int] = self._write(move)
+        return moved
+
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status (``400``, ``invalid``, ...)."""
         rows = self._read("SELECT status, count(*) FROM dead GROUP BY status ORDER BY status")
@@ -779,6 +866,13 @@ class MemorySpool:
 
     def release(self) -> None:
         """Nothing to release across processes."""
+
+    def remember_endpoint(self, dest: str, url: str) -> None:
+        """Nothing to remember: a memory spool serves one destination."""
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """A memory spool holds one destination's records; nothing is stranded."""
+        return []
 
     def pending(self, dest: str | None = None) -> int:
         """Records waiting."""

@@ -1,8 +1,10 @@
 """The ``paygent-otel spool`` commands: look into the durable spool, replay, clean up.
 
-``status`` (pending, in flight, dead letters, oldest age, size), ``dead`` (dead letters
-with their reasons), ``retry`` (dead letters back to pending) and ``purge`` (delete, after
-confirmation). They open the same SQLite file the exporters write, safely while they run.
+``status`` (pending, in flight, dead letters, oldest age, size; per endpoint with the last
+error and the next attempt), ``dead`` (dead letters with their reasons), ``retry`` (dead
+letters back to pending), ``retarget`` (records of one endpoint filed under another) and
+``purge`` (delete, after confirmation). They open the same SQLite file the exporters
+write, safely while they run.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ._config import MEMORY_SPOOL, OTEL_EXPORTER_PAYGENT_SPOOL_PATH, ExporterConfig
-from ._spool import DeadLetter, SqliteSpool
+from ._spool import DeadLetter, EndpointStatus, SqliteSpool, destination_id
 
 __all__ = ["register"]
 
@@ -30,6 +33,8 @@ examples:
   paygent-otel spool status                 how many records wait, and since when
   paygent-otel spool dead                   the refused records, newest first, with reasons
   paygent-otel spool retry --status 400     send the 400s again (after fixing the cause)
+  paygent-otel spool retarget --from http://old --to https://cp-api.withpaygent.com
+                                            send records spooled under a wrong endpoint
   paygent-otel spool purge --yes            delete every dead letter, no question asked
 
 every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
@@ -122,6 +127,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     retry.set_defaults(handler=_retry)
 
+    retarget = subcommands.add_parser(
+        "retarget",
+        help="file the records of one endpoint under another, so they are sent there",
+        description=(
+            "Records are filed under the endpoint they were recorded for, and a process only "
+            "sends those of its own endpoint: usage recorded against a sandbox is never billed "
+            "to production by accident. When an endpoint was wrong (a typo, a path ending in "
+            "/api/v2/usage), move its pending records and dead letters to the right one; "
+            "pending ones fall due at once. `spool status` lists the endpoints and their URLs."
+        ),
+    )
+    _add_spool_argument(retarget)
+    retarget.add_argument(
+        "--from", dest="source", required=True, metavar="URL",
+        help="the endpoint the records are filed under, as `spool status` shows it (or its id)",
+    )  # fmt: skip
+    retarget.add_argument(
+        "--to", dest="target", required=True, metavar="URL",
+        help="the endpoint to send them to (the API base URL, as OTEL_EXPORTER_PAYGENT_ENDPOINT)",
+    )  # fmt: skip
+    retarget.set_defaults(handler=_retarget)
+
     purge = subcommands.add_parser(
         "purge",
         help="delete every dead letter (or, with --pending, every undelivered record)",
@@ -189,6 +216,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         stats = spool.stats()
         by_status = spool.dead_letter_counts()
+        endpoints = spool.endpoints()
     finally:
         spool.close()
     on_disk = sum(
@@ -208,6 +236,7 @@ def _status(args: argparse.Namespace) -> int:
                     "oldest_pending_age_seconds": stats.oldest_pending_age,
                     "size_bytes": stats.size_bytes,
                     "file_bytes": on_disk,
+                    "endpoints": [_endpoint_json(e) for e in endpoints],
                 }
             )
         )
@@ -219,12 +248,55 @@ def _status(args: argparse.Namespace) -> int:
     print(f"oldest pending  {oldest}")
     print(f"dead letters    {stats.dead_letters}" + (f" ({dead_detail})" if dead_detail else ""))
     print(f"size            {_size(stats.size_bytes)} used, {_size(on_disk)} on disk")
+    for endpoint in endpoints:
+        print(_endpoint_line(endpoint))
+    configured = ExporterConfig.resolve().endpoint
+    for endpoint in endpoints:
+        if endpoint.pending and endpoint.url not in (None, configured):
+            print(
+                f"\n{endpoint.url} is not the configured endpoint ({configured}): its records "
+                "are sent only by a process aimed at it; to send them elsewhere: "
+                f"`paygent-otel spool retarget --from {endpoint.url} --to URL`"
+            )
     if stats.dead_letters:
+        print("\nsee why with `paygent-otel spool dead`")
+    if stats.dead_letters - by_status.get("invalid", 0):
+        print("send refused records again with `paygent-otel spool retry` once the cause is fixed")
+    if by_status.get("invalid"):
         print(
-            "\nsee why with `paygent-otel spool dead`; send them again with "
-            "`paygent-otel spool retry` once the cause is fixed"
+            "invalid records never reached Paygent: fix the instrumentation (the reason names "
+            "the attribute and the rule)"
         )
     return 0
+
+
+def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:
+    return {
+        "id": endpoint.dest,
+        "url": endpoint.url,
+        "pending": endpoint.pending,
+        "in_flight": endpoint.in_flight,
+        "dead_letters": endpoint.dead_letters,
+        "oldest_pending_age_seconds": endpoint.oldest_pending_age,
+        "next_attempt": None if endpoint.next_attempt is None else _when(endpoint.next_attempt),
+        "last_error": endpoint.last_error,
+    }
+
+
+def _endpoint_line(endpoint: EndpointStatus) -> str:
+    line = (
+        f"\nendpoint        {endpoint.url or f'(id {endpoint.dest})'}\n"
+        f"  pending       {endpoint.pending} ({endpoint.in_flight} being sent now), "
+        f"dead letters {endpoint.dead_letters}"
+    )
+    if endpoint.oldest_pending_age is not None:
+        line += f"\n  oldest        {_age(endpoint.oldest_pending_age)} ago"
+    if endpoint.next_attempt is not None:
+        wait = endpoint.next_attempt - time.time()
+        line += "\n  next attempt  " + ("due now" if wait <= 0 else f"in {_age(wait)}")
+    if endpoint.last_error:
+        line += f"\n  last error    {endpoint.last_error}"
+    return line
 
 
 def _dead_json(letter: DeadLetter) -> dict[str, Any]:
@@ -282,6 +354,7 @@ def _retry(args: argparse.Namespace) -> int:
         return 1
     try:
         moved = spool.retry_dead(status=args.status, keys=args.key)
+        endpoints = spool.endpoints()
     finally:
         spool.close()
     if not moved:
@@ -290,11 +363,75 @@ def _retry(args: argparse.Namespace) -> int:
             "see `paygent-otel spool dead --status invalid`)"
         )
         return 0
-    print(
-        f"{moved} dead letters moved back to pending in {spool.path}; an exporter running on "
-        "this spool sends them within a second, else the next one to start"
-    )
+    print(f"{moved} dead letters moved back to pending in {spool.path}.")
+    _say_who_sends(spool.path, endpoints)
     return 0
+
+
+def _say_who_sends(path: Path, endpoints: list[EndpointStatus]) -> None:
+    """Which process will send the pending records: one aimed at their endpoint."""
+    configured = ExporterConfig.resolve().endpoint
+    for endpoint in (e for e in endpoints if e.pending):
+        url = endpoint.url or f"(id {endpoint.dest})"
+        print(
+            f"{endpoint.pending} pending for {url}: a process delivering to that endpoint from "
+            "this spool sends them (at once if one is running, else when the next starts)"
+        )
+        if endpoint.url != configured:
+            print(
+                f"  that is not the configured endpoint ({configured}); to send them there: "
+                f"`paygent-otel spool retarget --spool {path} --from {url} --to {configured}`"
+            )
+
+
+def _retarget(args: argparse.Namespace) -> int:
+    target = args.target.strip().rstrip("/")
+    problem = _endpoint_problem(target)
+    if problem:
+        print(f"paygent-otel spool retarget: --to {args.target!r}: {problem}", file=sys.stderr)
+        return 2
+    spool = _open(args)
+    if spool is None:
+        return 1
+    try:
+        known = {e.url: e.dest for e in spool.endpoints() if e.url} | {
+            e.dest: e.dest for e in spool.endpoints()
+        }
+        source = args.source.strip().rstrip("/")
+        dest = known.get(source)
+        if dest is None:
+            print(
+                f"paygent-otel spool retarget: no records are filed under {args.source!r} in "
+                f"{spool.path}; `paygent-otel spool status` lists the endpoints",
+                file=sys.stderr,
+            )
+            return 1
+        pending, dead = spool.retarget(dest, destination_id(target), target)
+        endpoints = spool.endpoints()
+    finally:
+        spool.close()
+    print(
+        f"{pending} pending records and {dead} dead letters of {args.source} are now filed "
+        f"under {target} in {spool.path}"
+    )
+    _say_who_sends(spool.path, endpoints)
+    return 0
+
+
+def _endpoint_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a Paygent API base URL (None: it can)."""
+    from urllib.parse import urlsplit
+
+    from ._delivery import USAGE_PATH
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "the endpoint needs an http:// or https:// scheme"
+    if not parts.hostname:
+        return "the endpoint has no host name"
+    if parts.path.rstrip("/").endswith(USAGE_PATH):
+        return f"give the API base URL: the exporters append {USAGE_PATH} themselves"
+    return None
 
 
 def _purge(args: argparse.Namespace) -> int:

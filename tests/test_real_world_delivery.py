@@ -332,3 +332,57 @@ def test_a_proxy_that_is_down_is_named_in_the_failure(
     assert f"cannot connect to the proxy {dead}" in run.stderr
     assert customers(sandbox) == []
     assert spool_pending(tmp_path) == 1
+
+
+# ---------------------------------------------------------------- endpoint changes
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PAYGENT_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "paygent_otel.cli", *args],
+        env={**env, "XDG_STATE_HOME": str(tmp_path / "state")},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_records_of_a_wrong_endpoint_are_shown_per_endpoint_and_sent_after_retarget(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    wrong = f"http://localhost:{sandbox.port}/v1"
+    right = f"http://localhost:{sandbox.port}"
+    first = run_app(tmp_path, wrong, "main", "cust-stranded")
+    assert "the endpoint looks wrong" in first.stderr
+
+    status = cli(tmp_path, "spool", "status")
+    assert status.returncode == 0, status.stderr
+    assert f"endpoint        {wrong}" in status.stdout
+    assert "pending       1 (0 being sent now), dead letters 0" in status.stdout
+    assert "last error    HTTP 404 for POST" in status.stdout
+    assert f"spool retarget --from {wrong} --to URL" in status.stdout
+
+    # Fixing the endpoint alone does not send the old records: the exporter says so.
+    fixed = run_app(tmp_path, right, "main", "cust-new")
+    assert customers(sandbox) == ["cust-new"]
+    assert f"filed under {wrong}, not under the configured endpoint {right}" in fixed.stderr
+    assert "spool retarget --spool" in fixed.stderr
+
+    moved = cli(tmp_path, "spool", "retarget", "--from", wrong, "--to", right)
+    assert moved.returncode == 0, moved.stderr
+    assert f"1 pending records and 0 dead letters of {wrong} are now filed under {right}" in (
+        moved.stdout
+    )
+    again = run_app(tmp_path, right, "main", "cust-after")
+    assert again.returncode == 0, again.stderr
+    assert customers(sandbox) == ["cust-after", "cust-new", "cust-stranded"]
+    assert spool_pending(tmp_path) == 0
+
+
+def test_retarget_refuses_a_target_that_is_not_an_api_base_url(tmp_path: Path) -> None:
+    for target, problem in [
+        ("localhost:8080", "needs an http:// or https:// scheme"),
+        ("https://cp-api.withpaygent.com/api/v2/usage", "give the API base URL"),
+    ]:
+        done = cli(tmp_path, "spool", "retarget", "--from", "http://a", "--to", target)
+        assert done.returncode == 2
+        assert problem in done.stderr

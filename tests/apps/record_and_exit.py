@@ -28,8 +28,8 @@ tracer = trace.get_tracer("record-and-exit")
 
 def record(customer: str) -> None:
     with tracer.start_as_current_span("transcribe"):
-        record_stt(None, customer, "voice-minutes",
-                   {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45})  # fmt: skip
+        usage = {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45}
+        record_stt(None, customer, "voice-minutes", usage)
 
 
 mode, customer = sys.argv[1], sys.argv[2]
