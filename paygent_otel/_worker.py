@@ -90,6 +90,8 @@ class DeliveryWorker:
         """The last answer said the key or the endpoint is wrong: waiting cannot help."""
         self.unreachable = 0
         """Connection attempts that failed in a row (reset by any answer)."""
+        self._probing = False
+        """After the endpoint's own failure, one request at a time until one is answered."""
         self._spool_failing = False
         self._last_prune = 0.0
 
@@ -158,7 +160,6 @@ class DeliveryWorker:
         ready.set()
         in_flight: set[asyncio.Task[None]] = set()
         settled = _Settlement()
-        limit = self.settings.max_in_flight
 
         def finished(task: asyncio.Task[None]) -> None:
             in_flight.discard(task)
@@ -168,12 +169,12 @@ class DeliveryWorker:
         try:
             while not self._stopping.is_set():
                 now = time.time()
-                items = self._lease(limit - len(in_flight), now)
+                items = self._lease(self._capacity() - len(in_flight), now)
                 for item in items:
                     task = loop.create_task(self._send(sender, item, settled))
                     in_flight.add(task)
                     task.add_done_callback(finished)
-                if items and len(in_flight) < limit:
+                if items and len(in_flight) < self._capacity():
                     await asyncio.sleep(0)  # let the new requests start, then lease more
                     self._settle(settled)
                     continue
@@ -189,6 +190,11 @@ class DeliveryWorker:
         finally:
             await sender.aclose()
         self._spool().release()
+
+    def _capacity(self) -> int:
+        """Requests allowed in flight. While probing a failed endpoint, one request finds
+        out whether it is back: not every pending record at once at each backoff interval."""
+        return 1 if self._probing else self.settings.max_in_flight
 
     def _lease(self, free: int, now: float) -> list[SpooledItem]:
         if free <= 0 or now < self.paused_until:
@@ -210,7 +216,7 @@ class DeliveryWorker:
         assert self._wake is not None
         if now < self.paused_until:
             delay = self.paused_until - now
-        elif len(in_flight) >= self.settings.max_in_flight:
+        elif len(in_flight) >= self._capacity():
             # Nothing can be leased before a request finishes, and a finished request wakes
             # the loop: waiting for a due record here would spin on the spool.
             delay = IDLE_POLL_SECONDS
@@ -268,6 +274,7 @@ class DeliveryWorker:
         answered = isinstance(outcome, Answer)
         unreachable = isinstance(outcome, Failure) and outcome.unreachable
         self.unreachable = self.unreachable + 1 if unreachable else 0
+        self._probing = decision.endpoint_problem
         if decision.verdict is Verdict.DELIVERED:
             self._endpoint = EndpointState(verified=True)
             self.misconfigured = False
