@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import httpx
 
 from ._config import ExporterConfig
+from ._forking import register_at_fork_once
 from ._mapping import Rejection, RejectReason, UsageRecord
 from ._reporting import FailureReport
 from ._retry import RetryPolicy
 from ._spool import MemorySpool, SqliteSpool, destination_id, open_spool
 from ._transport import AiohttpSender, HttpxSender, Route, Sender, route_for
 from ._version import __version__
-from ._worker import WORKER_THREAD_PREFIX, DeliveryWorker, WorkerSettings
+from ._worker import DeliveryWorker, WorkerSettings
 
 __all__ = ["USAGE_PATH", "DeliveryPipeline", "DeliveryStats"]
 
@@ -45,15 +46,6 @@ EXIT_CONNECT_ATTEMPTS = 3
 stops waiting for the endpoint (its records stay on disk for the next process)."""
 
 
-class _QuietWorkerRequests(logging.Filter):
-    """httpx logs every request at INFO; one line per usage record is noise for the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.threadName or "").startswith(WORKER_THREAD_PREFIX)
-
-
-logging.getLogger("httpx").addFilter(_QuietWorkerRequests())
-
 _live_pipelines: weakref.WeakSet[DeliveryPipeline] = weakref.WeakSet()
 
 
@@ -61,8 +53,6 @@ def _after_fork_in_child() -> None:
     for pipeline in list(_live_pipelines):
         pipeline._after_fork()
 
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass
@@ -122,6 +112,7 @@ class DeliveryPipeline:
             _logger, name, self.route.describe(), lambda: self.spool.pending(self._dest)
         )
         _live_pipelines.add(self)
+        register_at_fork_once("delivery", after_in_child=_after_fork_in_child)
         self._file_under_endpoint()
         if self.blocked:
             _logger.error(

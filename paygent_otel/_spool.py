@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ._forking import register_at_fork_once
 from ._mapping import Rejection, UsageRecord
 
 __all__ = [
@@ -246,11 +247,15 @@ def _after_fork_in_child() -> None:
         spool._after_fork()
 
 
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
+def _track(spool: SqliteSpool | MemorySpool) -> None:
+    """Hold ``spool``'s lock across fork() and reset it in the child (hooks set once)."""
+    _live_spools.add(spool)
+    register_at_fork_once(
+        "spool",
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _owner_token() -> str:
@@ -288,7 +293,7 @@ class SqliteSpool:
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         os.chmod(self.path, 0o600)  # a file an earlier version created with the umask's mode
         self._connection()  # fail at construction, not at the first export
-        _live_spools.add(self)
+        _track(self)
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock, and our own connection at the next use.
@@ -742,7 +747,7 @@ class MemorySpool:
         self._delivered: dict[str, float] = {}
         self._dead: list[DeadLetter] = []
         self._next_id = 0
-        _live_spools.add(self)
+        _track(self)
 
     def _after_fork(self) -> None:
         """In a forked child: start empty (the parent delivers its own records, as the

@@ -9,7 +9,9 @@ httpx transport (tests, custom networking).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import aiohttp
 import httpx
+
+# aiohttp is imported when a sender is made, not with the package: it is half of
+# `import paygent_otel`'s time, and an application that never exports pays nothing for it.
 
 __all__ = ["AiohttpSender", "HttpxSender", "Route", "Sender", "describe_error", "route_for"]
 
@@ -71,12 +75,10 @@ def proxy_for(url: str) -> tuple[str | None, str | None]:
     proxy_parts = urlsplit(proxy)
     if proxy_parts.username is None:
         return proxy, None
-    auth = aiohttp.BasicAuth(
-        unquote(proxy_parts.username),
-        unquote(proxy_parts.password or ""),
-    )
+    credentials = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
+    authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
     bare = proxy_parts._replace(netloc=proxy_parts.netloc.rpartition("@")[2])
-    return urlunsplit(bare), auth.encode()
+    return urlunsplit(bare), authorization
 
 
 def tls_context(
@@ -121,6 +123,8 @@ def route_for(
 
 def describe_error(exc: BaseException, route: Route, timeout: float) -> str:
     """What went wrong with one request, in words that point at the fix."""
+    import aiohttp
+
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return (
             f"TLS certificate of {exc.host} not trusted ({exc.certificate_error}); trusted CAs: "
@@ -148,6 +152,8 @@ def describe_error(exc: BaseException, route: Route, timeout: float) -> str:
 
 def is_connect_failure(exc: BaseException) -> bool:
     """The request never reached the server (so every other request would fail too)."""
+    import aiohttp
+
     return isinstance(
         exc, httpx.ConnectError | aiohttp.ClientConnectorError | ConnectionRefusedError
     )
@@ -220,6 +226,9 @@ class HttpxSender:
     ) -> None:
         self._url = url
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout, headers=headers)
+        # httpx logs every request at INFO: one line per usage record is noise for the user.
+        self._quiet = _ThreadFilter(threading.current_thread().name)
+        logging.getLogger("httpx").addFilter(self._quiet)
 
     async def post(self, body: bytes, key: str) -> tuple[int, str | None, str]:
         """(status, Retry-After header, response text)."""
@@ -230,6 +239,18 @@ class HttpxSender:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        logging.getLogger("httpx").removeFilter(self._quiet)
+
+
+class _ThreadFilter(logging.Filter):
+    """Drops the records logged by one thread (the delivery worker's)."""
+
+    def __init__(self, thread_name: str) -> None:
+        super().__init__()
+        self._thread_name = thread_name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != self._thread_name
 
 
 class AiohttpSender:
@@ -241,7 +262,8 @@ class AiohttpSender:
     """
 
     def __init__(self, route: Route, headers: dict[str, str], max_in_flight: int) -> None:
-        from yarl import URL
+        import aiohttp
+        from yarl import URL  # aiohttp's own URL type: parsed once, not per request
 
         self._url = URL(route.url)
         self._headers = headers
