@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,9 @@ OTEL_EXPORTER_PAYGENT_TRACE_TAGS = "OTEL_EXPORTER_PAYGENT_TRACE_TAGS"
 """``true``/``false``: attach ``otel_trace_id``/``otel_span_id`` metaTags. Default true."""
 OTEL_EXPORTER_PAYGENT_GENAI = "OTEL_EXPORTER_PAYGENT_GENAI"
 """``true``/``false``: bill spans that carry ``gen_ai.usage.*`` as STS records. Default false."""
+OTEL_EXPORTER_PAYGENT_FRAMEWORKS = "OTEL_EXPORTER_PAYGENT_FRAMEWORKS"
+"""Voice-agent frameworks whose own spans/metrics are billed, ``pipecat,livekit`` (each may
+end in ``:indicator``). Default none. See ``docs/frameworks.md``."""
 
 
 def _env(*names: str) -> str | None:
@@ -139,6 +143,8 @@ class ExporterConfig:
     """None: retry until delivered."""
     trace_tags: bool = True
     genai: bool = False
+    frameworks: tuple[str, ...] = ()
+    """Entries of :data:`OTEL_EXPORTER_PAYGENT_FRAMEWORKS` (see ``paygent_otel.frameworks``)."""
 
     @property
     def durable(self) -> bool:
@@ -177,6 +183,7 @@ class ExporterConfig:
         max_retry_seconds: float | None = None,
         trace_tags: bool | None = None,
         genai: bool | None = None,
+        frameworks: str | Sequence[str] | None = None,
     ) -> ExporterConfig:
         """Apply the precedence: argument > ``..._<SIGNAL>_...`` env > generic env > default.
 
@@ -195,6 +202,8 @@ class ExporterConfig:
             raw = env(OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS)
             default_retry = 0.0 if resolved_spool != MEMORY_SPOOL else 300.0
             max_retry_seconds = _number(raw, OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS, default_retry)
+        if frameworks is None:
+            frameworks = env(OTEL_EXPORTER_PAYGENT_FRAMEWORKS) or ""
         return cls(
             endpoint=(endpoint or env(OTEL_EXPORTER_PAYGENT_ENDPOINT) or DEFAULT_ENDPOINT).rstrip(
                 "/"
@@ -253,4 +262,5 @@ class ExporterConfig:
             if trace_tags is not None
             else _flag(env(OTEL_EXPORTER_PAYGENT_TRACE_TAGS), True),
             genai=genai if genai is not None else _flag(env(OTEL_EXPORTER_PAYGENT_GENAI), False),
+            frameworks=tuple(frameworks.split(",") if isinstance(frameworks, str) else frameworks),
         )
