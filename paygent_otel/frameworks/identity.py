@@ -114,7 +114,8 @@ class ConversationIdentityProcessor(SpanProcessor):
             spans = self._live.get(context.trace_id)
             if spans is None:
                 return
-            spans[:] = [s for s in spans if s is not span]
+            # on_end gets a snapshot of the span, not the live object kept at start.
+            spans[:] = [s for s in spans if s.get_span_context().span_id != context.span_id]
             if not spans:
                 del self._live[context.trace_id]
 
