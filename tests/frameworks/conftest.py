@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("pipecat", reason="needs pipecat-ai (make test-frameworks)")
 pytest.importorskip("livekit.agents", reason="needs livekit-agents (make test-frameworks)")
 
+from conftest import API_KEY
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
@@ -33,7 +34,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from paygent_otel import PaygentSpanExporter
 from paygent_otel.frameworks import ConversationIdentityProcessor
 from paygent_otel.sandbox import SandboxServer
-from conftest import API_KEY
 
 
 class Switch(SpanProcessor):
