@@ -9,7 +9,8 @@ the running test.
 - ``billing`` fixture: a factory ``billing(**exporter_kwargs) -> Billing`` wiring a
   :class:`ConversationIdentityProcessor`, an ``InMemorySpanExporter`` (what the framework
   put on its spans) and a ``BatchSpanProcessor(PaygentSpanExporter(...))`` aimed at the
-  ``sandbox`` fixture into :data:`SWITCH`.
+  ``sandbox`` fixture into :data:`SWITCH` (``Billing.processors`` can join another provider).
+- :data:`METRICS`: the reader of the global meter provider (delta temporality).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ pytest.importorskip("pipecat", reason="needs pipecat-ai (make test-frameworks)")
 pytest.importorskip("livekit.agents", reason="needs livekit-agents (make test-frameworks)")
 
 from conftest import API_KEY
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from paygent_otel import PaygentSpanExporter
 from paygent_otel.frameworks import ConversationIdentityProcessor
+from paygent_otel.metric_exporter import USAGE_TEMPORALITY
 from paygent_otel.sandbox import SandboxServer
 
 
@@ -58,6 +62,11 @@ SWITCH = Switch()
 PROVIDER = TracerProvider()
 PROVIDER.add_span_processor(SWITCH)
 trace.set_tracer_provider(PROVIDER)
+
+METRICS = InMemoryMetricReader(preferred_temporality=dict(USAGE_TEMPORALITY))
+"""The global meter provider's reader (LiveKit's counters are created at import, on the
+global provider); tests hand what it collects to a PaygentMetricExporter."""
+metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
 
 
 @dataclass
