@@ -20,9 +20,13 @@ from livekit.agents import APIConnectOptions, stt, telemetry, tts
 from livekit.agents.metrics import RealtimeModelMetrics, STTMetrics, TTSMetrics
 from livekit.agents.telemetry import otel_metrics
 from livekit.agents.telemetry import utils as trace_utils
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.trace import TracerProvider
 
 from paygent_otel import PaygentMetricExporter
+from paygent_otel._mapping import IdentityDefaults
+from paygent_otel.bridge.otlp import UsageExtractor
+from paygent_otel.frameworks import parse_frameworks
 from paygent_otel.sandbox import SandboxServer
 
 from .conftest import METRICS, Billing
@@ -174,7 +178,14 @@ def _realtime_turns() -> None:
     trace_utils.record_realtime_metrics(legacy, _realtime_metrics())
     legacy.end()
     cascaded = tracer.start_span("llm_request")  # as llm.LLM records a chat completion
-    cascaded.set_attributes({"gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 40})
+    cascaded.set_attributes(
+        {
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": "gpt-4.1",
+            "gen_ai.usage.input_tokens": 900,
+            "gen_ai.usage.output_tokens": 40,
+        }
+    )
     cascaded.end()
 
 
@@ -215,6 +226,7 @@ def test_livekit_spans_bill_realtime_and_tts_once_each_for_the_metadata_customer
         if "characterCount" in b["rawUsage"]
     } == {("fakevoice", "fake-tts-1")}
     assert len(bodies) == 5  # the llm_request span is cascaded LLM usage: not billed
+    assert pipeline.exporter.stats.get("invalid", 0) == 0
     provider.shutdown()
 
 
@@ -290,3 +302,11 @@ def test_the_livekit_stt_counter_is_billed_and_its_tts_counter_is_not(
     seconds = sum(e.audio_duration for e in collected)
     assert seconds == 1.5
     assert body["rawUsage"]["audioDuration"] * 60 == seconds
+
+    # The same counter through a Collector to the bridge bills the same document.
+    extractor = UsageExtractor(
+        IdentityDefaults(agent_id="voice-bot", customer_id="cust_lk"),
+        frameworks=parse_frameworks("livekit:voice-minutes"),
+    )
+    extraction = extractor.metrics(encode_metrics(data), None)
+    assert [r.payload for r in extraction.records] == [body]

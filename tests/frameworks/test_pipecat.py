@@ -156,7 +156,14 @@ def test_genai_mapping_on_the_same_spans_bills_nothing_twice_and_skips_cascaded_
         # A cascaded LLM call's span as Pipecat names it, with token counts.
         parent = worker._tracing_context.get_conversation_context()
         llm = trace.get_tracer("pipecat").start_span("llm", context=parent)
-        llm.set_attributes({"gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 40})
+        llm.set_attributes(
+            {
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "gpt-4.1",
+                "gen_ai.usage.input_tokens": 900,
+                "gen_ai.usage.output_tokens": 40,
+            }
+        )
         llm.end()
 
     run_conversations(Conversation("conv-g", {CUSTOMER: "cust_g"}, during=realtime_and_llm))
@@ -165,6 +172,7 @@ def test_genai_mapping_on_the_same_spans_bills_nothing_twice_and_skips_cascaded_
     assert pipeline.finished("llm")[0].attributes[CUSTOMER] == "cust_g"
     (body,) = ledger_bodies(sandbox, keyed=True)
     assert body["rawUsage"]["usageMetadata"]["input"]["text"] == {"tokens": 150}
+    assert pipeline.exporter.stats.get("invalid", 0) == 0
 
 
 def test_a_convention_record_on_a_pipecat_span_wins_over_the_framework_rule(
