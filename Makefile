@@ -3,7 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+FW_VENV := .venv-frameworks
+
+.PHONY: demo test test-frameworks lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +31,23 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check paygent_otel tests bench
 	$(BIN)/mypy
 
+# The framework tests need pipecat-ai and livekit-agents: a venv of their own (pyproject's
+# frameworks-test extra), made once and reused like the main one.
+$(FW_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FW_VENV)
+	$(FW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FW_VENV)/bin/python -m pip install -q -e '.[frameworks-test]'
+	touch $@
+
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/frameworks
+	$(MAKE) test-frameworks
+
+test-frameworks: $(FW_VENV)/.installed
+	$(FW_VENV)/bin/python -m pytest -q tests/frameworks
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FW_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,9 @@ OTEL_EXPORTER_PAYGENT_CLIENT_KEY = "OTEL_EXPORTER_PAYGENT_CLIENT_KEY"
 """Private key (PEM file) of the client certificate. Default: none."""
 OTEL_EXPORTER_PAYGENT_GENAI = "OTEL_EXPORTER_PAYGENT_GENAI"
 """``true``/``false``: bill spans that carry ``gen_ai.usage.*`` as STS records. Default false."""
+OTEL_EXPORTER_PAYGENT_FRAMEWORKS = "OTEL_EXPORTER_PAYGENT_FRAMEWORKS"
+"""Voice-agent frameworks whose own spans/metrics are billed, ``pipecat,livekit`` (each may
+end in ``:indicator``). Default none. See ``docs/frameworks.md``."""
 
 
 def _env(*names: str) -> str | None:
@@ -151,6 +155,8 @@ class ExporterConfig:
     """Client certificate presented to the endpoint (mutual TLS)."""
     client_key: str | None = None
     """Private key of ``client_certificate`` (when not in the same file)."""
+    frameworks: tuple[str, ...] = ()
+    """Entries of :data:`OTEL_EXPORTER_PAYGENT_FRAMEWORKS` (see ``paygent_otel.frameworks``)."""
 
     @property
     def durable(self) -> bool:
@@ -192,6 +198,7 @@ class ExporterConfig:
         certificate: str | None = None,
         client_certificate: str | None = None,
         client_key: str | None = None,
+        frameworks: str | Sequence[str] | None = None,
     ) -> ExporterConfig:
         """Apply the precedence: argument > ``..._<SIGNAL>_...`` env > generic env > default.
 
@@ -210,6 +217,8 @@ class ExporterConfig:
             raw = env(OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS)
             default_retry = 0.0 if resolved_spool != MEMORY_SPOOL else 300.0
             max_retry_seconds = _number(raw, OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS, default_retry)
+        if frameworks is None:
+            frameworks = env(OTEL_EXPORTER_PAYGENT_FRAMEWORKS) or ""
         return cls(
             endpoint=(endpoint or env(OTEL_EXPORTER_PAYGENT_ENDPOINT) or DEFAULT_ENDPOINT).rstrip(
                 "/"
@@ -271,4 +280,5 @@ class ExporterConfig:
             certificate=certificate or env(OTEL_EXPORTER_PAYGENT_CERTIFICATE),
             client_certificate=client_certificate or env(OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE),
             client_key=client_key or env(OTEL_EXPORTER_PAYGENT_CLIENT_KEY),
+            frameworks=tuple(frameworks.split(",") if isinstance(frameworks, str) else frameworks),
         )

@@ -4,6 +4,7 @@ pipeline, self-metrics, flush and shutdown. Each exporter adds only its ``export
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypedDict
 
 import httpx
@@ -14,6 +15,7 @@ from ._delivery import DeliveryPipeline
 from ._mapping import IdentityDefaults
 from ._retry import RetryPolicy
 from ._selfmetrics import register_self_metrics
+from .frameworks import FrameworkSet, parse_frameworks
 
 __all__ = ["ExporterSettings", "PaygentExporterBase"]
 
@@ -38,6 +40,7 @@ class ExporterSettings(TypedDict, total=False):
     certificate: str | None
     client_certificate: str | None
     client_key: str | None
+    frameworks: str | Sequence[str] | None
 
 
 class PaygentExporterBase:
@@ -46,6 +49,7 @@ class PaygentExporterBase:
     signal: ClassVar[str]
     config: ExporterConfig
     _defaults: IdentityDefaults
+    _frameworks: FrameworkSet
     _pipeline: DeliveryPipeline
     _shutdown: bool
 
@@ -63,6 +67,7 @@ class PaygentExporterBase:
             indicator=self.config.indicator,
             trace_tags=self.config.trace_tags,
         )
+        self._frameworks = parse_frameworks(self.config.frameworks)
         self._pipeline = DeliveryPipeline(
             self.config, name=self.signal, retry_policy=retry_policy, transport=transport
         )

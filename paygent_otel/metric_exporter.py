@@ -116,20 +116,20 @@ class PaygentMetricExporter(PaygentExporterBase, MetricExporter):
         self._reported_lock = threading.Lock()
         self._start_pipeline(settings, retry_policy, meter_provider, transport)
 
-    def _refused(self, metric: Metric) -> bool:
-        """True when ``metric`` is a usage stream that must not be billed (reported once)."""
+    def _refused(self, metric: Metric, name: str) -> bool:
+        """True when ``metric`` (usage quantity ``name``) must not be billed (reported once)."""
         data = metric.data
         unit = metric.unit or ""
         if isinstance(data, Sum):
             problem = usage_stream_problem(
-                metric.name,
+                name,
                 "sum",
                 unit=unit,
                 monotonic=data.is_monotonic,
                 delta=data.aggregation_temporality is AggregationTemporality.DELTA,
             )
         else:
-            problem = usage_stream_problem(metric.name, _data_type(metric), unit=unit)
+            problem = usage_stream_problem(name, _data_type(metric), unit=unit)
         if problem is None:
             return False
         reason, message = problem
@@ -142,20 +142,29 @@ class PaygentMetricExporter(PaygentExporterBase, MetricExporter):
         return True
 
     def _usage_points(self, metrics_data: MetricsData) -> Iterator[UsagePoint]:
+        frameworks = self._frameworks
         for resource_metrics in metrics_data.resource_metrics:
             resource = resource_metrics.resource.attributes
             for scope_metrics in resource_metrics.scope_metrics:
+                scope = scope_metrics.scope.name
                 for metric in scope_metrics.metrics:
-                    if not is_usage_metric(metric.name) or self._refused(metric):
+                    # A framework's own usage counter (frameworks setting) bills as the
+                    # convention quantity it measures.
+                    framework = frameworks.metric(scope, metric.name) if frameworks else None
+                    name = metric.name if framework is None else framework.quantity
+                    if not is_usage_metric(name) or self._refused(metric, name):
                         continue
                     data = metric.data
                     if not isinstance(data, Sum):  # _refused let only sums through
                         continue
                     for point in data.data_points:
+                        attributes = point.attributes or {}
+                        if framework is not None:
+                            attributes = framework.attributes(attributes)
                         yield UsagePoint(
                             resource,
-                            metric.name,
-                            point.attributes or {},
+                            name,
+                            attributes,
                             point.start_time_unix_nano,
                             point.time_unix_nano,
                             point.value,

@@ -51,12 +51,15 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
         """Commit the usage records of ``spans``; SUCCESS once they are stored."""
         records: list[UsageRecord] = []
         rejections: list[Rejection] = []
-        genai = self.config.genai
+        genai, frameworks = self.config.genai, self._frameworks
         failed = 0
         for span in spans:
             attributes = span.attributes or {}
             events = span.events
-            if not has_usage(attributes, (e.name for e in events), genai):
+            scope = span.instrumentation_scope.name if span.instrumentation_scope else ""
+            if not has_usage(
+                attributes, (e.name for e in events), genai, frameworks, scope, span.name
+            ):
                 continue
             # One span that cannot be mapped must not cost the other spans of the batch
             # their records (the processor drops a whole batch reported as FAILURE).
@@ -71,6 +74,8 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
                     resource=span.resource.attributes if span.resource else {},
                     defaults=self._defaults,
                     genai=genai,
+                    frameworks=frameworks,
+                    scope=scope,
                 )
             except Exception:
                 failed += 1

@@ -33,6 +33,7 @@ from .._delivery import DeliveryPipeline
 from .._mapping import IdentityDefaults
 from .._retry import RetryPolicy
 from .._spool import SqliteSpool
+from ..frameworks import parse_frameworks
 from .auth import Grant
 from .config import BridgeConfig
 from .cumulative import CumulativeStore, cumulative_state_path
@@ -119,6 +120,7 @@ class BridgeApp:
                 trace_tags=exporter.trace_tags,
             ),
             genai=exporter.genai,
+            frameworks=parse_frameworks(exporter.frameworks),
             max_attribute_length=config.limits.max_attribute_length,
         )
         self._counters = _Counters()

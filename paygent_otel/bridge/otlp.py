@@ -43,6 +43,7 @@ from .._mapping import (
 )
 from .._metrics import UsagePoint, records_from_points, usage_stream_problem
 from .._spans import has_usage, records_from_span
+from ..frameworks import FrameworkSet
 from .cumulative import CumulativePoint, CumulativeStore, StreamUpdate
 
 __all__ = [
@@ -78,6 +79,8 @@ JSON_CONTENT_TYPE: Final = "application/json"
 
 _PAYGENT_PREFIX: Final = "paygent."
 _GENAI_PREFIX: Final = "gen_ai."
+_LIMITED_PREFIXES: Final = (_PAYGENT_PREFIX, "gen_ai.provider.", "gen_ai.request.model")
+"""What the length limit checks on a framework's span: what can reach the payload."""
 _MAX_MESSAGES: Final = 5
 """Distinct rejection messages quoted in one partial_success message."""
 _NO_RECORDED_VALUE: Final = metrics_pb2.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
@@ -385,11 +388,18 @@ class UsageExtractor:
         *,
         genai: bool = False,
         max_attribute_length: int = 256,
+        frameworks: FrameworkSet | None = None,
     ) -> None:
         self.defaults = defaults
         self.genai = genai
         self.max_attribute_length = max_attribute_length
-        self._prefixes = (_PAYGENT_PREFIX, _GENAI_PREFIX) if genai else (_PAYGENT_PREFIX,)
+        self.frameworks = frameworks or FrameworkSet()
+        """Framework mappings (``paygent_otel.frameworks``) applied to spans and metrics."""
+        self._prefixes = (
+            _PAYGENT_PREFIX,
+            *((_GENAI_PREFIX,) if genai else ()),
+            *self.frameworks.attribute_prefixes,
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -438,14 +448,19 @@ class UsageExtractor:
         """Every usage record on the request's spans and ``paygent.usage`` span events."""
         out = Extraction(Signal.TRACES)
         prefixes, limit, genai = self._prefixes, self.max_attribute_length, self.genai
+        frameworks = self.frameworks
         for rs in request.resource_spans:
             resource: dict[str, Any] | None = None
             resource_problem: str | None = None
             for ss in rs.scope_spans:
+                scope = ss.scope.name
+                # A framework's raw attributes (a JSON document, counts) never reach the
+                # payload as they are: only the convention's and the pricing names are limited.
+                framework_span = frameworks.claim(scope) is not None
                 for span in ss.spans:
                     attributes = _attributes(span.attributes, prefixes)
                     event_names = [e.name for e in span.events]
-                    if not has_usage(attributes, event_names, genai):
+                    if not has_usage(attributes, event_names, genai, frameworks, scope, span.name):
                         continue
                     if resource is None:
                         resource = _attributes(rs.resource.attributes, prefixes)
@@ -460,7 +475,12 @@ class UsageExtractor:
                         for name, e in zip(event_names, span.events, strict=True)
                     ]
                     trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
-                    problem = resource_problem or _too_long(attributes, limit)
+                    limited = (
+                        {k: v for k, v in attributes.items() if k.startswith(_LIMITED_PREFIXES)}
+                        if framework_span
+                        else attributes
+                    )
+                    problem = resource_problem or _too_long(limited, limit)
                     for _, event_attributes in events:
                         problem = problem or _too_long(event_attributes, limit)
                     if problem is not None:
@@ -478,6 +498,8 @@ class UsageExtractor:
                         resource=resource,
                         defaults=self.defaults,
                         genai=genai,
+                        frameworks=frameworks,
+                        scope=scope,
                     )
                     self._restrict(records, rejections, allowed_agents)
                     if out.add(records, rejections):
@@ -540,10 +562,10 @@ class UsageExtractor:
 
     @staticmethod
     def _stream_problem(
-        metric: Any, kind: str | None, cumulative: CumulativeStore | None
+        metric: Any, name: str, kind: str | None, cumulative: CumulativeStore | None
     ) -> tuple[str | None, int]:
-        """Why a usage metric's points cannot be billed (or None), and its temporality."""
-        name = metric.name
+        """Why a usage metric (quantity ``name``) cannot be billed (or None), and its
+        temporality."""
         temporality = metric.sum.aggregation_temporality if kind == "sum" else 0
         if kind == "sum" and metric.sum.is_monotonic:
             if temporality not in (_DELTA, _CUMULATIVE):
@@ -593,7 +615,8 @@ class UsageExtractor:
             resource_problem: str | None = None
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:
-                    name = metric.name
+                    framework = self.frameworks.metric(sm.scope.name, metric.name)
+                    name = metric.name if framework is None else framework.quantity
                     if name not in sc.QUANTITIES:
                         continue
                     if not resource_digest:
@@ -601,12 +624,14 @@ class UsageExtractor:
                         resource_digest = _attribute_fingerprint(resource)
                         resource_problem = _too_long(resource, limit)
                     kind = metric.WhichOneof("data")
-                    problem, temporality = self._stream_problem(metric, kind, cumulative)
+                    problem, temporality = self._stream_problem(metric, name, kind, cumulative)
                     data = getattr(metric, kind) if kind is not None else None
                     for point in data.data_points if data is not None else ():
                         if point.flags & _NO_RECORDED_VALUE:
                             continue
                         attributes = _attributes(point.attributes, None)
+                        if framework is not None:
+                            attributes = framework.attributes(attributes)
                         stream = idempotency_key(
                             "stream",
                             resource_digest,
