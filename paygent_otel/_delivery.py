@@ -48,6 +48,8 @@ BATCH_WINDOW_SECONDS = 0.002
 """After a request finishes while others are in flight, how long the worker lets more
 finish before it settles them and leases the next records (one transaction each for the
 lot instead of two per record)."""
+PROGRESS_SECONDS = 5.0
+"""How often a long delivery (the drain at shutdown, a backlog) logs how far it got."""
 _SETTLE_BATCH = 256
 _WORKER_THREAD_PREFIX = "paygent-otel-"
 
@@ -70,6 +72,40 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Progress:
+    """Progress lines of one long delivery, at most every :data:`PROGRESS_SECONDS`, then
+    a summary: a process that holds up its exit, or a backlog, says how it goes."""
+
+    def __init__(self, name: str, what: str, total: int) -> None:
+        self._name, self._what, self.total = name, what, total
+        self._started = self._logged = time.monotonic()
+
+    def update(self, left: int) -> None:
+        now = time.monotonic()
+        if now - self._logged >= PROGRESS_SECONDS:
+            self._logged = now
+            _logger.warning(
+                "%s: %s: %d of %d delivered, %d left (%.0f s)",
+                self._name,
+                self._what,
+                max(self.total - left, 0),
+                self.total,
+                left,
+                now - self._started,
+            )
+
+    def finish(self, left: int) -> None:
+        _logger.info(
+            "%s: %s: %d of %d delivered in %.1f s, %d left",
+            self._name,
+            self._what,
+            max(self.total - left, 0),
+            self.total,
+            time.monotonic() - self._started,
+            left,
+        )
 
 
 @dataclass
@@ -102,6 +138,7 @@ class DeliveryPipeline:
         retry_policy: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         spool: SqliteSpool | MemorySpool | None = None,
+        api_key_hint: str = "set PAYGENT_API_KEY or pass api_key=",
     ) -> None:
         self.config = config
         self.name = name
@@ -131,13 +168,16 @@ class DeliveryPipeline:
         self._spool_failing = False
         self._spool_error: str | None = None
         self._spool_retry_at = 0.0
+        self._backlog: _Progress | None = None
+        self._backlog_checked = 0.0
         self.spool = spool if spool is not None else self._open_spool()
         _live_pipelines.add(self)
         if not config.api_key:
             _logger.error(
-                "%s: no Paygent API key (set PAYGENT_API_KEY or pass api_key=); usage is %s "
-                "but nothing is sent until a key is configured",
+                "%s: no Paygent API key (%s); usage is %s but nothing is sent until a key is "
+                "configured",
                 name,
+                api_key_hint,
                 "kept in the spool " + str(config.spool_path)
                 if self.spool.durable
                 else "counted as dropped (in-memory mode)",
@@ -286,6 +326,17 @@ class DeliveryPipeline:
     def start(self) -> None:
         """Start delivering what the spool holds (records left by an earlier process)."""
         if self.config.api_key and not self._shutdown:
+            if not self._backlog_checked:
+                self._backlog_checked = time.monotonic()
+                with contextlib.suppress(Exception):  # the worker reports spool trouble
+                    if backlog := self.spool.pending(self._dest):
+                        _logger.info(
+                            "%s: %d usage records wait in the spool %s; delivering them",
+                            self.name,
+                            backlog,
+                            self.config.spool_path,
+                        )
+                        self._backlog = _Progress(self.name, "backlog", backlog)
             self._ensure_worker()
             self._notify()
 
@@ -295,15 +346,18 @@ class DeliveryPipeline:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 loop.call_soon_threadsafe(wake.set)
 
-    def force_flush(self, timeout: float = 30.0) -> bool:
+    def force_flush(self, timeout: float = 30.0, progress: _Progress | None = None) -> bool:
         """Wait until this destination has nothing pending; False on timeout."""
         if not self.config.api_key:
             return self.spool.pending(self._dest) == 0
         self.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.spool.pending(self._dest) == 0:
+            left = self.spool.pending(self._dest)
+            if left == 0:
                 return True
+            if progress is not None:
+                progress.update(left)
             self._notify()
             time.sleep(0.02)
         return self.spool.pending(self._dest) == 0
@@ -318,9 +372,18 @@ class DeliveryPipeline:
             return
         self._shutdown = True
         thread = self._thread
+        progress: _Progress | None = None
         if thread is not None and self._pid == os.getpid():
             deadline = time.monotonic() + timeout
-            self.force_flush(timeout)
+            if pending := self.spool.pending(self._dest):
+                _logger.info(
+                    "%s: delivering %d pending usage records before shutdown (at most %.0f s)",
+                    self.name,
+                    pending,
+                    timeout,
+                )
+                progress = _Progress(self.name, "delivery at shutdown", pending)
+            self.force_flush(timeout, progress)
             # Requests still in flight get what is left of the timeout, then are cancelled:
             # their records go back to the spool with the same key (at-least-once).
             self._drain_deadline = deadline
@@ -337,6 +400,8 @@ class DeliveryPipeline:
                 )
                 return
         left = self.spool.pending(self._dest)
+        if progress is not None:
+            progress.finish(left)
         if left and not self.spool.durable:
             self.stats.add("dropped_at_shutdown", left)
             _logger.error(
@@ -419,6 +484,7 @@ class DeliveryPipeline:
                     continue
                 await self._wait(in_flight, now)
                 self._settle(settled)
+                self._report_backlog()
             if in_flight:
                 _, unfinished = await asyncio.wait(
                     in_flight, timeout=max(self._drain_deadline - time.monotonic(), 0.0)
@@ -429,6 +495,23 @@ class DeliveryPipeline:
         finally:
             await sender.aclose()
         self.spool.release()
+
+    def _report_backlog(self) -> None:
+        """Progress of the backlog found at start, checked once a second; then a summary."""
+        progress = self._backlog
+        now = time.monotonic()
+        if progress is None or now - self._backlog_checked < IDLE_POLL_SECONDS:
+            return
+        self._backlog_checked = now
+        try:
+            left = self.spool.pending(self._dest)
+        except Exception:
+            return  # the next lease reports the trouble
+        if left:
+            progress.update(left)
+        else:
+            progress.finish(0)
+            self._backlog = None
 
     def _spool_trouble(self, exc: Exception, now: float) -> None:
         """The spool failed to answer: pause leasing for a moment instead of dying."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _journal
 from ._mapping import Rejection, UsageRecord
 
 __all__ = [
@@ -291,7 +292,7 @@ class SqliteSpool:
                 conn.execute("PRAGMA journal_mode=WAL")
                 # FULL: a committed batch survives power loss, not only a process crash.
                 conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
+                conn.executescript(_SCHEMA + _journal.JOURNAL_SCHEMA)
                 # A write now, so a read-only file or a full disk fails here, at start.
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",
@@ -378,9 +379,12 @@ class SqliteSpool:
         """Commit valid records; refuse them all if the size cap is reached."""
         if not records:
             return AddResult()
-        if self.size_bytes() >= self.max_bytes:
-            return AddResult(refused=len(records))
         now = time.time()
+        if self.size_bytes() >= self.max_bytes:
+            refused = [(_journal.quantities_of(r.payload), now) for r in records]
+            for outcome in ("recorded", "refused"):
+                self._write(_journal.journal, outcome, refused)
+            return AddResult(refused=len(records))
         rows = [
             (
                 r.idempotency_key,
@@ -396,16 +400,23 @@ class SqliteSpool:
         ]
 
         def insert(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
-                "SELECT ?, ?, ?, ?, ?, ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                rows,
-            )
-            return conn.total_changes - before
+            accepted: list[tuple[_journal.Quantities, float]] = []
+            duplicates: list[tuple[_journal.Quantities, float]] = []
+            for row, record in zip(rows, records, strict=True):
+                before = conn.total_changes
+                conn.execute(
+                    "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
+                    "SELECT ?, ?, ?, ?, ?, ? "
+                    "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    row,
+                )
+                entry = (_journal.quantities_of(record.payload), now)
+                (accepted if conn.total_changes != before else duplicates).append(entry)
+            _journal.journal(conn, "recorded", [*accepted, *duplicates])
+            _journal.journal(conn, "duplicate", duplicates)
+            return len(accepted)
 
         accepted: int = self._write(insert)
         return AddResult(accepted=accepted, duplicates=len(records) - accepted)
@@ -428,13 +439,20 @@ class SqliteSpool:
             )
             for r in rejections
         ]
-        self._write(
-            lambda conn: conn.executemany(
+
+        def insert(conn: sqlite3.Connection) -> None:
+            before = conn.total_changes
+            conn.executemany(
                 "INSERT INTO dead (key, dest, body, origin, created, died, status, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                 rows,
             )
-        )
+            if conn.total_changes != before:  # not a second hand-over of the same records
+                entries = [(_journal.rejected_quantities(r.attributes), now) for r in rejections]
+                _journal.journal(conn, "recorded", entries)
+                _journal.journal(conn, "dead", entries)
+
+        self._write(insert)
 
     def lease(self, dest: str, limit: int, now: float) -> list[SpooledItem]:
         """Reserve up to ``limit`` due, unleased records (or leases that expired)."""
@@ -472,6 +490,12 @@ class SqliteSpool:
             return
 
         def done(conn: sqlite3.Connection) -> None:
+            marks = ",".join("?" * len(rowids))
+            _journal.journal_rows(
+                conn,
+                "delivered",
+                conn.execute(f"SELECT body, created FROM pending WHERE id IN ({marks})", rowids),
+            )
             conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in rowids])
             conn.executemany(
                 "INSERT OR REPLACE INTO delivered (key, at) VALUES (?, ?)",
@@ -481,12 +505,13 @@ class SqliteSpool:
         self._write(done, synced=False)
 
     def prune_delivered(self, now: float) -> None:
-        """Drop delivered keys older than the retention window."""
-        self._write(
-            lambda conn: conn.execute(
-                "DELETE FROM delivered WHERE at < ?", (now - DELIVERED_KEY_RETENTION,)
-            )
-        )
+        """Drop delivered keys older than the retention window, and old journal rows."""
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM delivered WHERE at < ?", (now - DELIVERED_KEY_RETENTION,))
+            _journal.prune_journal(conn, now)
+
+        self._write(prune)
 
     def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
         """Count a failed attempt and release the lease until the next attempt time.
@@ -512,6 +537,14 @@ class SqliteSpool:
 
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
+                _journal.journal_rows(
+                    conn,
+                    "dead",
+                    conn.execute(
+                        "SELECT body, created FROM pending WHERE id = ? AND lease_owner = ?",
+                        (rowid, self._owner),
+                    ),
+                )
                 conn.execute(
                     "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
                     " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
@@ -545,14 +578,7 @@ class SqliteSpool:
 
     def known_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are pending, delivered (within the retention window) or dead."""
-        found: set[str] = set()
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            for table in ("pending", "delivered", "dead"):
-                rows = self._read(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk)
-                found.update(key for (key,) in rows)
-        return found
+        return set(self.key_states(keys))
 
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and self-metrics."""
@@ -603,6 +629,12 @@ class SqliteSpool:
                 where += f" AND key IN ({','.join('?' * len(key_list))})"
                 params.extend(key_list)
             now = time.time()
+            _journal.journal_rows(
+                conn,
+                "dead",
+                conn.execute(f"SELECT body, created FROM dead WHERE {where}", params),
+                sign=-1,
+            )
             before = conn.total_changes
             conn.execute(
                 "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
@@ -612,6 +644,10 @@ class SqliteSpool:
             )
             moved = conn.total_changes - before
             conn.execute(f"DELETE FROM dead WHERE {where}", params)
+            which = f"status {status}" if status is not None else "every status"
+            if key_list:
+                which += f", keys {', '.join(key_list)}"
+            _journal.audit(conn, "retry", f"dead letters back to pending ({which})", moved)
             return moved
 
         moved: int = self._write(move)
@@ -622,12 +658,52 @@ class SqliteSpool:
         table = {"dead": "dead", "pending": "pending"}[what]
 
         def delete(conn: sqlite3.Connection) -> int:
+            if table == "pending":
+                _journal.journal_rows(
+                    conn, "purged", conn.execute("SELECT body, created FROM pending")
+                )
             before = conn.total_changes
             conn.execute(f"DELETE FROM {table}")
-            return conn.total_changes - before
+            deleted = conn.total_changes - before
+            _journal.audit(conn, "purge", f"deleted every {what} record", deleted)
+            return deleted
 
         deleted: int = self._write(delete)
         return deleted
+
+    def record_audit(self, action: str, detail: str, records: int) -> None:
+        """Add an audit line (who, when, what, how many) for a change made to the spool."""
+        self._write(_journal.audit, action, detail, records)
+
+    def audit_lines(self, limit: int = 50) -> list[_journal.AuditLine]:
+        """The audit lines, newest first."""
+        with self._lock:
+            return _journal.read_audit(self._connection(), limit)
+
+    def journal(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[_journal.JournalRow]:
+        """Journal rows of ``[since, until)``, then the pending records counted live."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")  # one snapshot: a record moving meanwhile is counted once
+            try:
+                return _journal.read_journal(conn, since, until) + _journal.read_pending(
+                    conn, since, until
+                )
+            finally:
+                conn.execute("COMMIT")
+
+    def key_states(self, keys: Sequence[str]) -> dict[str, str]:
+        """Where each of ``keys`` is: ``pending``, ``delivered``, ``dead`` (absent: unknown)."""
+        states: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for table in ("delivered", "dead", "pending"):
+                rows = self._read(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk)
+                states.update((key, table) for (key,) in rows)
+        return states
 
     def close(self) -> None:
         """Release leases and close the connection."""

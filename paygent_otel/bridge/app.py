@@ -102,7 +102,11 @@ class BridgeApp:
         self.config = config
         exporter = config.exporter
         self.pipeline = DeliveryPipeline(
-            exporter, name="bridge", retry_policy=retry_policy, transport=transport
+            exporter,
+            name="bridge",
+            retry_policy=retry_policy,
+            transport=transport,
+            api_key_hint="set PAYGENT_API_KEY or pass --api-key-file FILE",
         )
         """Spool and delivery worker shared with the SDK exporters' code."""
         self.cumulative: CumulativeStore | None = None
