@@ -126,7 +126,8 @@ def quantities_of(payload: Mapping[str, Any]) -> Quantities:
 def rejected_quantities(attributes: Mapping[str, Any]) -> Quantities:
     """An invalid record's customer and kind (as far as its attributes say), no quantity."""
     return Quantities(
-        str(attributes.get(sc.CUSTOMER_ID) or "?"), str(attributes.get(sc.USAGE_KIND) or "?")
+        str(attributes.get(sc.CUSTOMER_ID) or "").strip() or "?",
+        str(attributes.get(sc.USAGE_KIND) or "").strip() or "?",
     )
 
 

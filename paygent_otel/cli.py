@@ -22,6 +22,7 @@ _GLOBAL_FLAGS = ("-v", "--verbose")
 def _build_parser() -> argparse.ArgumentParser:
     from .bridge.cli import register as register_bridge
     from .demo import register as register_demo
+    from .reconcile import register as register_reconcile
     from .sandbox.cli import register as register_sandbox
     from .spool_cli import register as register_spool
 
@@ -43,6 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
         register_sandbox,
         register_bridge,
         register_spool,
+        register_reconcile,
     ):
         register(commands)
     for command in _with_subcommands(parser):

@@ -29,7 +29,7 @@ from ._output import (
 from ._spool import DeadLetter, SqliteSpool
 from ._units import duration_type
 
-__all__ = ["register"]
+__all__ = ["default_spool", "register"]
 
 _DESCRIPTION = """\
 Look into the durable spool where the exporters keep usage records until Paygent has
@@ -57,7 +57,7 @@ retries ran past max_retry_seconds.
 """
 
 
-def _default_spool() -> str:
+def default_spool() -> str:
     """What the span exporter uses when given no ``spool_path``: the env vars, else the default.
 
     Read as the exporter reads them (``OTEL_EXPORTER_PAYGENT_TRACES_SPOOL_PATH``, then
@@ -69,7 +69,7 @@ def _default_spool() -> str:
 
 def _other_spools() -> list[str]:
     """Spool files the metric exporter and the bridge use when they differ from the default."""
-    default = _default_spool()
+    default = default_spool()
     found = {ExporterConfig.resolve(signal).spool_path for signal in ("metrics", None)}
     return sorted(found - {default, MEMORY_SPOOL})
 
@@ -80,7 +80,7 @@ def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=(
             f"the spool file (default: ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH} if set, else the "
-            f"exporters' default, here {_default_spool()})"
+            f"exporters' default, here {default_spool()})"
         ),
     )
 
@@ -193,7 +193,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _open(args: argparse.Namespace) -> SqliteSpool | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
-    path = args.spool or _default_spool()
+    path = args.spool or default_spool()
     others = [] if args.spool else _other_spools()
     if others:
         print(

@@ -28,6 +28,7 @@ __all__ = [
     "register",
     "run_sandbox",
     "show_ledger",
+    "timezone_type",
 ]
 
 DEFAULT_DB_PATH: Final = "./paygent-sandbox.sqlite3"
@@ -131,7 +132,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     ledger.add_argument("--until", metavar="TIME", help="only usage received before TIME")
     ledger.add_argument(
-        "--tz", type=_timezone, default=UTC, metavar="ZONE",
+        "--tz", type=timezone_type, default=UTC, metavar="ZONE",
         help="time zone of hour/day/month and of times without an offset: UTC (default), "
         "local, or a name such as Europe/Paris",
     )  # fmt: skip
@@ -311,7 +312,8 @@ def _whole_seconds(text: str) -> int:
     return int(seconds)
 
 
-def _timezone(text: str) -> tzinfo:
+def timezone_type(text: str) -> tzinfo:
+    """An argparse ``type=`` for ``--tz``: ``UTC``, ``local`` or an IANA name."""
     if text.upper() == "UTC":
         return UTC
     if text == "local":
