@@ -596,6 +596,18 @@ class SqliteSpool:
             size_bytes=self.size_bytes(),
         )
 
+    def destinations(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per destination id: (pending, dead letters, creation time of the oldest pending)."""
+        found: dict[str, tuple[int, int, float | None]] = {}
+        for dest, count, oldest in self._read(
+            "SELECT dest, count(*), min(created) FROM pending GROUP BY dest"
+        ):
+            found[dest] = (int(count), 0, oldest)
+        for dest, count in self._read("SELECT dest, count(*) FROM dead GROUP BY dest"):
+            pending, _, oldest = found.get(dest, (0, 0, None))
+            found[dest] = (pending, int(count), oldest)
+        return found
+
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status (``400``, ``invalid``, ...)."""
         rows = self._read("SELECT status, count(*) FROM dead GROUP BY status ORDER BY status")

@@ -22,6 +22,7 @@ _GLOBAL_FLAGS = ("-v", "--verbose")
 def _build_parser() -> argparse.ArgumentParser:
     from .bridge.cli import register as register_bridge
     from .demo import register as register_demo
+    from .doctor import register as register_doctor
     from .reconcile import register as register_reconcile
     from .sandbox.cli import register as register_sandbox
     from .spool_cli import register as register_spool
@@ -45,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
         register_bridge,
         register_spool,
         register_reconcile,
+        register_doctor,
     ):
         register(commands)
     for command in _with_subcommands(parser):

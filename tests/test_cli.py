@@ -148,7 +148,9 @@ def test_verbose_works_before_and_after_the_command(
     assert "3 dead letters" in capsys.readouterr().out
 
 
-def run_cli(*argv: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *argv: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "paygent_otel.cli", *argv],
         capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
@@ -187,7 +189,7 @@ def test_the_demo_creates_its_workdir_and_a_second_run_does_not_double_the_total
     assert "replaced the files of an earlier demo run" in second.stdout
 
     def billed(out: str) -> str:
-        return out.split("Billed (the sandbox ledger)")[1].split("idempotent repeats")[0]
+        return out.split("Billed (the sandbox ledger)")[1].split("idempotent repeats", maxsplit=1)[0]
 
     assert billed(first.stdout) == billed(second.stdout)
     ledger = run_cli("ledger", "--db", str(workdir / "ledger.sqlite3"), "--by", "kind", "--json")
@@ -375,7 +377,9 @@ def test_ledger_groups_by_day_and_hour_in_utc_or_a_time_zone_within_a_window(
     ]
 
 
-def test_ledger_rejects_an_unknown_time_zone_or_grouping(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ledger_rejects_an_unknown_time_zone_or_grouping(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     for argv in (["--tz", "Mars/Olympus"], ["--by", "week"]):
         with pytest.raises(SystemExit):
             main(["ledger", *argv])
