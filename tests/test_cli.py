@@ -189,7 +189,8 @@ def test_the_demo_creates_its_workdir_and_a_second_run_does_not_double_the_total
     assert "replaced the files of an earlier demo run" in second.stdout
 
     def billed(out: str) -> str:
-        return out.split("Billed (the sandbox ledger)")[1].split("idempotent repeats", maxsplit=1)[0]
+        billed_part = out.split("Billed (the sandbox ledger)")[1]
+        return billed_part.split("idempotent repeats", maxsplit=1)[0]
 
     assert billed(first.stdout) == billed(second.stdout)
     ledger = run_cli("ledger", "--db", str(workdir / "ledger.sqlite3"), "--by", "kind", "--json")
