@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check paygent_otel tests bench
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest -q tests
+# The usage-page tests load the pages in Debian's headless Chromium (~40 s to install).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: lint browser
+	PAYGENT_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run

@@ -608,6 +608,29 @@ class SqliteSpool:
             found[dest] = (pending, int(count), oldest)
         return found
 
+    def delivered_since(self, since: float) -> int:
+        """Records delivered at or after ``since`` (within the delivered-key retention)."""
+        return int(self._read("SELECT count(*) FROM delivered WHERE at >= ?", (since,))[0][0])
+
+    def dead_letter_reasons(self, limit: int = 20) -> list[tuple[str, str, int, float]]:
+        """(status, reason, count, last death) of the commonest dead-letter reasons."""
+        rows = self._read(
+            "SELECT status, reason, count(*), max(died) FROM dead GROUP BY status, reason "
+            "ORDER BY count(*) DESC, max(died) DESC LIMIT ?",
+            (limit,),
+        )
+        return [(str(s), str(r), int(n), float(t)) for s, r, n, t in rows]
+
+    def last_errors(self) -> dict[str, tuple[str, int]]:
+        """Per destination id: the latest error of a record waiting for a retry, and how
+        many records wait after an error."""
+        rows = self._read(
+            "SELECT dest, last_error, count(*) OVER (PARTITION BY dest), "
+            "row_number() OVER (PARTITION BY dest ORDER BY next_attempt DESC) "
+            "FROM pending WHERE last_error IS NOT NULL"
+        )
+        return {str(d): (str(e), int(n)) for d, e, n, rank in rows if rank == 1}
+
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status (``400``, ``invalid``, ...)."""
         rows = self._read("SELECT status, count(*) FROM dead GROUP BY status ORDER BY status")

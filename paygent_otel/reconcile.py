@@ -33,8 +33,10 @@ __all__ = [
     "ConservationRow",
     "LedgerCheck",
     "Report",
+    "check_against_ledger",
     "conservation_report",
     "register",
+    "report_from_journal",
 ]
 
 COLUMNS: Final = ("delivered", "duplicate", "dead", "pending", "purged", "refused")
@@ -280,6 +282,16 @@ def conservation_report(
     sandbox ``ledger`` when given."""
     paths = [Path(s) for s in spools]
     journal = _journal_rows(paths, since, until)
+    report = report_from_journal(journal, [str(p) for p in paths], period=period, tz=tz)
+    if ledger is not None:
+        check_against_ledger(report, journal, Path(ledger), since, until)
+    return report
+
+
+def report_from_journal(
+    journal: Sequence[JournalRow], spools: list[str], *, period: str = "day", tz: tzinfo = UTC
+) -> Report:
+    """The report of journal rows (and pending counts) read from ``spools``."""
     rows: dict[tuple[str, str, str], ConservationRow] = {}
     for entry in journal:
         name = datetime.fromtimestamp(entry.period, tz).strftime(PERIODS[period])
@@ -289,15 +301,18 @@ def conservation_report(
             row.recorded.add(entry)
         elif entry.outcome in row.parts:
             row.parts[entry.outcome].add(entry)
-    report = Report([str(p) for p in paths], period, [rows[k] for k in sorted(rows)])
-    if ledger is not None:
-        _check_ledger(report, journal, Path(ledger), since, until)
-    return report
+    return Report(spools, period, [rows[k] for k in sorted(rows)])
 
 
-def _check_ledger(
-    report: Report, journal: list[JournalRow], path: Path, since: float | None, until: float | None
+def check_against_ledger(
+    report: Report,
+    journal: Sequence[JournalRow],
+    path: Path,
+    since: float | None = None,
+    until: float | None = None,
 ) -> None:
+    """Add to ``report`` what the journal says was delivered against what the sandbox
+    ledger at ``path`` received (from the first journal hour on)."""
     from .sandbox.ledger import Ledger
 
     delivered: dict[tuple[str, str], _Amount] = defaultdict(_Amount)

@@ -33,6 +33,7 @@ from .._delivery import DeliveryPipeline
 from .._mapping import IdentityDefaults
 from .._retry import RetryPolicy
 from .._spool import SqliteSpool
+from ..usage_page import USAGE_PAGE_PATH, bridge_page
 from .auth import Grant
 from .config import BridgeConfig
 from .cumulative import CumulativeStore, cumulative_state_path
@@ -138,6 +139,7 @@ class BridgeApp:
         routes += [
             Route(HEALTH_PATH, self._health, methods=["GET"]),
             Route(METRICS_ENDPOINT_PATH, self._metrics, methods=["GET"]),
+            Route(USAGE_PAGE_PATH, bridge_page(self), methods=["GET"]),
         ]
         self.asgi = Starlette(routes=routes, lifespan=self._lifespan)
         """The Starlette application to serve."""

@@ -25,7 +25,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from starlette.applications import Starlette
@@ -392,7 +394,12 @@ class SandboxApp:
     """
 
     def __init__(
-        self, writer: LedgerWriter, *, api_key: str | None = None, faults: Faults | None = None
+        self,
+        writer: LedgerWriter,
+        *,
+        api_key: str | None = None,
+        faults: Faults | None = None,
+        page_spools: Sequence[Path] = (),
     ) -> None:
         self.writer = writer
         """Where accepted usage and the request log go."""
@@ -410,9 +417,25 @@ class SandboxApp:
                 Route("/_sandbox/stats", self._stats, methods=["GET"]),
                 Route("/_sandbox/faults", self._get_faults, methods=["GET"]),
                 Route("/_sandbox/faults", self._post_faults, methods=["POST"]),
+                *self._page_routes(page_spools),
             ]
         )
         """The Starlette application to serve."""
+
+    def _page_routes(self, spools: Sequence[Path]) -> list[Route]:
+        """``GET /usage``: the usage page over the ledger (and ``spools``, when given)."""
+        from ..usage_page import USAGE_PAGE_PATH, sandbox_page
+
+        return [Route(USAGE_PAGE_PATH, sandbox_page(self, spools), methods=["GET"])]
+
+    @property
+    def has_api_key(self) -> bool:
+        """True when ``api_key`` was given (else any non-empty key is accepted)."""
+        return self._api_key is not None
+
+    def accepts_key(self, key: str) -> bool:
+        """True for the configured API key (never when none is configured)."""
+        return self._api_key is not None and hmac.compare_digest(key.encode(), self._api_key)
 
     @property
     def faults(self) -> Faults:

@@ -160,6 +160,7 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", metavar="KEY",
         help="accept only this paygent-api-key (default: any non-empty key)",
     )  # fmt: skip
+    _add_page_arguments(parser)
     faults = parser.add_argument_group(
         "fault injection", "also changeable while running: POST /_sandbox/faults"
     )
@@ -190,6 +191,15 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_page_arguments(parser: argparse.ArgumentParser) -> None:
+    """The usage page's flag: which spools' health and conservation report it shows."""
+    parser.add_argument(
+        "--spool", action="append", default=[], metavar="PATH", dest="page_spools",
+        help="show this spool's delivery health and conservation report (checked against "
+        "the ledger) on the usage page, GET /usage (repeatable)",
+    )  # fmt: skip
+
+
 def run_sandbox(args: argparse.Namespace) -> int:
     """Handler of ``sandbox``: serve in the foreground until SIGINT or SIGTERM; exit status."""
     from .server import SandboxServer
@@ -206,6 +216,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
             retry_after=args.retry_after,
             reject_rate=args.reject_rate,
             seed=args.seed,
+            page_spools=args.page_spools,
         )
         server.start()
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
@@ -220,6 +231,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         # SandboxProcess and scripts wait for this exact line (server.LISTENING_LINE).
         print(f"paygent sandbox listening on {server.url}", flush=True)
         print(f"ledger: {server.db_path} (Ctrl-C to stop)", flush=True)
+        print(f"usage page: {server.url}/usage", flush=True)
         # A timed wait keeps the main thread returning to the interpreter, where the
         # signal handlers run.
         while not stop.wait(0.5):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -65,6 +65,7 @@ class SandboxServer:
         host: str = DEFAULT_HOST,
         port: int = 0,
         api_key: str | None = None,
+        page_spools: Sequence[str | os.PathLike[str]] = (),
         **faults: Any,
     ) -> None:
         self.db_path = Path(db_path)
@@ -72,6 +73,7 @@ class SandboxServer:
         self.host = host
         self._port = port
         self._api_key = api_key
+        self._page_spools = [Path(p) for p in page_spools]
         self._faults = Faults().replace(**faults)
         self.ledger = Ledger(self.db_path)
         """Read access to the ledger file (works while running and after stop)."""
@@ -126,7 +128,9 @@ class SandboxServer:
             writer.close()
             raise
         self._port = sock.getsockname()[1]
-        app = SandboxApp(writer, api_key=self._api_key, faults=self._faults)
+        app = SandboxApp(
+            writer, api_key=self._api_key, faults=self._faults, page_spools=self._page_spools
+        )
         config = uvicorn.Config(
             app.asgi,
             http=HTTP_IMPLEMENTATION,
