@@ -135,13 +135,10 @@ def _hour(timestamp: float) -> int:
     return int(timestamp // 3600 * 3600)
 
 
-def journal(
-    conn: sqlite3.Connection,
-    outcome: str,
-    entries: Iterable[tuple[Quantities, float]],
-    sign: int = 1,
-) -> None:
-    """Add (``sign`` -1: take back) records under ``outcome``: (quantities, recorded at)."""
+def _aggregate(
+    outcome: str, entries: Iterable[tuple[Quantities, float]], sign: int = 1
+) -> list[JournalRow]:
+    """Records added up per hour of recording, customer and kind."""
     totals: dict[tuple[int, str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
     for q, created in entries:
         total = totals[(_hour(created), q.customer, q.kind)]
@@ -149,11 +146,24 @@ def journal(
         total[1] += sign * q.minutes
         total[2] += sign * q.characters
         total[3] += sign * q.tokens
+    return [
+        JournalRow(period, customer, kind, outcome, int(n), minutes, int(c), int(t))
+        for (period, customer, kind), (n, minutes, c, t) in sorted(totals.items())
+    ]
+
+
+def journal(
+    conn: sqlite3.Connection,
+    outcome: str,
+    entries: Iterable[tuple[Quantities, float]],
+    sign: int = 1,
+) -> None:
+    """Add (``sign`` -1: take back) records under ``outcome``: (quantities, recorded at)."""
     conn.executemany(
         _UPSERT,
         [
-            (period, customer, kind, outcome, int(n), minutes, int(chars), int(tokens))
-            for (period, customer, kind), (n, minutes, chars, tokens) in totals.items()
+            (r.period, r.customer, r.kind, outcome, r.records, r.minutes, r.characters, r.tokens)
+            for r in _aggregate(outcome, entries, sign)
         ],
     )
 
@@ -233,21 +243,15 @@ def read_pending(
     conn: sqlite3.Connection, since: float | None, until: float | None
 ) -> list[JournalRow]:
     """The records still pending, aggregated like the journal (outcome ``pending``)."""
-    totals: dict[tuple[int, str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
-    for body, created in conn.execute("SELECT body, created FROM pending"):
-        period = _hour(created)
-        if (since is not None and period < _hour(since)) or (until is not None and period >= until):
-            continue
-        q = quantities_of(json.loads(body))
-        total = totals[(period, q.customer, q.kind)]
-        total[0] += 1
-        total[1] += q.minutes
-        total[2] += q.characters
-        total[3] += q.tokens
-    return [
-        JournalRow(period, customer, kind, "pending", int(n), minutes, int(c), int(t))
-        for (period, customer, kind), (n, minutes, c, t) in sorted(totals.items())
-    ]
+    first = None if since is None else _hour(since)
+    return _aggregate(
+        "pending",
+        (
+            (quantities_of(json.loads(body)), created)
+            for body, created in conn.execute("SELECT body, created FROM pending")
+            if (first is None or created >= first) and (until is None or _hour(created) < until)
+        ),
+    )
 
 
 def read_audit(conn: sqlite3.Connection, limit: int) -> list[AuditLine]:

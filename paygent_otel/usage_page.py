@@ -419,6 +419,20 @@ def _choices(request: Request) -> tuple[str, str]:
     )
 
 
+def _route(
+    build: Callable[[str, str], str], accepts: Callable[[str], bool] | None
+) -> Callable[[Request], Any]:
+    """The route handler: access check, then the page built in a worker thread (SQLite)."""
+
+    async def page(request: Request) -> Response:
+        refusal = _guard(request, accepts)
+        if refusal is not None:
+            return refusal
+        return HTMLResponse(await run_in_threadpool(build, *_choices(request)))
+
+    return page
+
+
 def _journal_usage(spool: SqliteSpool, since: float, period: str) -> list[UsagePoint]:
     _, length, fmt = WINDOWS[period]
     return [
@@ -459,13 +473,7 @@ def bridge_page(app: BridgeApp) -> Callable[[Request], Any]:
             usage=usage, period=period, kind=kind, health=health, conservation=report,
         )  # fmt: skip
 
-    async def page(request: Request) -> Response:
-        refusal = _guard(request, accepts if app.config.auth.required else None)
-        if refusal is not None:
-            return refusal
-        return HTMLResponse(await run_in_threadpool(build, *_choices(request)))
-
-    return page
+    return _route(build, accepts if app.config.auth.required else None)
 
 
 def sandbox_page(app: SandboxApp, spools: Sequence[Path]) -> Callable[[Request], Any]:
@@ -503,10 +511,4 @@ def sandbox_page(app: SandboxApp, spools: Sequence[Path]) -> Callable[[Request],
             usage=usage, period=period, kind=kind, health=health, conservation=report,
         )  # fmt: skip
 
-    async def page(request: Request) -> Response:
-        refusal = _guard(request, app.accepts_key if app.has_api_key else None)
-        if refusal is not None:
-            return refusal
-        return HTMLResponse(await run_in_threadpool(build, *_choices(request)))
-
-    return page
+    return _route(build, app.accepts_key if app.has_api_key else None)
