@@ -218,6 +218,16 @@ def _compare_routes(totals: list[dict[str, Any]]) -> str:
 
 Route = Callable[[str, Path], dict[str, int]]
 
+
+def _reconciled(spools: list[Path], ledger: Path) -> str:
+    """One line: the spools' conservation report, checked against the ledger."""
+    from .reconcile import conservation_report
+
+    report = conservation_report(spools, ledger=ledger)
+    recorded = report.totals().recorded.records
+    verdict = "BALANCED" if report.balanced else "DIFFERENCE (see `paygent-otel reconcile`)"
+    return f"reconciled (paygent-otel reconcile): {recorded} records recorded, {verdict}"
+
 _ROUTES = ("spans", "metrics", "sampled")
 _LEDGER = "ledger.sqlite3"
 
@@ -269,6 +279,7 @@ def run_demo(workdir: Path | None = None) -> int:
             print(format_totals(sandbox.ledger.totals(by=by), by))
             print(f"\nidempotent repeats: {sandbox.ledger.duplicate_count()}")
             print(_compare_routes(sandbox.ledger.totals(by=("agent_id", "kind"))))
+            print(_reconciled([folder / f"{name}.spool" for name in _ROUTES], sandbox.db_path))
         for name, counters in stats.items():
             summary = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
             print(f"{name} route: {summary}")

@@ -187,6 +187,7 @@ def test_the_demo_creates_its_workdir_and_a_second_run_does_not_double_the_total
     second = run_cli("demo", "--workdir", str(workdir))
     assert second.returncode == 0, second.stderr
     assert "replaced the files of an earlier demo run" in second.stdout
+    assert "reconciled (paygent-otel reconcile): 141 records recorded, BALANCED" in second.stdout
 
     def billed(out: str) -> str:
         billed_part = out.split("Billed (the sandbox ledger)")[1]

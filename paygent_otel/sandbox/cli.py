@@ -65,6 +65,8 @@ examples:
       slow Paygent that answers 503 (Retry-After: 2) to one request in ten
 
 then point a client at its URL (http://127.0.0.1:8787) and watch it:
+  open http://127.0.0.1:8787/usage in a browser   (usage per customer; add --spool
+                                                   PATH to see a spool's health too)
   curl -s localhost:8787/_sandbox/stats
   curl -s -X POST localhost:8787/_sandbox/faults -d '{"fail_rate": 1.0}'
   paygent-otel ledger --db ./paygent-sandbox.sqlite3
