@@ -36,6 +36,7 @@ __all__ = [
     "SpoolStats",
     "SpooledItem",
     "SqliteSpool",
+    "check_spool_file",
     "destination_id",
     "open_spool",
 ]
@@ -911,6 +912,24 @@ class MemorySpool:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def check_spool_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ValueError` if the existing SQLite file at ``path`` is not a spool (a
+    sandbox ledger, say), before anything opens it read-write and adds tables to it."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path} is not a spool: {exc}") from None
+    if tables and "pending" not in tables:
+        hint = (
+            "; it looks like a sandbox ledger: see `paygent-otel ledger --db`"
+            if ("usage" in tables)
+            else ""
+        )
+        raise ValueError(f"{path} is not a spool (it has no pending table{hint})")
 
 
 def open_spool(

@@ -228,6 +228,7 @@ def _reconciled(spools: list[Path], ledger: Path) -> str:
     verdict = "BALANCED" if report.balanced else "DIFFERENCE (see `paygent-otel reconcile`)"
     return f"reconciled (paygent-otel reconcile): {recorded} records recorded, {verdict}"
 
+
 _ROUTES = ("spans", "metrics", "sampled")
 _LEDGER = "ledger.sqlite3"
 

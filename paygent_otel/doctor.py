@@ -289,7 +289,7 @@ def _is_sandbox(answer: httpx.Response) -> bool:
 
 
 def _spool(target: _Target) -> Check:
-    from ._spool import SqliteSpool, destination_id
+    from ._spool import SqliteSpool, check_spool_file, destination_id
 
     path = Path(target.config.spool_path)
     if target.config.spool_path == MEMORY_SPOOL:
@@ -315,6 +315,12 @@ def _spool(target: _Target) -> Check:
         problems.append(f"mode {stat.filemode(path.stat().st_mode)}: others may read it")
     if problems:
         return Check("spool", "fail", f"{path}: {'; '.join(problems)}", f"chmod 600 {path}")
+    try:
+        check_spool_file(path)
+    except ValueError as exc:
+        return Check(
+            "spool", "fail", str(exc), "point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at the spool"
+        )
     spool = SqliteSpool(path, max_bytes=target.config.spool_max_bytes)
     try:
         per_dest = spool.destinations()

@@ -254,12 +254,13 @@ class Report:
 def _journal_rows(
     spools: Iterable[Path], since: float | None, until: float | None
 ) -> list[JournalRow]:
-    from ._spool import SqliteSpool
+    from ._spool import SqliteSpool, check_spool_file
 
     rows: list[JournalRow] = []
     for path in spools:
         if not path.is_file():
             raise FileNotFoundError(f"no spool at {path} (pass --spool PATH)")
+        check_spool_file(path)
         spool = SqliteSpool(path, max_bytes=1 << 62)
         try:
             rows += spool.journal(since, until)

@@ -26,7 +26,7 @@ from ._output import (
     iso_utc,
     print_rows,
 )
-from ._spool import DeadLetter, SqliteSpool
+from ._spool import DeadLetter, SqliteSpool, check_spool_file
 from ._units import duration_type
 
 __all__ = ["default_spool", "register"]
@@ -215,6 +215,7 @@ def _open(args: argparse.Namespace) -> SqliteSpool | None:
             file=sys.stderr,
         )
         return None
+    check_spool_file(path)
     return SqliteSpool(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
 
 

@@ -159,9 +159,16 @@ def test_a_ledger_that_disagrees_with_the_spool_is_a_difference(
     assert line.split() == ["cust-1", "stt", "3", "(1.5", "min)", "4", "(2", "min)", "DIFFERENCE"]
 
 
-def test_missing_spool_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_spool_is_a_clear_error(
+    tmp_path: Path, sandbox: SandboxServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["reconcile", "--spool", str(tmp_path / "none.sqlite3")]) == 1
     assert "no spool at" in capsys.readouterr().err
+    ledger = sandbox.db_path
+    before = ledger.read_bytes()
+    assert main(["reconcile", "--spool", str(ledger)]) == 1
+    assert "it looks like a sandbox ledger" in capsys.readouterr().err
+    assert ledger.read_bytes() == before  # nothing was added to it
 
 
 def test_the_journal_is_pruned_after_its_retention_but_not_under_a_pending_record(
