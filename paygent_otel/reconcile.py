@@ -350,7 +350,7 @@ intake (spool full). The two sides must be equal; any difference exits 1.
 
 _EPILOG = """\
 examples:
-  paygent-otel reconcile                            today and earlier, by day (UTC)
+  paygent-otel reconcile                            all the journal holds, by day (UTC)
   paygent-otel reconcile --by hour --since 6h
   paygent-otel reconcile --since 2026-11-01 --until 2026-12-01 --by month --csv
   paygent-otel reconcile --spool a.sqlite3 --spool b.sqlite3 --ledger ledger.sqlite3

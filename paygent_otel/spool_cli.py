@@ -79,8 +79,9 @@ def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
         "--spool",
         metavar="PATH",
         help=(
-            f"the spool file (default: ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH} if set, else the "
-            f"exporters' default, here {default_spool()})"
+            f"the spool file (default: what the span exporter reads, "
+            f"$OTEL_EXPORTER_PAYGENT_TRACES_SPOOL_PATH or ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH}, "
+            f"else its default; here {default_spool()})"
         ),
     )
 
