@@ -158,6 +158,8 @@ class Report:
     ledger: str | None = None
     ledger_checks: list[LedgerCheck] = field(default_factory=list)
     ledger_duplicates: int = 0
+    invalid_dead_letters: int | None = None
+    """Dead letters of status ``invalid`` in the spools now (None: not read)."""
 
     @property
     def balanced(self) -> bool:
@@ -226,6 +228,11 @@ class Report:
             "",
             *BLIND_SPOTS,
         ]
+        if self.invalid_dead_letters is not None:
+            lines.append(
+                f"counted here: {self.invalid_dead_letters} invalid records in the dead letters "
+                "now (usage whose attributes broke the convention, cut attributes included)"
+            )
         return "\n".join(lines)
 
     def as_json(self) -> dict[str, Any]:
@@ -248,15 +255,18 @@ class Report:
             ],
             "ledger_duplicates": self.ledger_duplicates,
             "cannot_see": list(BLIND_SPOTS),
+            "invalid_dead_letters": self.invalid_dead_letters,
         }
 
 
 def _journal_rows(
     spools: Iterable[Path], since: float | None, until: float | None
-) -> list[JournalRow]:
+) -> tuple[list[JournalRow], int]:
+    """The journal rows of every spool, and their invalid dead letters now."""
     from ._spool import SqliteSpool, check_spool_file
 
     rows: list[JournalRow] = []
+    invalid = 0
     for path in spools:
         if not path.is_file():
             raise FileNotFoundError(f"no spool at {path} (pass --spool PATH)")
@@ -264,9 +274,10 @@ def _journal_rows(
         spool = SqliteSpool(path, max_bytes=1 << 62)
         try:
             rows += spool.journal(since, until)
+            invalid += spool.dead_letter_counts().get("invalid", 0)
         finally:
             spool.close()
-    return rows
+    return rows, invalid
 
 
 def conservation_report(
@@ -282,8 +293,9 @@ def conservation_report(
     grouped by ``period`` (``hour``, ``day``, ``month`` in ``tz``), checked against a
     sandbox ``ledger`` when given."""
     paths = [Path(s) for s in spools]
-    journal = _journal_rows(paths, since, until)
+    journal, invalid = _journal_rows(paths, since, until)
     report = report_from_journal(journal, [str(p) for p in paths], period=period, tz=tz)
+    report.invalid_dead_letters = invalid
     if ledger is not None:
         check_against_ledger(report, journal, Path(ledger), since, until)
     return report

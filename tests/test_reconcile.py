@@ -94,6 +94,7 @@ def test_every_outcome_is_journaled_and_the_report_balances(
         "min)", "0", "0", "0", "ok",
     ]  # fmt: skip
     assert "BALANCED" in out and "UsageSampler" in out and "Queue is full" in out
+    assert "counted here: 1 invalid records in the dead letters now" in out
     assert main(["reconcile", "--spool", str(path), "--csv", "--by", "hour"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["customer"] for r in table} == {"cust-1", "cust-2", "cust-3"}
