@@ -401,23 +401,32 @@ class SqliteSpool:
         ]
 
         def insert(conn: sqlite3.Connection) -> int:
-            accepted: list[tuple[_journal.Quantities, float]] = []
-            duplicates: list[tuple[_journal.Quantities, float]] = []
-            for row, record in zip(rows, records, strict=True):
-                before = conn.total_changes
-                conn.execute(
-                    "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
-                    "SELECT ?, ?, ?, ?, ?, ? "
-                    "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
-                    "ON CONFLICT (key) DO NOTHING",
-                    row,
-                )
-                entry = (_journal.quantities_of(record.payload), now)
-                (accepted if conn.total_changes != before else duplicates).append(entry)
-            _journal.journal(conn, "recorded", [*accepted, *duplicates])
-            _journal.journal(conn, "duplicate", duplicates)
-            return len(accepted)
+            (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
+                "SELECT ?, ?, ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                rows,
+            )
+            inserted = conn.total_changes - before
+            entries = [(_journal.quantities_of(r.payload), now) for r in records]
+            _journal.journal(conn, "recorded", entries)
+            if inserted < len(records):
+                # Which were duplicates: the rows this transaction added have the new ids.
+                new = {
+                    k for (k,) in conn.execute("SELECT key FROM pending WHERE id > ?", (last_id,))
+                }
+                duplicates = []
+                for record, entry in zip(records, entries, strict=True):
+                    if record.idempotency_key in new:
+                        new.discard(record.idempotency_key)  # a second copy in the batch is not
+                    else:
+                        duplicates.append(entry)
+                _journal.journal(conn, "duplicate", duplicates)
+            return inserted
 
         accepted: int = self._write(insert)
         return AddResult(accepted=accepted, duplicates=len(records) - accepted)
