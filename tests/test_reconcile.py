@@ -109,8 +109,10 @@ def test_pending_and_purged_records_are_accounted_for(
 ) -> None:
     path = tmp_path / "spool.sqlite3"
     spool = SqliteSpool(path, max_bytes=1 << 30)
-    spool.add("d", [stt(i) for i in range(5)])
+    spool.add("d", [stt(i) for i in range(4)])
+    spool.add("d", [stt(4), stt(4), stt(0)])  # a copy within the batch, one of an earlier
     row = conservation_report([path]).rows[0]
+    assert (row.recorded.records, row.parts["duplicate"].records) == (7, 2)
     assert (row.parts["pending"].records, row.balanced) == (5, True)
     spool.purge("pending")
     spool.close()
