@@ -39,6 +39,7 @@ __all__ = [
     "JournalRow",
     "Quantities",
     "audit",
+    "create",
     "journal",
     "journal_rows",
     "quantities_of",
@@ -184,6 +185,36 @@ def prune_journal(conn: sqlite3.Connection, now: float) -> None:
     if oldest is not None:
         cutoff = min(cutoff, _hour(oldest))
     conn.execute("DELETE FROM journal WHERE period < ?", (cutoff,))
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """Create the journal and audit tables. A spool written before the journal existed has
+    its pending records and dead letters journaled as recorded (and dead), in the same
+    transaction, so its report balances from the first run on."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        fresh = not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal'").fetchone()
+        for statement in JOURNAL_SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        if fresh:
+            pending = conn.execute("SELECT body, created FROM pending").fetchall()
+            journal_rows(conn, "recorded", pending)
+            dead = [
+                (
+                    quantities_of(json.loads(body))
+                    if dest
+                    else rejected_quantities(json.loads(body)),
+                    created,
+                )
+                for dest, body, created in conn.execute("SELECT dest, body, created FROM dead")
+            ]
+            journal(conn, "recorded", dead)
+            journal(conn, "dead", dead)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _who() -> str:

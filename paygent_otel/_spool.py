@@ -293,7 +293,8 @@ class SqliteSpool:
                 conn.execute("PRAGMA journal_mode=WAL")
                 # FULL: a committed batch survives power loss, not only a process crash.
                 conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA + _journal.JOURNAL_SCHEMA)
+                conn.executescript(_SCHEMA)
+                _journal.create(conn)
                 # A write now, so a read-only file or a full disk fails here, at start.
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",

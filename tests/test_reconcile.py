@@ -187,3 +187,23 @@ def test_the_journal_is_pruned_after_its_retention_but_not_under_a_pending_recor
     spool.prune_delivered(later)
     assert conservation_report([path]).rows == []
     spool.close()
+
+
+def test_a_spool_from_before_the_journal_balances_from_its_first_run(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, max_bytes=1 << 30)
+    spool.add("d", [stt(i) for i in range(4)])
+    leased = spool.lease("d", 1, time.time())
+    spool.dead_letter([(leased[0].rowid, "400", "no")], time.time())
+    spool.add_rejected([Rejection(RejectReason.INVALID, "bad", "span x", "bad-1", {})])
+    spool.close()
+    with sqlite3.connect(path) as db:  # what an earlier version left: no journal, no audit
+        db.execute("DROP TABLE journal")
+        db.execute("DROP TABLE audit")
+
+    report = conservation_report([path])
+    assert report.balanced, report.to_text()
+    totals = report.totals()
+    assert (totals.recorded.records, totals.parts["pending"].records) == (5, 3)
+    assert totals.parts["dead"].records == 2
+    assert conservation_report([path]).totals().recorded.records == 5  # adopted once
