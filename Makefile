@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 FW_VENV := .venv-frameworks
 
-.PHONY: demo test test-frameworks lint bench clean
+.PHONY: demo test test-frameworks lint browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ $(FW_VENV)/.installed: pyproject.toml
 	$(FW_VENV)/bin/python -m pip install -q -e '.[frameworks-test]'
 	touch $@
 
-test: lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/frameworks
+# The usage-page tests load the pages in Debian's headless Chromium (~40 s to install).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: lint browser
+	PAYGENT_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q tests --ignore=tests/frameworks
 	$(MAKE) test-frameworks
 
 test-frameworks: $(FW_VENV)/.installed

@@ -11,6 +11,7 @@ never waits on HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -26,7 +27,7 @@ import httpx
 from ._config import ExporterConfig
 from ._forking import register_at_fork_once
 from ._mapping import Rejection, RejectReason, UsageRecord
-from ._reporting import FailureReport
+from ._reporting import DeliveryProgress, FailureReport
 from ._retry import RetryPolicy
 from ._spool import MemorySpool, SqliteSpool, destination_id, open_spool
 from ._transport import AiohttpSender, HttpxSender, Route, Sender, route_for
@@ -52,7 +53,6 @@ _live_pipelines: weakref.WeakSet[DeliveryPipeline] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for pipeline in list(_live_pipelines):
         pipeline._after_fork()
-
 
 
 @dataclass
@@ -85,6 +85,7 @@ class DeliveryPipeline:
         retry_policy: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         spool: SqliteSpool | MemorySpool | None = None,
+        api_key_hint: str = "set PAYGENT_API_KEY",
     ) -> None:
         self.config = config
         self.name = name
@@ -93,7 +94,7 @@ class DeliveryPipeline:
         self._transport = transport
         self._dest = destination_id(config.endpoint)
         self._url = config.endpoint + USAGE_PATH
-        self.route, self.blocked = self._route(config)
+        self.route, self.blocked = self._route(config, api_key_hint)
         self._headers = {
             **config.headers,
             "Content-Type": "application/json",
@@ -107,6 +108,8 @@ class DeliveryPipeline:
         self._pid = os.getpid()
         self._spool_error: str | None = None
         self._spool_retry_at = 0.0
+        self._backlog: DeliveryProgress | None = None
+        self._backlog_checked = 0.0
         self.spool = spool if spool is not None else self._open_spool()
         self.report = FailureReport(
             _logger, name, self.route.describe(), lambda: self.spool.pending(self._dest)
@@ -156,7 +159,7 @@ class DeliveryPipeline:
             )
 
     @staticmethod
-    def _route(config: ExporterConfig) -> tuple[Route, str | None]:
+    def _route(config: ExporterConfig, api_key_hint: str) -> tuple[Route, str | None]:
         """The route to the endpoint, and why nothing can be sent there (None: it can)."""
         url = config.endpoint + USAGE_PATH
         try:
@@ -169,7 +172,7 @@ class DeliveryPipeline:
         except ValueError as exc:
             return Route(url), f"the TLS settings cannot be used ({exc})"
         if not config.api_key:
-            return route, "no Paygent API key (set PAYGENT_API_KEY)"
+            return route, f"no Paygent API key ({api_key_hint})"
         return route, None
 
     def _open_spool(self) -> SqliteSpool | MemorySpool:
@@ -317,6 +320,7 @@ class DeliveryPipeline:
             sender=self._sender,
             stats=self.stats,
             report=self.report,
+            after_settle=self._report_backlog,
         )
 
     def _sender(self) -> Sender:
@@ -333,9 +337,37 @@ class DeliveryPipeline:
     def start(self) -> None:
         """Start delivering what the spool holds (records left by an earlier process)."""
         if not self.blocked and not self._shutdown:
+            if not self._backlog_checked:
+                self._backlog_checked = time.monotonic()
+                with contextlib.suppress(Exception):  # the worker reports spool trouble
+                    if backlog := self.spool.pending(self._dest):
+                        _logger.info(
+                            "%s: %d usage records wait in the spool %s; delivering them",
+                            self.name,
+                            backlog,
+                            self.config.spool_path,
+                        )
+                        self._backlog = DeliveryProgress(_logger, self.name, "backlog", backlog)
             self._ensure_worker().notify()
 
-    def force_flush(self, timeout: float = 30.0) -> bool:
+    def _report_backlog(self) -> None:
+        """Progress of the backlog found at start (worker thread, at most once a second)."""
+        progress = self._backlog
+        now = time.monotonic()
+        if progress is None or now - self._backlog_checked < 1.0:
+            return
+        self._backlog_checked = now
+        try:
+            left = self.spool.pending(self._dest)
+        except Exception:
+            return  # the next lease reports the trouble
+        if left:
+            progress.update(left)
+        else:
+            progress.finish(0)
+            self._backlog = None
+
+    def force_flush(self, timeout: float = 30.0, progress: DeliveryProgress | None = None) -> bool:
         """Wait until this destination has nothing pending; False on timeout.
 
         Returns early (False) when nothing can be delivered before the deadline: delivery is
@@ -350,10 +382,13 @@ class DeliveryPipeline:
         deadline = time.monotonic() + timeout
         wall_deadline = time.time() + timeout
         while time.monotonic() < deadline:
-            if self.spool.pending(self._dest) == 0:
+            left = self.spool.pending(self._dest)
+            if left == 0:
                 return True
             if worker.paused_until > wall_deadline or (self._shutdown and self._hopeless(worker)):
                 break
+            if progress is not None:
+                progress.update(left)
             worker.notify()
             time.sleep(0.02)
         return self.spool.pending(self._dest) == 0
@@ -373,9 +408,18 @@ class DeliveryPipeline:
             return
         self._shutdown = True
         worker = self._worker
+        progress: DeliveryProgress | None = None
         if worker is not None and self._pid == os.getpid():
             deadline = time.monotonic() + timeout
-            self.force_flush(timeout)
+            if pending := self.spool.pending(self._dest):
+                _logger.info(
+                    "%s: delivering %d pending usage records before shutdown (at most %.0f s)",
+                    self.name,
+                    pending,
+                    timeout,
+                )
+                progress = DeliveryProgress(_logger, self.name, "delivery at shutdown", pending)
+            self.force_flush(timeout, progress)
             # Requests still in flight get what is left of the timeout, then are cancelled:
             # their records go back to the spool with the same key (at-least-once).
             if not worker.stop(deadline):
@@ -388,6 +432,8 @@ class DeliveryPipeline:
                 )
                 return
         left = self.spool.pending(self._dest)
+        if progress is not None:
+            progress.finish(left)
         if left and not self.spool.durable:
             self.stats.add("dropped_at_shutdown", left)
             _logger.error(

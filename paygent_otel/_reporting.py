@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["SUMMARY_INTERVAL_SECONDS", "FailureReport"]
+__all__ = ["PROGRESS_SECONDS", "SUMMARY_INTERVAL_SECONDS", "DeliveryProgress", "FailureReport"]
 
 SUMMARY_INTERVAL_SECONDS = 30.0
 """Least time between two summaries of the same failure."""
@@ -98,3 +98,44 @@ class FailureReport:
             return str(self._waiting())
         except Exception:  # the spool is in trouble too; its own log line says so
             return "some"
+
+
+PROGRESS_SECONDS = 5.0
+"""How often a long delivery (the drain at shutdown, a backlog) logs how far it got."""
+
+
+class DeliveryProgress:
+    """Progress lines of one long delivery, at most every :data:`PROGRESS_SECONDS`, then a
+    summary: a process that holds up its exit, or works off a backlog, says how it goes."""
+
+    def __init__(self, logger: logging.Logger, name: str, what: str, total: int) -> None:
+        self._logger = logger
+        self._name, self._what, self.total = name, what, total
+        self._started = self._logged = time.monotonic()
+
+    def update(self, left: int) -> None:
+        """``left`` records are still pending: log a line if it is time."""
+        now = time.monotonic()
+        if now - self._logged >= PROGRESS_SECONDS:
+            self._logged = now
+            self._logger.warning(
+                "%s: %s: %d of %d delivered, %d left (%.0f s)",
+                self._name,
+                self._what,
+                max(self.total - left, 0),
+                self.total,
+                left,
+                now - self._started,
+            )
+
+    def finish(self, left: int) -> None:
+        """The summary line."""
+        self._logger.info(
+            "%s: %s: %d of %d delivered in %.1f s, %d left",
+            self._name,
+            self._what,
+            max(self.total - left, 0),
+            self.total,
+            time.monotonic() - self._started,
+            left,
+        )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _journal
 from ._forking import register_at_fork_once
 from ._mapping import Rejection, UsageRecord
 
@@ -37,6 +38,7 @@ __all__ = [
     "SpoolStats",
     "SpooledItem",
     "SqliteSpool",
+    "check_spool_file",
     "destination_id",
     "open_spool",
 ]
@@ -319,6 +321,7 @@ class SqliteSpool:
                 # FULL: a committed batch survives power loss, not only a process crash.
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                _journal.create(conn)
                 # A write now, so a read-only file or a full disk fails here, at start.
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",
@@ -405,9 +408,12 @@ class SqliteSpool:
         """Commit valid records; refuse them all if the size cap is reached."""
         if not records:
             return AddResult()
-        if self.size_bytes() >= self.max_bytes:
-            return AddResult(refused=len(records))
         now = time.time()
+        if self.size_bytes() >= self.max_bytes:
+            refused = [(_journal.quantities_of(r.payload), now) for r in records]
+            for outcome in ("recorded", "refused"):
+                self._write(_journal.journal, outcome, refused)
+            return AddResult(refused=len(records))
         rows = [
             (
                 r.idempotency_key,
@@ -423,6 +429,7 @@ class SqliteSpool:
         ]
 
         def insert(conn: sqlite3.Connection) -> int:
+            (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()
             before = conn.total_changes
             conn.executemany(
                 "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
@@ -432,7 +439,22 @@ class SqliteSpool:
                 "ON CONFLICT (key) DO NOTHING",
                 rows,
             )
-            return conn.total_changes - before
+            inserted = conn.total_changes - before
+            entries = [(_journal.quantities_of(r.payload), now) for r in records]
+            _journal.journal(conn, "recorded", entries)
+            if inserted < len(records):
+                # Which were duplicates: the rows this transaction added have the new ids.
+                new = {
+                    k for (k,) in conn.execute("SELECT key FROM pending WHERE id > ?", (last_id,))
+                }
+                duplicates = []
+                for record, entry in zip(records, entries, strict=True):
+                    if record.idempotency_key in new:
+                        new.discard(record.idempotency_key)  # a second copy in the batch is not
+                    else:
+                        duplicates.append(entry)
+                _journal.journal(conn, "duplicate", duplicates)
+            return inserted
 
         accepted: int = self._write(insert)
         return AddResult(accepted=accepted, duplicates=len(records) - accepted)
@@ -455,13 +477,20 @@ class SqliteSpool:
             )
             for r in rejections
         ]
-        self._write(
-            lambda conn: conn.executemany(
+
+        def insert(conn: sqlite3.Connection) -> None:
+            before = conn.total_changes
+            conn.executemany(
                 "INSERT INTO dead (key, dest, body, origin, created, died, status, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                 rows,
             )
-        )
+            if conn.total_changes != before:  # not a second hand-over of the same records
+                entries = [(_journal.rejected_quantities(r.attributes), now) for r in rejections]
+                _journal.journal(conn, "recorded", entries)
+                _journal.journal(conn, "dead", entries)
+
+        self._write(insert)
 
     def lease(self, dest: str, limit: int, now: float) -> list[SpooledItem]:
         """Reserve up to ``limit`` due, unleased records (or leases that expired)."""
@@ -499,6 +528,12 @@ class SqliteSpool:
             return
 
         def done(conn: sqlite3.Connection) -> None:
+            marks = ",".join("?" * len(rowids))
+            _journal.journal_rows(
+                conn,
+                "delivered",
+                conn.execute(f"SELECT body, created FROM pending WHERE id IN ({marks})", rowids),
+            )
             conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in rowids])
             conn.executemany(
                 "INSERT OR REPLACE INTO delivered (key, at) VALUES (?, ?)",
@@ -508,12 +543,13 @@ class SqliteSpool:
         self._write(done, synced=False)
 
     def prune_delivered(self, now: float) -> None:
-        """Drop delivered keys older than the retention window."""
-        self._write(
-            lambda conn: conn.execute(
-                "DELETE FROM delivered WHERE at < ?", (now - DELIVERED_KEY_RETENTION,)
-            )
-        )
+        """Drop delivered keys older than the retention window, and old journal rows."""
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM delivered WHERE at < ?", (now - DELIVERED_KEY_RETENTION,))
+            _journal.prune_journal(conn, now)
+
+        self._write(prune)
 
     def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
         """Count a failed attempt and release the lease until the next attempt time.
@@ -539,6 +575,14 @@ class SqliteSpool:
 
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
+                _journal.journal_rows(
+                    conn,
+                    "dead",
+                    conn.execute(
+                        "SELECT body, created FROM pending WHERE id = ? AND lease_owner = ?",
+                        (rowid, self._owner),
+                    ),
+                )
                 conn.execute(
                     "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
                     " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
@@ -572,14 +616,7 @@ class SqliteSpool:
 
     def known_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are pending, delivered (within the retention window) or dead."""
-        found: set[str] = set()
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            for table in ("pending", "delivered", "dead"):
-                rows = self._read(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk)
-                found.update(key for (key,) in rows)
-        return found
+        return set(self.key_states(keys))
 
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and self-metrics."""
@@ -657,10 +694,34 @@ class SqliteSpool:
             )
             moved_pending = conn.total_changes - before
             conn.execute("UPDATE dead SET dest = ? WHERE dest = ?", (to_dest, from_dest))
-            return moved_pending, conn.total_changes - before - moved_pending
+            moved_dead = conn.total_changes - before - moved_pending
+            from_url = conn.execute(
+                "SELECT url FROM endpoints WHERE dest = ?", (from_dest,)
+            ).fetchone()
+            _journal.audit(
+                conn,
+                "retarget",
+                f"from {from_url[0] if from_url else from_dest} to {to_url}: "
+                f"{moved_pending} pending, {moved_dead} dead letters",
+                moved_pending + moved_dead,
+            )
+            return moved_pending, moved_dead
 
         moved: tuple[int, int] = self._write(move)
         return moved
+
+    def delivered_since(self, since: float) -> int:
+        """Records delivered at or after ``since`` (within the delivered-key retention)."""
+        return int(self._read("SELECT count(*) FROM delivered WHERE at >= ?", (since,))[0][0])
+
+    def dead_letter_reasons(self, limit: int = 20) -> list[tuple[str, str, int, float]]:
+        """(status, reason, count, last death) of the commonest dead-letter reasons."""
+        rows = self._read(
+            "SELECT status, reason, count(*), max(died) FROM dead GROUP BY status, reason "
+            "ORDER BY count(*) DESC, max(died) DESC LIMIT ?",
+            (limit,),
+        )
+        return [(str(s), str(r), int(n), float(t)) for s, r, n, t in rows]
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status (``400``, ``invalid``, ...)."""
@@ -695,6 +756,12 @@ class SqliteSpool:
                 where += f" AND key IN ({','.join('?' * len(key_list))})"
                 params.extend(key_list)
             now = time.time()
+            _journal.journal_rows(
+                conn,
+                "dead",
+                conn.execute(f"SELECT body, created FROM dead WHERE {where}", params),
+                sign=-1,
+            )
             before = conn.total_changes
             conn.execute(
                 "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
@@ -704,6 +771,10 @@ class SqliteSpool:
             )
             moved = conn.total_changes - before
             conn.execute(f"DELETE FROM dead WHERE {where}", params)
+            which = f"status {status}" if status is not None else "every status"
+            if key_list:
+                which += f", keys {', '.join(key_list)}"
+            _journal.audit(conn, "retry", f"dead letters back to pending ({which})", moved)
             return moved
 
         moved: int = self._write(move)
@@ -714,12 +785,52 @@ class SqliteSpool:
         table = {"dead": "dead", "pending": "pending"}[what]
 
         def delete(conn: sqlite3.Connection) -> int:
+            if table == "pending":
+                _journal.journal_rows(
+                    conn, "purged", conn.execute("SELECT body, created FROM pending")
+                )
             before = conn.total_changes
             conn.execute(f"DELETE FROM {table}")
-            return conn.total_changes - before
+            deleted = conn.total_changes - before
+            _journal.audit(conn, "purge", f"deleted every {what} record", deleted)
+            return deleted
 
         deleted: int = self._write(delete)
         return deleted
+
+    def record_audit(self, action: str, detail: str, records: int) -> None:
+        """Add an audit line (who, when, what, how many) for a change made to the spool."""
+        self._write(_journal.audit, action, detail, records)
+
+    def audit_lines(self, limit: int = 50) -> list[_journal.AuditLine]:
+        """The audit lines, newest first."""
+        with self._lock:
+            return _journal.read_audit(self._connection(), limit)
+
+    def journal(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[_journal.JournalRow]:
+        """Journal rows of ``[since, until)``, then the pending records counted live."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")  # one snapshot: a record moving meanwhile is counted once
+            try:
+                return _journal.read_journal(conn, since, until) + _journal.read_pending(
+                    conn, since, until
+                )
+            finally:
+                conn.execute("COMMIT")
+
+    def key_states(self, keys: Sequence[str]) -> dict[str, str]:
+        """Where each of ``keys`` is: ``pending``, ``delivered``, ``dead`` (absent: unknown)."""
+        states: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for table in ("delivered", "dead", "pending"):
+                rows = self._read(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk)
+                states.update((key, table) for (key,) in rows)
+        return states
 
     def close(self) -> None:
         """Release leases and close the connection."""
@@ -899,6 +1010,24 @@ class MemorySpool:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def check_spool_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ValueError` if the existing SQLite file at ``path`` is not a spool (a
+    sandbox ledger, say), before anything opens it read-write and adds tables to it."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path} is not a spool: {exc}") from None
+    if tables and "pending" not in tables:
+        hint = (
+            "; it looks like a sandbox ledger: see `paygent-otel ledger --db`"
+            if ("usage" in tables)
+            else ""
+        )
+        raise ValueError(f"{path} is not a spool (it has no pending table{hint})")
 
 
 def open_spool(

@@ -71,12 +71,14 @@ class DeliveryWorker:
         sender: Callable[[], Sender],
         stats: DeliveryStats,
         report: FailureReport,
+        after_settle: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self._spool = spool
         self._make_sender = sender
         self._stats = stats
         self._report = report
+        self._after_settle = after_settle
         self._rng = random.Random()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +182,7 @@ class DeliveryWorker:
                     continue
                 await self._wait(in_flight, now)
                 self._settle(settled)
+                self._after_settle()
             if in_flight:
                 _, unfinished = await asyncio.wait(
                     in_flight, timeout=max(self._drain_deadline - time.monotonic(), 0.0)

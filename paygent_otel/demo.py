@@ -219,6 +219,34 @@ def _compare_routes(totals: list[dict[str, Any]]) -> str:
 Route = Callable[[str, Path], dict[str, int]]
 
 
+def _reconciled(spools: list[Path], ledger: Path) -> str:
+    """One line: the spools' conservation report, checked against the ledger."""
+    from .reconcile import conservation_report
+
+    report = conservation_report(spools, ledger=ledger)
+    recorded = report.totals().recorded.records
+    verdict = "BALANCED" if report.balanced else "DIFFERENCE (see `paygent-otel reconcile`)"
+    return f"reconciled (paygent-otel reconcile): {recorded} records recorded, {verdict}"
+
+
+_ROUTES = ("spans", "metrics", "sampled")
+_LEDGER = "ledger.sqlite3"
+
+
+def _clear_earlier_run(folder: Path) -> list[Path]:
+    """Delete the files an earlier demo left in ``folder`` (so totals are this run's only)."""
+    names = [_LEDGER, *(f"{route}.spool" for route in _ROUTES)]
+    earlier = [
+        path
+        for name in names
+        for path in folder.glob(f"{name}*")  # the SQLite file, its -wal/-shm, cumulative state
+        if path.is_file()
+    ]
+    for path in earlier:
+        path.unlink()
+    return earlier
+
+
 def run_demo(workdir: Path | None = None) -> int:
     """Run the demo in ``workdir`` (a temporary folder by default); exit status."""
     from .sandbox.cli import format_totals
@@ -227,13 +255,22 @@ def run_demo(workdir: Path | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="paygent-demo-") as tmp:
         folder = workdir or Path(tmp)
-        with SandboxServer(folder / "ledger.sqlite3", api_key=DEMO_API_KEY) as sandbox:
+        folder.mkdir(parents=True, exist_ok=True)
+        if _clear_earlier_run(folder):
+            print(f"replaced the files of an earlier demo run in {folder}")
+        with SandboxServer(folder / _LEDGER, api_key=DEMO_API_KEY) as sandbox:
             print(f"sandbox (a local Paygent) listening on {sandbox.url}\n")
-            routes: list[tuple[str, Route]] = [
-                ("spans", _span_route),
-                ("metrics", _metric_route),
-                ("sampled", partial(run_sampled_service_demo, api_key=DEMO_API_KEY)),
-            ]
+            routes: list[tuple[str, Route]] = list(
+                zip(
+                    _ROUTES,
+                    (
+                        _span_route,
+                        _metric_route,
+                        partial(run_sampled_service_demo, api_key=DEMO_API_KEY),
+                    ),
+                    strict=True,
+                )
+            )
             with _collecting() as refusals:
                 stats = {
                     name: route(sandbox.url, folder / f"{name}.spool") for name, route in routes
@@ -243,6 +280,7 @@ def run_demo(workdir: Path | None = None) -> int:
             print(format_totals(sandbox.ledger.totals(by=by), by))
             print(f"\nidempotent repeats: {sandbox.ledger.duplicate_count()}")
             print(_compare_routes(sandbox.ledger.totals(by=("agent_id", "kind"))))
+            print(_reconciled([folder / f"{name}.spool" for name in _ROUTES], sandbox.db_path))
         for name, counters in stats.items():
             summary = ", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
             print(f"{name} route: {summary}")
@@ -278,6 +316,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--workdir",
         type=Path,
-        help="folder for the ledger and spool files (default: a temporary folder, removed)",
+        help="folder for the ledger and spool files, created if missing; the files of an "
+        "earlier demo there are replaced (default: a temporary folder, removed)",
     )
     parser.set_defaults(handler=lambda args: run_demo(args.workdir))

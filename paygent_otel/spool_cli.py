@@ -2,9 +2,9 @@
 
 ``status`` (pending, in flight, dead letters, oldest age, size; per endpoint with the last
 error and the next attempt), ``dead`` (dead letters with their reasons), ``retry`` (dead
-letters back to pending), ``retarget`` (records of one endpoint filed under another) and
-``purge`` (delete, after confirmation). They open the same SQLite file the exporters
-write, safely while they run.
+letters back to pending), ``retarget`` (records of one endpoint filed under another),
+``purge`` (delete, after confirmation) and ``audit`` (who retried, re-targeted or purged
+what, and when). They open the same SQLite file the exporters write, safely while they run.
 """
 
 from __future__ import annotations
@@ -13,14 +13,24 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ._config import MEMORY_SPOOL, OTEL_EXPORTER_PAYGENT_SPOOL_PATH, ExporterConfig
-from ._spool import DeadLetter, EndpointStatus, SqliteSpool, destination_id
+from ._output import (
+    add_format_arguments,
+    format_table,
+    human_age,
+    human_size,
+    human_time,
+    humanize_timestamps,
+    iso_utc,
+    print_rows,
+)
+from ._spool import DeadLetter, EndpointStatus, SqliteSpool, check_spool_file, destination_id
+from ._units import duration_type
 
-__all__ = ["register"]
+__all__ = ["default_spool", "register"]
 
 _DESCRIPTION = """\
 Look into the durable spool where the exporters keep usage records until Paygent has
@@ -33,9 +43,11 @@ examples:
   paygent-otel spool status                 how many records wait, and since when
   paygent-otel spool dead                   the refused records, newest first, with reasons
   paygent-otel spool retry --status 400     send the 400s again (after fixing the cause)
+  paygent-otel spool retry --wait 2m        ... and watch them go out, with a summary
   paygent-otel spool retarget --from http://old --to https://cp-api.withpaygent.com
                                             send records spooled under a wrong endpoint
   paygent-otel spool purge --yes            delete every dead letter, no question asked
+  paygent-otel spool audit                  who retried or purged what, and when
 
 every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
 """
@@ -48,9 +60,21 @@ retries ran past max_retry_seconds.
 """
 
 
-def _default_spool() -> str:
-    """What the exporters use when given no ``spool_path``: the env var, else the default."""
-    return ExporterConfig.resolve().spool_path
+def default_spool() -> str:
+    """What the span exporter uses when given no ``spool_path``: the env vars, else the default.
+
+    Read as the exporter reads them (``OTEL_EXPORTER_PAYGENT_TRACES_SPOOL_PATH``, then
+    ``OTEL_EXPORTER_PAYGENT_SPOOL_PATH``); a metric exporter told to use another file is
+    named by :func:`_other_spools`.
+    """
+    return ExporterConfig.resolve("traces").spool_path
+
+
+def _other_spools() -> list[str]:
+    """Spool files the metric exporter and the bridge use when they differ from the default."""
+    default = default_spool()
+    found = {ExporterConfig.resolve(signal).spool_path for signal in ("metrics", None)}
+    return sorted(found - {default, MEMORY_SPOOL})
 
 
 def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +82,9 @@ def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
         "--spool",
         metavar="PATH",
         help=(
-            f"the spool file (default: ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH} if set, else the "
-            f"exporters' default, here {_default_spool()})"
+            f"the spool file (default: what the span exporter reads, "
+            f"$OTEL_EXPORTER_PAYGENT_TRACES_SPOOL_PATH or ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH}, "
+            f"else its default; here {default_spool()})"
         ),
     )
 
@@ -103,7 +128,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dead.add_argument(
         "--limit", type=int, default=20, help="show at most this many (default 20; 0 = all)"
     )
-    dead.add_argument("--json", action="store_true", help="print a JSON array, bodies included")
+    add_format_arguments(dead)
     dead.set_defaults(handler=_dead)
 
     retry = subcommands.add_parser(
@@ -124,6 +149,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=[],
         metavar="KEY",
         help="only the dead letter with this idempotency key (repeatable)",
+    )
+    retry.add_argument(
+        "--wait",
+        type=duration_type(),
+        metavar="DURATION",
+        help="then watch the spool up to DURATION (30s, 2m, ...) while an exporter sends "
+        "them, printing progress, and end with a summary; exit 1 if some are still pending "
+        "or dead again",
     )
     retry.set_defaults(handler=_retry)
 
@@ -166,10 +199,34 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(handler=_purge)
 
+    audit = subcommands.add_parser(
+        "audit",
+        help="who retried, purged or re-targeted records, when, and how many",
+        description=(
+            "List the audit lines the spool keeps for every change a person made to it: "
+            "`spool retry`, `spool purge` and any re-targeting of records to another "
+            "endpoint. Each line says when (UTC), who (user@host and process id), what and "
+            "how many records. Newest first."
+        ),
+    )
+    _add_spool_argument(audit)
+    audit.add_argument(
+        "--limit", type=int, default=50, help="show at most this many (default 50; 0 = all)"
+    )
+    add_format_arguments(audit)
+    audit.set_defaults(handler=_audit)
+
 
 def _open(args: argparse.Namespace) -> SqliteSpool | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
-    path = args.spool or _default_spool()
+    path = args.spool or default_spool()
+    others = [] if args.spool else _other_spools()
+    if others:
+        print(
+            f"note: the metric exporter or the bridge is configured with another spool: "
+            f"{', '.join(others)} (pass --spool PATH to look there)",
+            file=sys.stderr,
+        )
     if path == MEMORY_SPOOL:
         print(
             f"{OTEL_EXPORTER_PAYGENT_SPOOL_PATH}={MEMORY_SPOOL}: the exporters keep records in "
@@ -184,29 +241,8 @@ def _open(args: argparse.Namespace) -> SqliteSpool | None:
             file=sys.stderr,
         )
         return None
+    check_spool_file(path)
     return SqliteSpool(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172_800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86_400:.1f} days"
-
-
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -242,12 +278,14 @@ def _status(args: argparse.Namespace) -> int:
         )
         return 0
     dead_detail = ", ".join(f"{status}: {n}" for status, n in by_status.items())
-    oldest = "-" if stats.oldest_pending_age is None else f"{_age(stats.oldest_pending_age)} ago"
+    oldest = (
+        "-" if stats.oldest_pending_age is None else f"{human_age(stats.oldest_pending_age)} ago"
+    )
     print(f"spool           {spool.path}")
     print(f"pending         {stats.pending} ({stats.in_flight} being sent now)")
     print(f"oldest pending  {oldest}")
     print(f"dead letters    {stats.dead_letters}" + (f" ({dead_detail})" if dead_detail else ""))
-    print(f"size            {_size(stats.size_bytes)} used, {_size(on_disk)} on disk")
+    print(f"size            {human_size(stats.size_bytes)} used, {human_size(on_disk)} on disk")
     for endpoint in endpoints:
         print(_endpoint_line(endpoint))
     configured = ExporterConfig.resolve().endpoint
@@ -278,7 +316,7 @@ def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:
         "in_flight": endpoint.in_flight,
         "dead_letters": endpoint.dead_letters,
         "oldest_pending_age_seconds": endpoint.oldest_pending_age,
-        "next_attempt": None if endpoint.next_attempt is None else _when(endpoint.next_attempt),
+        "next_attempt": None if endpoint.next_attempt is None else iso_utc(endpoint.next_attempt),
         "last_error": endpoint.last_error,
     }
 
@@ -290,10 +328,10 @@ def _endpoint_line(endpoint: EndpointStatus) -> str:
         f"dead letters {endpoint.dead_letters}"
     )
     if endpoint.oldest_pending_age is not None:
-        line += f"\n  oldest        {_age(endpoint.oldest_pending_age)} ago"
+        line += f"\n  oldest        {human_age(endpoint.oldest_pending_age)} ago"
     if endpoint.next_attempt is not None:
         wait = endpoint.next_attempt - time.time()
-        line += "\n  next attempt  " + ("due now" if wait <= 0 else f"in {_age(wait)}")
+        line += "\n  next attempt  " + ("due now" if wait <= 0 else f"in {human_age(wait)}")
     if endpoint.last_error:
         line += f"\n  last error    {endpoint.last_error}"
     return line
@@ -308,7 +346,7 @@ def _dead_json(letter: DeadLetter) -> dict[str, Any]:
         "key": letter.key,
         "status": letter.status,
         "reason": letter.reason,
-        "died": _when(letter.died),
+        "died": iso_utc(letter.died),
         "died_unix": letter.died,
         "attempts": letter.attempts,
         "origin": letter.origin,
@@ -331,8 +369,10 @@ def _dead(args: argparse.Namespace) -> int:
         )
     finally:
         spool.close()
-    if args.json:
-        print(json.dumps([_dead_json(letter) for letter in letters], indent=2))
+    if args.format != "text":
+        rows = [_dead_json(letter) for letter in letters]
+        columns = ["died", "status", "attempts", "key", "origin", "reason"]
+        print_rows(rows, columns, args.format)
         return 0
     if not letters:
         which = f" with status {args.status}" if args.status else ""
@@ -342,8 +382,9 @@ def _dead(args: argparse.Namespace) -> int:
     print(f"{total} dead letters in {spool.path}{shown}:")
     for letter in letters:
         print(
-            f"\n{_when(letter.died)}  {letter.status:<8} attempts {letter.attempts}  "
-            f"key {letter.key}\n  from:   {letter.origin}\n  reason: {letter.reason}"
+            f"\n{human_time(letter.died)}  {letter.status:<8} attempts {letter.attempts}  "
+            f"key {letter.key}\n  from:   {humanize_timestamps(letter.origin)}\n"
+            f"  reason: {letter.reason}"
         )
     return 0
 
@@ -353,8 +394,16 @@ def _retry(args: argparse.Namespace) -> int:
     if spool is None:
         return 1
     try:
+        watched = [
+            letter.key
+            for letter in spool.dead_letters(limit=-1, status=args.status)
+            if letter.status != "invalid" and (not args.key or letter.key in args.key)
+        ]
         moved = spool.retry_dead(status=args.status, keys=args.key)
         endpoints = spool.endpoints()
+        if moved and args.wait is not None:
+            print(f"{moved} dead letters moved back to pending in {spool.path}")
+            return _watch(spool, watched, args.wait)
     finally:
         spool.close()
     if not moved:
@@ -363,7 +412,10 @@ def _retry(args: argparse.Namespace) -> int:
             "see `paygent-otel spool dead --status invalid`)"
         )
         return 0
-    print(f"{moved} dead letters moved back to pending in {spool.path}.")
+    print(
+        f"{moved} dead letters moved back to pending in {spool.path} "
+        "(add --wait 2m to watch them go out)."
+    )
     _say_who_sends(spool.path, endpoints)
     return 0
 
@@ -434,6 +486,38 @@ def _endpoint_problem(url: str) -> str | None:
     return None
 
 
+_PROGRESS_SECONDS = 2.0
+
+
+def _watch(spool: SqliteSpool, keys: list[str], timeout: float) -> int:
+    """Report every few seconds how many of ``keys`` were delivered; a summary at the end."""
+    started = time.monotonic()
+    deadline = started + timeout
+    reported = started
+    while True:
+        states = spool.key_states(keys)
+        delivered = sum(state == "delivered" for state in states.values())
+        dead = sum(state == "dead" for state in states.values())
+        pending = len(keys) - delivered - dead
+        now = time.monotonic()
+        if not pending or now >= deadline:
+            break
+        if now - reported >= _PROGRESS_SECONDS:
+            print(
+                f"  {delivered} of {len(keys)} delivered, {dead} dead again, {pending} pending "
+                f"({now - started:.0f} s)",
+                flush=True,
+            )
+            reported = now
+        time.sleep(0.2)
+    print(
+        f"after {time.monotonic() - started:.1f} s: {delivered} of {len(keys)} delivered, "
+        f"{dead} dead again, {pending} still pending"
+        + (" (is an exporter or bridge running on this spool?)" if pending else "")
+    )
+    return 0 if delivered == len(keys) else 1
+
+
 def _purge(args: argparse.Namespace) -> int:
     spool = _open(args)
     if spool is None:
@@ -458,4 +542,39 @@ def _purge(args: argparse.Namespace) -> int:
     finally:
         spool.close()
     print(f"deleted {deleted} {what} from {spool.path}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    spool = _open(args)
+    if spool is None:
+        return 1
+    try:
+        lines = spool.audit_lines(limit=args.limit if args.limit > 0 else -1)
+    finally:
+        spool.close()
+    rows = [
+        {
+            "at": iso_utc(line.at),
+            "at_unix": line.at,
+            "who": line.who,
+            "action": line.action,
+            "records": line.records,
+            "detail": line.detail,
+        }
+        for line in lines
+    ]
+    columns = ["at", "who", "action", "records", "detail"]
+    if args.format == "text" and not rows:
+        print(f"no audit lines in {spool.path}: nobody retried or purged anything here")
+        return 0
+    table = format_table(
+        ["when", "who", "action", "records", "what"],
+        [
+            [human_time(line.at), line.who, line.action, str(line.records), line.detail]
+            for line in lines
+        ],
+        numbers={3},
+    )
+    print_rows(rows, columns, args.format, text=table)
     return 0

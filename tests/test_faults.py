@@ -11,7 +11,10 @@ Each scenario prints one line: ``recorded`` (records the exporter committed to t
 records it refused, loudly and counted, are ``refused``), ``delivered`` (distinct records
 in the ledger), ``duplicates sent`` (requests the sandbox acknowledged as a repeated key),
 ``dead-lettered`` (left in the spool's dead-letter table) and
-``lost = recorded - delivered - dead-lettered``, which must be 0.
+``lost = recorded - delivered - dead-lettered``, which must be 0. Under it each scenario
+prints the spool's conservation report (``paygent-otel reconcile --ledger``: per customer,
+kind and period, recorded = delivered + duplicates + dead + pending + purged + refused,
+and what the spool delivered against what the ledger received), which must balance.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pytest
 from conftest import API_KEY, wait_for
 
 from paygent_otel._spool import SqliteSpool
+from paygent_otel.reconcile import BLIND_SPOTS, Report, conservation_report
 from paygent_otel.sandbox import SandboxServer
 from paygent_otel.sandbox.ledger import Outcome
 
@@ -129,6 +133,8 @@ class Verdict:
     duplicates_sent: int
     dead_lettered: int
     refused: int = 0
+    conservation: Report | None = None
+    """The spool's conservation report, checked against the ledger (None: no spool file)."""
 
     @property
     def lost(self) -> int:
@@ -164,11 +170,15 @@ def verdict(
     ]
     assert set(repeated) <= set(keys), "a duplicate delivery with a key of its own"
     dead = 0
+    conservation = None
     if spool is not None and spool.exists():
         with_spool = SqliteSpool(spool, max_bytes=1 << 30)
         dead = with_spool.stats().dead_letters
         with_spool.close()
-    return Verdict(recorded, len(keys), sandbox.ledger.duplicate_count(), dead, refused)
+        conservation = conservation_report([spool], ledger=sandbox.db_path)
+    return Verdict(
+        recorded, len(keys), sandbox.ledger.duplicate_count(), dead, refused, conservation
+    )
 
 
 def report(
@@ -184,9 +194,22 @@ def report(
         line += f" refused={result.refused}"
     if extra:
         line += f" | {extra}"
+    conservation = result.conservation
+    text = (
+        "no spool file: nothing reached a spool, so there is no journal to reconcile"
+        if conservation is None
+        else conservation.to_text().split(BLIND_SPOTS[0])[0].rstrip()
+    )
     with capsys.disabled():
-        print(f"\n{line}")
+        print(f"\n{line}\n{text}")
     assert result.lost == 0, line
+    if conservation is not None:
+        assert conservation.balanced, text
+        totals = conservation.totals()
+        # The journal's own account agrees with the ledger and the spool.
+        assert totals.parts["delivered"].records == result.delivered, text
+        assert totals.parts["dead"].records == result.dead_lettered, text
+        assert totals.recorded.records - totals.parts["refused"].records >= result.recorded
 
 
 # ---------------------------------------------------------------- 1. backend down

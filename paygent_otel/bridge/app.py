@@ -34,6 +34,7 @@ from .._mapping import IdentityDefaults
 from .._retry import RetryPolicy
 from .._spool import SqliteSpool
 from ..frameworks import parse_frameworks
+from ..usage_page import USAGE_PAGE_PATH, bridge_page
 from .auth import Grant
 from .config import BridgeConfig
 from .cumulative import CumulativeStore, cumulative_state_path
@@ -103,7 +104,11 @@ class BridgeApp:
         self.config = config
         exporter = config.exporter
         self.pipeline = DeliveryPipeline(
-            exporter, name="bridge", retry_policy=retry_policy, transport=transport
+            exporter,
+            name="bridge",
+            retry_policy=retry_policy,
+            transport=transport,
+            api_key_hint="set PAYGENT_API_KEY or pass --api-key-file FILE",
         )
         """Spool and delivery worker shared with the SDK exporters' code."""
         self.cumulative: CumulativeStore | None = None
@@ -136,6 +141,7 @@ class BridgeApp:
         routes += [
             Route(HEALTH_PATH, self._health, methods=["GET"]),
             Route(METRICS_ENDPOINT_PATH, self._metrics, methods=["GET"]),
+            Route(USAGE_PAGE_PATH, bridge_page(self), methods=["GET"]),
         ]
         self.asgi = Starlette(routes=routes, lifespan=self._lifespan)
         """The Starlette application to serve."""

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Final
 
 from .._config import MEMORY_SPOOL, ExporterConfig
+from .._units import duration_type, size_type
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
     DEFAULT_FLUSH_TIMEOUT,
@@ -62,7 +64,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "that turns usage-bearing spans, metric points and log records into Paygent "
             "tracking calls. A request is acknowledged once its records are in the durable "
             "spool; delivery to Paygent follows in the background, with retries. The API "
-            "key comes from PAYGENT_API_KEY."
+            "key comes from --api-key-file or PAYGENT_API_KEY."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,44 +87,53 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     listen.add_argument(
         "--graceful-timeout",
-        type=int,
+        type=_whole_seconds,
         default=DEFAULT_GRACEFUL_TIMEOUT,
-        metavar="S",
-        help=f"on stop, seconds requests in progress may take (default {DEFAULT_GRACEFUL_TIMEOUT})",
+        metavar="DURATION",
+        help="on stop, how long requests in progress may take: 10s, 1m, a bare number is "
+        f"seconds (default {DEFAULT_GRACEFUL_TIMEOUT}s)",
     )
     delivery = serve.add_argument_group("delivery (defaults from the OTEL_EXPORTER_PAYGENT_* env)")
     delivery.add_argument("--endpoint", help="Paygent API base URL")
+    delivery.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="read the Paygent API key from FILE (default: $PAYGENT_API_KEY)",
+    )
     delivery.add_argument(
         "--spool",
         metavar="FILE",
         help="durable spool (SQLite); cumulative-metric state goes beside it. "
         f"{MEMORY_SPOOL!r} keeps records in memory (lost on a crash; cumulative metrics refused)",
     )
-    delivery.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool size cap")
+    delivery.add_argument(
+        "--spool-max-bytes", type=size_type(minimum=1), metavar="SIZE",
+        help="spool size cap: 512MiB, 2GB, a bare number is bytes",
+    )  # fmt: skip
     delivery.add_argument(
         "--max-in-flight", type=int, metavar="N", help="concurrent tracking requests to Paygent"
     )
     delivery.add_argument(
         "--flush-timeout",
-        type=float,
+        type=duration_type(),
         default=DEFAULT_FLUSH_TIMEOUT,
-        metavar="S",
-        help="on stop, seconds spent delivering pending records "
-        f"(default {DEFAULT_FLUSH_TIMEOUT:g})",
+        metavar="DURATION",
+        help="on stop, how long to spend delivering pending records: 30s, 2m, a bare number "
+        f"is seconds (default {DEFAULT_FLUSH_TIMEOUT:g}s)",
     )
     limits = serve.add_argument_group("limits (each breach answered with its own status)")
     limits.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=size_type(),
         default=DEFAULT_MAX_REQUEST_BYTES,
-        metavar="N",
+        metavar="SIZE",
         help=f"request body as received, 413 beyond (default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     limits.add_argument(
         "--max-decompressed-bytes",
-        type=int,
+        type=size_type(),
         default=DEFAULT_MAX_DECOMPRESSED_BYTES,
-        metavar="N",
+        metavar="SIZE",
         help=f"body after gzip, 413 beyond (default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
     )
     limits.add_argument(
@@ -162,6 +173,25 @@ def _auth(args: argparse.Namespace) -> BearerAuth:
     return auth
 
 
+def _whole_seconds(text: str) -> int:
+    return round(duration_type()(text))
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from ``--api-key-file`` (None without the flag: the env var applies)."""
+    if not args.api_key_file:
+        return None
+    try:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the API key file {args.api_key_file}: {exc.strerror}"
+        ) from None
+    if not key:
+        raise ValueError(f"the API key file {args.api_key_file} is empty")
+    return key
+
+
 def _fail(message: str) -> int:
     print(f"paygent-otel serve: {message}", file=sys.stderr, flush=True)
     return 2
@@ -186,16 +216,24 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("max_request_bytes", "max_decompressed_bytes", "max_items"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        api_key = _api_key(args)
+    except ValueError as exc:
+        return _fail(str(exc))
     exporter = ExporterConfig.resolve(
         None,
         endpoint=args.endpoint,
+        api_key=api_key,
         spool_path=args.spool,
         spool_max_bytes=args.spool_max_bytes,
         max_in_flight=args.max_in_flight,
     )
     if not exporter.api_key and not exporter.durable:
         # Every request would be refused: nothing can be sent, nothing can be kept.
-        return _fail(f"set PAYGENT_API_KEY (or use a durable --spool instead of {MEMORY_SPOOL})")
+        return _fail(
+            f"set PAYGENT_API_KEY or pass --api-key-file FILE (or use a durable --spool "
+            f"instead of {MEMORY_SPOOL})"
+        )
     config = BridgeConfig(
         exporter=exporter,
         auth=auth,

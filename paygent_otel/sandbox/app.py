@@ -25,7 +25,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from starlette.applications import Starlette
@@ -36,6 +38,7 @@ from starlette.routing import Route
 from .ledger import LedgerWriter, Outcome, UsageRow
 
 __all__ = [
+    "AUTH_CHECK_PATH",
     "CUSTOMERS_PATH",
     "DEFAULT_FAIL_STATUS",
     "INJECTED_REJECTION_ERROR",
@@ -61,6 +64,11 @@ USAGE_PATH: Final = "/api/v2/usage"
 
 CUSTOMERS_PATH: Final = "/api/v1/customers/create-or-get"
 """Paygent's customer endpoint; the sandbox acknowledges it and stores nothing."""
+
+AUTH_CHECK_PATH: Final = "/api/v2/auth-check"
+"""The sandbox's own key check (``paygent-otel doctor``): 200 for a key the usage route
+would accept, 401 otherwise. Bills nothing, logs nothing; faults do not apply. Paygent
+itself has no such route."""
 
 
 _MAX_LATENCY_MS = 600_000.0  # longer than any client timeout; a typo, not a test
@@ -386,7 +394,12 @@ class SandboxApp:
     """
 
     def __init__(
-        self, writer: LedgerWriter, *, api_key: str | None = None, faults: Faults | None = None
+        self,
+        writer: LedgerWriter,
+        *,
+        api_key: str | None = None,
+        faults: Faults | None = None,
+        page_spools: Sequence[Path] = (),
     ) -> None:
         self.writer = writer
         """Where accepted usage and the request log go."""
@@ -399,13 +412,30 @@ class SandboxApp:
             routes=[
                 Route(USAGE_PATH, self._usage, methods=["POST"]),
                 Route(CUSTOMERS_PATH, self._customer, methods=["POST"]),
+                Route(AUTH_CHECK_PATH, self._auth_check, methods=["GET"]),
                 Route("/healthz", self._health, methods=["GET"]),
                 Route("/_sandbox/stats", self._stats, methods=["GET"]),
                 Route("/_sandbox/faults", self._get_faults, methods=["GET"]),
                 Route("/_sandbox/faults", self._post_faults, methods=["POST"]),
+                *self._page_routes(page_spools),
             ]
         )
         """The Starlette application to serve."""
+
+    def _page_routes(self, spools: Sequence[Path]) -> list[Route]:
+        """``GET /usage``: the usage page over the ledger (and ``spools``, when given)."""
+        from ..usage_page import USAGE_PAGE_PATH, sandbox_page
+
+        return [Route(USAGE_PAGE_PATH, sandbox_page(self, spools), methods=["GET"])]
+
+    @property
+    def has_api_key(self) -> bool:
+        """True when ``api_key`` was given (else any non-empty key is accepted)."""
+        return self._api_key is not None
+
+    def accepts_key(self, key: str) -> bool:
+        """True for the configured API key (never when none is configured)."""
+        return self._api_key is not None and hmac.compare_digest(key.encode(), self._api_key)
 
     @property
     def faults(self) -> Faults:
@@ -516,11 +546,7 @@ class SandboxApp:
             )
         if _draw(self._rng, faults.reject_rate):
             raise _Refusal(400, Outcome.INJECTED_REJECTION, INJECTED_REJECTION_ERROR)
-        api_key = headers.get(b"paygent-api-key", b"")
-        if not api_key:
-            raise _Refusal(401, Outcome.UNAUTHORIZED, "missing paygent-api-key header")
-        if self._api_key is not None and not hmac.compare_digest(api_key, self._api_key):
-            raise _Refusal(401, Outcome.UNAUTHORIZED, "invalid paygent-api-key")
+        self._check_key(headers)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if content_type.partition(";")[0].strip().lower() != "application/json":
             raise _Refusal(
@@ -533,6 +559,22 @@ class SandboxApp:
             return body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _Refusal(400, Outcome.INVALID, f"body: not UTF-8: {exc}") from None
+
+    def _check_key(self, headers: dict[bytes, bytes]) -> None:
+        """The ``paygent-api-key`` check of every API route (401 when it fails)."""
+        api_key = headers.get(b"paygent-api-key", b"")
+        if not api_key:
+            raise _Refusal(401, Outcome.UNAUTHORIZED, "missing paygent-api-key header")
+        if self._api_key is not None and not hmac.compare_digest(api_key, self._api_key):
+            raise _Refusal(401, Outcome.UNAUTHORIZED, "invalid paygent-api-key")
+
+    async def _auth_check(self, request: Request) -> Response:
+        """``GET /api/v2/auth-check``: the key check alone, for ``paygent-otel doctor``."""
+        try:
+            self._check_key(dict(request.scope["headers"]))
+        except _Refusal as refusal:
+            return JSONResponse({"error": refusal.error}, refusal.status)
+        return JSONResponse({"ok": True, "sandbox": True})
 
     async def _refuse(
         self, request: Request, received_at: float, key: str | None, refusal: _Refusal

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
+import time
+import zoneinfo
 from collections.abc import Sequence
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
-from .ledger import Ledger
+from .._output import add_format_arguments, format_table, print_rows
+from .._units import duration_type, parse_instant
+from .ledger import PERIODS, Ledger
 
 __all__ = [
     "DEFAULT_DB_PATH",
@@ -23,6 +28,7 @@ __all__ = [
     "register",
     "run_sandbox",
     "show_ledger",
+    "timezone_type",
 ]
 
 DEFAULT_DB_PATH: Final = "./paygent-sandbox.sqlite3"
@@ -38,8 +44,9 @@ LEDGER_GROUPS: Final = {
     "kind": "kind",
     "provider": "provider",
     "model": "model",
+    **{period: period for period in PERIODS},
 }
-"""``ledger --by`` names and the ledger columns they group by."""
+"""``ledger --by`` names and the ledger columns (or time buckets) they group by."""
 
 _SANDBOX_DESCRIPTION = """\
 Run a local stand-in for the Paygent API (POST /api/v2/usage). It checks the
@@ -58,6 +65,8 @@ examples:
       slow Paygent that answers 503 (Retry-After: 2) to one request in ten
 
 then point a client at its URL (http://127.0.0.1:8787) and watch it:
+  open http://127.0.0.1:8787/usage in a browser   (usage per customer; add --spool
+                                                   PATH to see a spool's health too)
   curl -s localhost:8787/_sandbox/stats
   curl -s -X POST localhost:8787/_sandbox/faults -d '{"fail_rate": 1.0}'
   paygent-otel ledger --db ./paygent-sandbox.sqlite3
@@ -71,7 +80,14 @@ examples:
   paygent-otel ledger
       totals per customer, kind and model of ./paygent-sandbox.sqlite3
   paygent-otel ledger --db /tmp/ledger.sqlite3 --by customer
-  paygent-otel ledger --by agent,indicator,provider --json
+  paygent-otel ledger --by day,customer --since 7d
+      per day (UTC) and customer, the last seven days
+  paygent-otel ledger --by hour,kind --since 2026-11-30 --until 2026-12-01 --tz Europe/Paris
+  paygent-otel ledger --by agent,indicator,provider --json     (or --csv)
+
+--since and --until take a time (2026-11-30, 2026-11-30T14:00, ...Z or +01:00;
+without an offset it is in --tz) or a duration ago (30m, 2h, 7d). hour, day and
+month buckets are of the arrival time at the sandbox, in --tz (default UTC).
 
 columns: calls (accepted usage records), audio min (STT audioDuration),
 chars (TTS characterCount), sts tokens and sts min (every tokens / minutes
@@ -113,7 +129,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "(default: customer,kind,model)"
         ),
     )  # fmt: skip
-    ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ledger.add_argument(
+        "--since", metavar="TIME", help="only usage received at or after TIME (see below)"
+    )
+    ledger.add_argument("--until", metavar="TIME", help="only usage received before TIME")
+    ledger.add_argument(
+        "--tz", type=timezone_type, default=UTC, metavar="ZONE",
+        help="time zone of hour/day/month and of times without an offset: UTC (default), "
+        "local, or a name such as Europe/Paris",
+    )  # fmt: skip
+    add_format_arguments(ledger)
     ledger.set_defaults(handler=show_ledger)
 
 
@@ -147,12 +172,14 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca", metavar="PEM",
         help="require a client certificate signed by this CA (mutual TLS; needs --tls-cert)",
     )  # fmt: skip
+    _add_page_arguments(parser)
     faults = parser.add_argument_group(
         "fault injection", "also changeable while running: POST /_sandbox/faults"
     )
     faults.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS",
-        help="delay every API request by MS milliseconds (default: 0)",
+        "--latency-ms", type=_milliseconds, default=0.0, metavar="DURATION",
+        help="delay every API request by DURATION: 250ms, 2s (a bare number is in "
+        "milliseconds; default: 0)",
     )  # fmt: skip
     faults.add_argument(
         "--fail-rate", type=float, default=0.0, metavar="P",
@@ -163,8 +190,9 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"status of injected failures (default: {DEFAULT_FAIL_STATUS})",
     )  # fmt: skip
     faults.add_argument(
-        "--retry-after", type=int, metavar="SECONDS",
-        help="send Retry-After: SECONDS with injected failures (default: no header)",
+        "--retry-after", type=_whole_seconds, metavar="DURATION",
+        help="send Retry-After with injected failures, in whole seconds: 2, 2s, 1m "
+        "(default: no header)",
     )  # fmt: skip
     faults.add_argument(
         "--reject-rate", type=float, default=0.0, metavar="P",
@@ -173,6 +201,15 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument(
         "--seed", type=int, help="seed the fault draws, for a reproducible sequence"
     )
+
+
+def _add_page_arguments(parser: argparse.ArgumentParser) -> None:
+    """The usage page's flag: which spools' health and conservation report it shows."""
+    parser.add_argument(
+        "--spool", action="append", default=[], metavar="PATH", dest="page_spools",
+        help="show this spool's delivery health and conservation report (checked against "
+        "the ledger) on the usage page, GET /usage (repeatable)",
+    )  # fmt: skip
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
@@ -194,9 +231,10 @@ def run_sandbox(args: argparse.Namespace) -> int:
             retry_after=args.retry_after,
             reject_rate=args.reject_rate,
             seed=args.seed,
+            page_spools=args.page_spools,
         )
         server.start()
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
         print(f"paygent-otel sandbox: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -208,6 +246,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         # SandboxProcess and scripts wait for this exact line (server.LISTENING_LINE).
         print(f"paygent sandbox listening on {server.url}", flush=True)
         print(f"ledger: {server.db_path} (Ctrl-C to stop)", flush=True)
+        print(f"usage page: {server.url}/usage", flush=True)
         # A timed wait keeps the main thread returning to the interpreter, where the
         # signal handlers run.
         while not stop.wait(0.5):
@@ -222,21 +261,30 @@ def run_sandbox(args: argparse.Namespace) -> int:
 
 
 def show_ledger(args: argparse.Namespace) -> int:
-    """Handler of ``ledger``: print totals as a table or JSON; exit status."""
+    """Handler of ``ledger``: print totals as a table, JSON or CSV; exit status."""
     ledger = Ledger(args.db)
     by: tuple[str, ...] = args.by
+    now = time.time()
+    since, until = (
+        None if text is None else parse_instant(text, now=now, tz=args.tz)
+        for text in (args.since, args.until)
+    )
     try:
-        totals = ledger.totals(by=by)
-        overall = ledger.totals(by=())
-        duplicates = ledger.duplicate_count()
+        totals = ledger.totals(by=by, since=since, until=until, tz=args.tz)
+        overall = ledger.totals(by=(), since=since, until=until)
+        duplicates = ledger.duplicate_count(since=since, until=until)
     except FileNotFoundError as exc:
         print(f"paygent-otel ledger: {exc} (run `paygent-otel sandbox` first)", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps({"groups": totals, "duplicates": duplicates}, indent=2))
-        return 0
-    print(format_totals(totals, by, overall[0] if overall else None))
-    print(f"idempotent repeats acknowledged, not recorded: {duplicates}")
+    columns = [*by, *(q for q, _ in _QUANTITY_HEADERS)]
+    print_rows(
+        totals,
+        columns,
+        args.format,
+        text=format_totals(totals, by, overall[0] if overall else None)
+        + f"\nidempotent repeats acknowledged, not recorded: {duplicates}",
+        json_document={"groups": totals, "duplicates": duplicates},
+    )
     return 0
 
 
@@ -264,24 +312,13 @@ def format_totals(
         [str(row[c]) for c in by] + [_quantity(row[q]) for q, _ in _QUANTITY_HEADERS]
         for row in totals
     ]
-    if overall is not None and len(totals) > 1 and by:
-        body.append(
-            ["total"] + [""] * (len(by) - 1) + [_quantity(overall[q]) for q, _ in _QUANTITY_HEADERS]
-        )
-    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
-
-    def render(cells: list[str]) -> str:
-        # Group columns read left to right; numbers line up on the right.
-        return "  ".join(
-            cell.ljust(w) if i < len(by) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [render(headers), rule, *(render(r) for r in body[: len(totals)])]
-    if len(body) > len(totals):
-        lines += [rule, render(body[-1])]
-    return "\n".join(lines)
+    numbers = range(len(by), len(headers))
+    table = format_table(headers, body, numbers)
+    if overall is None or len(totals) < 2 or not by:
+        return table
+    total = ["total"] + [""] * (len(by) - 1) + [_quantity(overall[q]) for q, _ in _QUANTITY_HEADERS]
+    lines = format_table(headers, [*body, total], numbers).splitlines()
+    return "\n".join([*lines[:-1], lines[1], lines[-1]])
 
 
 def _quantity(value: int | float) -> str:
@@ -289,6 +326,33 @@ def _quantity(value: int | float) -> str:
         return str(value)
     # Four decimals show a second of audio (0.0167 min); trailing zeros only add noise.
     return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _milliseconds(text: str) -> float:
+    return duration_type(bare_unit="ms")(text) * 1000.0
+
+
+def _whole_seconds(text: str) -> int:
+    seconds = duration_type()(text)
+    if seconds != int(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r}: Retry-After takes whole seconds")
+    return int(seconds)
+
+
+def timezone_type(text: str) -> tzinfo:
+    """An argparse ``type=`` for ``--tz``: ``UTC``, ``local`` or an IANA name."""
+    if text.upper() == "UTC":
+        return UTC
+    if text == "local":
+        local = datetime.now().astimezone().tzinfo
+        assert local is not None
+        return local
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time zone: use UTC, local or a name such as Europe/Paris"
+        ) from None
 
 
 def _group_list(text: str) -> tuple[str, ...]:

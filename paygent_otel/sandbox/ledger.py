@@ -24,12 +24,14 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 __all__ = [
     "GROUP_COLUMNS",
+    "PERIODS",
     "SCHEMA_VERSION",
     "Ledger",
     "LedgerWriter",
@@ -42,6 +44,10 @@ SCHEMA_VERSION: Final = 1
 
 GROUP_COLUMNS: Final = ("customer_id", "agent_id", "indicator", "kind", "provider", "model", "plan")
 """Columns :meth:`Ledger.totals` can group by."""
+
+PERIODS: Final = {"hour": "%Y-%m-%dT%H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
+"""Time buckets :meth:`Ledger.totals` can also group by (of ``received_at``), and how each
+bucket is named."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -153,6 +159,11 @@ class LedgerWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         """The SQLite file (created when missing)."""
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(
+                f"cannot create the ledger {self.path}: the folder {self.path.parent} does not "
+                "exist (create it, or pass another --db)"
+            )
         # The event loop thread that uses it is not the thread that opened it.
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         try:
@@ -279,6 +290,23 @@ class Ledger:
             raise FileNotFoundError(f"no sandbox ledger at {self.path}")
         uri = self.path.resolve().as_uri() + "?mode=ro"
         with closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
+            try:
+                found = db.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name IN ('usage', 'request_log')"
+                ).fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise ValueError(f"{self.path} is not a sandbox ledger: {exc}") from None
+            if found != 2:
+                raise ValueError(
+                    f"{self.path} is not a sandbox ledger (it has no usage table"
+                    + (
+                        "; it looks like a spool: see `paygent-otel spool status --spool "
+                        f"{self.path}`)"
+                        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pending'")
+                        .fetchone()
+                        else ")"
+                    )
+                )
             db.row_factory = sqlite3.Row
             yield db
 
@@ -302,23 +330,48 @@ class Ledger:
             (n,) = db.execute("SELECT count(*) FROM usage").fetchone()
         return int(n)
 
-    def totals(self, by: Sequence[str] = ("customer_id", "kind", "model")) -> list[dict[str, Any]]:
-        """Totals per group of ``by`` columns (any of :data:`GROUP_COLUMNS`), sorted by group.
+    def totals(
+        self,
+        by: Sequence[str] = ("customer_id", "kind", "model"),
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        tz: tzinfo = UTC,
+    ) -> list[dict[str, Any]]:
+        """Totals per group of ``by`` columns, sorted by group, of the usage received in
+        ``[since, until)`` (Unix seconds; None: no bound).
 
-        Each dict has the group columns, then ``calls``, ``audio_minutes``, ``characters``,
-        ``sts_tokens`` and ``sts_minutes``. Counts are exact integer sums; minutes are summed
-        with :func:`math.fsum`, so the order rows arrived in does not change the result.
+        ``by`` holds any of :data:`GROUP_COLUMNS` and of :data:`PERIODS` (``hour``, ``day``,
+        ``month`` of the arrival time, in ``tz``). Each dict has the group columns, then
+        ``calls``, ``audio_minutes``, ``characters``, ``sts_tokens`` and ``sts_minutes``.
+        Counts are exact integer sums; minutes are summed with :func:`math.fsum`, so the
+        order rows arrived in does not change the result.
         """
-        unknown = [c for c in by if c not in GROUP_COLUMNS]
+        unknown = [c for c in by if c not in GROUP_COLUMNS and c not in PERIODS]
         if unknown:
-            raise ValueError(f"cannot group by {unknown}; choose from {', '.join(GROUP_COLUMNS)}")
+            raise ValueError(
+                f"cannot group by {unknown}; choose from {', '.join((*GROUP_COLUMNS, *PERIODS))}"
+            )
+        columns = [c if c in GROUP_COLUMNS else "received_at" for c in by]
         select = ", ".join(
-            (*by, "audio_minutes", "characters", "sts_tokens", "sts_minutes")
+            (*columns, "audio_minutes", "characters", "sts_tokens", "sts_minutes")
         )
+        where, params = [], []
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("received_at < ?")
+            params.append(until)
+        sql = f"SELECT {select} FROM usage" + (f" WHERE {' AND '.join(where)}" if where else "")
+        formats = [PERIODS.get(c) for c in by]
         groups: dict[tuple[str, ...], _Group] = {}
         with self._connect() as db:
-            for row in db.execute(f"SELECT {select} FROM usage"):
-                key = tuple(row[: len(by)])
+            for row in db.execute(sql, params):
+                key = tuple(
+                    value if fmt is None else datetime.fromtimestamp(value, tz).strftime(fmt)
+                    for value, fmt in zip(row[: len(by)], formats, strict=True)
+                )
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = _Group()
@@ -327,13 +380,22 @@ class Ledger:
             {**dict(zip(by, key, strict=True)), **groups[key].as_dict()} for key in sorted(groups)
         ]
 
-    def duplicate_count(self, key: str | None = None) -> int:
-        """Idempotent repeats acknowledged and not recorded: in total, or for one key."""
+    def duplicate_count(
+        self, key: str | None = None, *, since: float | None = None, until: float | None = None
+    ) -> int:
+        """Idempotent repeats acknowledged and not recorded: in total, or for one key, of
+        the requests received in ``[since, until)``."""
         sql = "SELECT count(*) FROM request_log WHERE outcome = ?"
-        params: tuple[str, ...] = (Outcome.DUPLICATE,)
+        params: tuple[str | float, ...] = (Outcome.DUPLICATE,)
         if key is not None:
             sql += " AND idempotency_key = ?"
             params += (key,)
+        if since is not None:
+            sql += " AND received_at >= ?"
+            params += (since,)
+        if until is not None:
+            sql += " AND received_at < ?"
+            params += (until,)
         with self._connect() as db:
             (n,) = db.execute(sql, params).fetchone()
         return int(n)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -69,6 +69,7 @@ class SandboxServer:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_client_ca: str | os.PathLike[str] | None = None,
+        page_spools: Sequence[str | os.PathLike[str]] = (),
         **faults: Any,
     ) -> None:
         self.db_path = Path(db_path)
@@ -80,6 +81,7 @@ class SandboxServer:
         self._client_ca = os.fspath(tls_client_ca) if tls_client_ca else None
         if self._client_ca and not self._tls:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        self._page_spools = [Path(p) for p in page_spools]
         self._faults = Faults().replace(**faults)
         self.ledger = Ledger(self.db_path)
         """Read access to the ledger file (works while running and after stop)."""
@@ -134,7 +136,9 @@ class SandboxServer:
             writer.close()
             raise
         self._port = sock.getsockname()[1]
-        app = SandboxApp(writer, api_key=self._api_key, faults=self._faults)
+        app = SandboxApp(
+            writer, api_key=self._api_key, faults=self._faults, page_spools=self._page_spools
+        )
         config = uvicorn.Config(
             app.asgi,
             http=HTTP_IMPLEMENTATION,
