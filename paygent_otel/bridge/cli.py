@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
 import sys
 from typing import Final
 
-from .._config import MEMORY_SPOOL, ExporterConfig
+from .._config import (
+    MEMORY_SPOOL,
+    PAYGENT_BRIDGE_TOKEN,
+    ExporterConfig,
+    add_setting_flags,
+    flag_type,
+    flag_values,
+    read_setting,
+)
+from .._units import parse_duration, parse_size
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
-    DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_MAX_ATTRIBUTE_LENGTH,
@@ -28,8 +36,6 @@ __all__ = ["LISTENING_LINE_PREFIX", "PAYGENT_BRIDGE_TOKEN", "register", "run_ser
 
 _logger = logging.getLogger("paygent_otel.bridge")
 
-PAYGENT_BRIDGE_TOKEN: Final = "PAYGENT_BRIDGE_TOKEN"  # noqa: S105 (a variable name)
-"""Environment variable holding one bearer token (``TOKEN`` or ``TOKEN=agent1,agent2``)."""
 LISTENING_LINE_PREFIX: Final = "paygent-otel bridge listening on "
 """``serve`` prints this, then the URL, once it accepts connections."""
 
@@ -50,6 +56,10 @@ endpoints: POST /v1/traces, /v1/metrics, /v1/logs (protobuf or JSON, gzip or
 plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C or SIGTERM:
 requests in progress finish, pending records are flushed or stay in the spool.
 """
+
+
+def _whole_seconds(text: str) -> int:
+    return math.ceil(parse_duration(text))
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,45 +95,33 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     listen.add_argument(
         "--graceful-timeout",
-        type=int,
+        type=flag_type(_whole_seconds),
         default=DEFAULT_GRACEFUL_TIMEOUT,
-        metavar="S",
-        help=f"on stop, seconds requests in progress may take (default {DEFAULT_GRACEFUL_TIMEOUT})",
+        metavar="DURATION",
+        help="on stop, how long requests in progress may take (30s, 2m; bare: seconds; "
+        f"default {DEFAULT_GRACEFUL_TIMEOUT}s)",
     )
-    delivery = serve.add_argument_group("delivery (defaults from the OTEL_EXPORTER_PAYGENT_* env)")
-    delivery.add_argument("--endpoint", help="Paygent API base URL")
-    delivery.add_argument(
-        "--spool",
-        metavar="FILE",
-        help="durable spool (SQLite); cumulative-metric state goes beside it. "
-        f"{MEMORY_SPOOL!r} keeps records in memory (lost on a crash; cumulative metrics refused)",
+    delivery = serve.add_argument_group(
+        "delivery (each flag's default: its OTEL_EXPORTER_PAYGENT_* variable, see "
+        "docs/configuration.md; the cumulative-metric state goes beside the spool, and "
+        f"--spool {MEMORY_SPOOL} refuses cumulative metrics)"
     )
-    delivery.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool size cap")
-    delivery.add_argument(
-        "--max-in-flight", type=int, metavar="N", help="concurrent tracking requests to Paygent"
-    )
-    delivery.add_argument(
-        "--flush-timeout",
-        type=float,
-        default=DEFAULT_FLUSH_TIMEOUT,
-        metavar="S",
-        help="on stop, seconds spent delivering pending records "
-        f"(default {DEFAULT_FLUSH_TIMEOUT:g})",
-    )
+    add_setting_flags(delivery)
     limits = serve.add_argument_group("limits (each breach answered with its own status)")
     limits.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=flag_type(parse_size),
         default=DEFAULT_MAX_REQUEST_BYTES,
-        metavar="N",
-        help=f"request body as received, 413 beyond (default {DEFAULT_MAX_REQUEST_BYTES})",
+        metavar="SIZE",
+        help="request body as received, 413 beyond (8MiB, 1000000; bare: bytes; "
+        f"default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     limits.add_argument(
         "--max-decompressed-bytes",
-        type=int,
+        type=flag_type(parse_size),
         default=DEFAULT_MAX_DECOMPRESSED_BYTES,
-        metavar="N",
-        help=f"body after gzip, 413 beyond (default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
+        metavar="SIZE",
+        help=f"body after gzip, 413 beyond (bare: bytes; default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
     )
     limits.add_argument(
         "--max-items",
@@ -153,7 +151,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _auth(args: argparse.Namespace) -> BearerAuth:
     auth = BearerAuth()
-    token = args.token or os.environ.get(PAYGENT_BRIDGE_TOKEN, "").strip()
+    token = args.token or read_setting(PAYGENT_BRIDGE_TOKEN)
     if token:
         source = "--token" if args.token else PAYGENT_BRIDGE_TOKEN
         auth = BearerAuth.parse([token], source)
@@ -186,13 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("max_request_bytes", "max_decompressed_bytes", "max_items"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
-    exporter = ExporterConfig.resolve(
-        None,
-        endpoint=args.endpoint,
-        spool_path=args.spool,
-        spool_max_bytes=args.spool_max_bytes,
-        max_in_flight=args.max_in_flight,
-    )
+    exporter = ExporterConfig.resolve(None, **flag_values(args))
     if not exporter.api_key and not exporter.durable:
         # Every request would be refused: nothing can be sent, nothing can be kept.
         return _fail(f"set PAYGENT_API_KEY (or use a durable --spool instead of {MEMORY_SPOOL})")
@@ -206,7 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_attribute_length=args.max_attribute_length,
             max_concurrent_requests=max(1, args.max_concurrent_requests),
         ),
-        flush_timeout=args.flush_timeout,
+        flush_timeout=exporter.flush_timeout,
     )
     try:
         sock = bind_socket(args.host, args.port)

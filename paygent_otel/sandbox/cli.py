@@ -11,6 +11,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Final
 
+from .._config import flag_type
+from .._units import parse_duration
 from .ledger import Ledger
 
 __all__ = [
@@ -141,8 +143,9 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "fault injection", "also changeable while running: POST /_sandbox/faults"
     )
     faults.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS",
-        help="delay every API request by MS milliseconds (default: 0)",
+        "--latency-ms", type=_milliseconds, default=0.0, metavar="DURATION",
+        help="delay every API request this long (200, 200ms, 1.5s; bare: milliseconds; "
+        "default: 0)",
     )  # fmt: skip
     faults.add_argument(
         "--fail-rate", type=float, default=0.0, metavar="P",
@@ -153,8 +156,9 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"status of injected failures (default: {DEFAULT_FAIL_STATUS})",
     )  # fmt: skip
     faults.add_argument(
-        "--retry-after", type=int, metavar="SECONDS",
-        help="send Retry-After: SECONDS with injected failures (default: no header)",
+        "--retry-after", type=_whole_seconds, metavar="DURATION",
+        help="send Retry-After with injected failures (2, 2s, 1m; bare: seconds; whole "
+        "seconds only; default: no header)",
     )  # fmt: skip
     faults.add_argument(
         "--reject-rate", type=float, default=0.0, metavar="P",
@@ -276,6 +280,19 @@ def _quantity(value: int | float) -> str:
         return str(value)
     # Four decimals show a second of audio (0.0167 min); trailing zeros only add noise.
     return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+@flag_type
+def _milliseconds(text: str) -> float:
+    return parse_duration(text, bare_unit="ms") * 1000.0
+
+
+@flag_type
+def _whole_seconds(text: str) -> int:
+    seconds = parse_duration(text)
+    if seconds != int(seconds):
+        raise ValueError("Retry-After takes whole seconds")
+    return int(seconds)
 
 
 def _group_list(text: str) -> tuple[str, ...]:
