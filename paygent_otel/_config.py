@@ -5,7 +5,7 @@ environment variable, how a value is read and checked, the default and one line 
 documentation. From the table come :meth:`ExporterConfig.resolve` (argument, then the
 signal's variable ``OTEL_EXPORTER_PAYGENT_TRACES_*`` / ``_METRICS_*``, then the generic one,
 then the default), the ``paygent-otel serve`` delivery flags (:func:`add_setting_flags`) and
-the table in ``docs/configuration.md`` (``python -m paygent_otel._config``; a test fails
+the table in ``docs/configuration.md`` (``python -m paygent_otel._config_doc``; a test fails
 when the two drift apart). Every environment variable this package reads is defined here.
 
 Bad values: a bad *argument* raises ``ValueError`` when the exporter (or bridge) is built,
@@ -32,13 +32,11 @@ from urllib.parse import urlsplit
 from ._units import parse_duration, parse_size
 
 __all__ = [
-    "BEGIN_MARKER",
     "DEFAULT_ENDPOINT",
     "DEFAULT_FLUSH_TIMEOUT",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_SPOOL_MAX_BYTES",
     "DEFAULT_TIMEOUT",
-    "END_MARKER",
     "MEMORY_SPOOL",
     "SETTINGS",
     "ExporterConfig",
@@ -49,7 +47,6 @@ __all__ = [
     "flag_type",
     "flag_values",
     "read_setting",
-    "render_table",
 ]
 
 _logger = logging.getLogger("paygent_otel.config")
@@ -657,32 +654,3 @@ def flag_values(args: argparse.Namespace) -> ExporterSettings:
 
 def _plain(markdown: str) -> str:
     return markdown.replace("`", "")
-
-
-BEGIN_MARKER: Final = "<!-- BEGIN GENERATED: python -m paygent_otel._config -->"
-END_MARKER: Final = "<!-- END GENERATED -->"
-
-
-def render_table() -> str:
-    """The Markdown table of :data:`SETTINGS` that ``docs/configuration.md`` holds."""
-    lines = [
-        BEGIN_MARKER,
-        "",
-        "| Argument | Environment variable | Type | Default | `serve` flag | Meaning |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in SETTINGS:
-        env = f"`{s.env}`" + (" (per signal)" if s.per_signal else "")
-        if s.blocks:
-            env += " (blocks)"
-        argument = f"`{s.name}`" if s.name else ""
-        flag = f"`{s.flag}`" if s.flag else ""
-        lines.append(
-            f"| {argument} | {env} | {s.kind} | {s.default_doc} | {flag} | {s.doc} |"
-        )
-    lines += ["", END_MARKER]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(render_table())
