@@ -45,9 +45,11 @@ import builtins
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,7 +63,11 @@ from conftest import API_KEY
 from paygent_otel.sandbox import Ledger, SandboxServer
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "collector-config" / "README.md"]  # fmt: skip
+DOCUMENTS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "collector-config" / "README.md",
+]
 RUNNABLE = {"python", "sh", "bash", "shell", "console"}
 BLOCK_TIMEOUT = 90.0
 MARK = re.compile(r"<!--\s*docs-test:\s*(skip|file|background)\b\s*(.*?)\s*-->")
@@ -166,6 +172,7 @@ def blocks_of(doc: Path) -> list[Block]:
 
 
 BLOCKS = [block for doc in DOCUMENTS for block in blocks_of(doc)]
+LAST_BLOCK = {block.doc: block for block in BLOCKS}
 
 
 # ----------------------------------------------------------------- the environment
@@ -255,16 +262,21 @@ class Session:
         return status, output
 
     def close(self) -> None:
-        for process in self.background:
-            _stop_group(process)
+        """Stop the document's background servers (their ports are free for the next one)."""
+        while self.background:
+            _stop_group(self.background.pop())
 
 
 @pytest.fixture(scope="module")
-def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Session]]:
-    """Per document a Session, all sharing one sandbox and one OTLP sink."""
+def sessions() -> Iterator[dict[Path, Session]]:
+    """Per document a Session, all sharing one sandbox and one OTLP sink.
+
+    The directories are not under pytest's shared temporary root, which another pytest run
+    of the same user may prune while these blocks still use them."""
+    top = Path(tempfile.mkdtemp(prefix="paygent-docs-"))
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    sandbox = SandboxServer(tmp_path_factory.mktemp("docs-sandbox") / "ledger.sqlite3")
+    sandbox = SandboxServer(top / "ledger.sqlite3")
     sandbox.start()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PAYGENT_", "OTEL_"))}
     base |= {
@@ -275,8 +287,9 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Se
         "PYTHONUNBUFFERED": "1",
     }
     created: dict[Path, Session] = {}
-    for doc in DOCUMENTS:
-        directory = tmp_path_factory.mktemp(doc.stem)
+    for n, doc in enumerate(DOCUMENTS):
+        directory = top / f"{n}-{doc.stem}"
+        directory.mkdir()
         (directory / "collector-config").symlink_to(ROOT / "collector-config")
         (directory / ".pip_check.py").write_text(PIP_CHECK)
         for block in blocks_of(doc):
@@ -284,10 +297,8 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Se
                 (directory / block.argument).write_text(block.text)
         session = Session(directory, {**base, "XDG_STATE_HOME": str(directory / "state")}, sandbox)
         # The default spool exists, as on any machine where an exporter has run.
-        subprocess.run(
-            [sys.executable, "-c", "from paygent_otel import PaygentSpanExporter as E; E().shutdown()"],
-            env=session.env, check=True, timeout=60,
-        )  # fmt: skip
+        build_one = "from paygent_otel import PaygentSpanExporter as E; E().shutdown()"
+        subprocess.run([sys.executable, "-c", build_one], env=session.env, check=True, timeout=60)
         created[doc] = session
     try:
         yield created
@@ -296,6 +307,7 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Se
             session.close()
         sandbox.stop()
         sink.shutdown()
+        shutil.rmtree(top, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- running one block
@@ -353,18 +365,25 @@ def _records_usage(block: Block, session: Session) -> bool:
         return USAGE.search(block.text) is not None and not _defines_tests(block)
     if USAGE.search(block.text):
         return True
-    named = re.findall(r"[\w./-]+\.py\b", block.commands())
-    return any(
-        (session.directory / name).is_file() and USAGE.search((session.directory / name).read_text())
-        for name in named
-    )  # fmt: skip
+    files = [session.directory / name for name in re.findall(r"[\w./-]+\.py\b", block.commands())]
+    return any(path.is_file() and USAGE.search(path.read_text()) for path in files)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_documented_block_runs(block: Block, sessions: dict[Path, Session]) -> None:
-    if block.mark == "skip":
-        pytest.skip(f"{block.id}: {block.argument}")
     session = sessions[block.doc]
+    if block.mark == "skip":
+        if block is LAST_BLOCK[block.doc]:
+            session.close()
+        pytest.skip(f"{block.id}: {block.argument}")
+    try:
+        _run_and_check(block, session)
+    finally:
+        if block is LAST_BLOCK[block.doc]:
+            session.close()
+
+
+def _run_and_check(block: Block, session: Session) -> None:
     if block.mark == "file":
         if block.argument.endswith(".py"):
             compile(block.text, block.id, "exec")
