@@ -33,8 +33,9 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
     ``docs/configuration.md``); with no arguments (zero-code) it configures itself from
     the environment. A bad argument raises ``ValueError`` here, the one place this exporter
     raises; a bad environment value is a warning and its default is used (a bad endpoint,
-    key or TLS file instead stops delivery and keeps the records). ``export()`` commits the batch's records to the spool (durable by
-    default) and returns; a background worker delivers them. It never raises.
+    key or TLS file instead stops delivery and keeps the records). ``export()`` commits the
+    batch's records to the spool (durable by default) and returns; a background worker
+    delivers them. It never raises.
     """
 
     signal = "traces"

@@ -10,8 +10,8 @@ blocks of one document run in order, in one working directory of their own (with
   starts (a block that starts its own sandbox or exports its own values uses those);
   ``XDG_STATE_HOME`` is the document's directory, so the default spool is there, and one
   exporter has been built beforehand, as on any machine that runs one;
-- ``OTEL_EXPORTER_OTLP_ENDPOINT`` aims at a local OTLP sink that answers 200, standing in
-  for "your usual OTLP backend";
+- ``OTEL_EXPORTER_OTLP_ENDPOINT`` (with ``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``) aims
+  at a local OTLP/HTTP sink that answers 200, standing in for "your usual OTLP backend";
 - ``pip install ...`` lines are not run: a shell function checks that what they name is
   installed in this environment (``make test`` installs the test extra) and fails if not.
 
@@ -284,6 +284,7 @@ def sessions() -> Iterator[dict[Path, Session]]:
         "OTEL_EXPORTER_PAYGENT_ENDPOINT": sandbox.url,
         "PAYGENT_API_KEY": API_KEY,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",  # the sink speaks OTLP/HTTP
         "PYTHONUNBUFFERED": "1",
     }
     created: dict[Path, Session] = {}
@@ -295,11 +296,18 @@ def sessions() -> Iterator[dict[Path, Session]]:
         for block in blocks_of(doc):
             if block.mark == "file":
                 (directory / block.argument).write_text(block.text)
-        session = Session(directory, {**base, "XDG_STATE_HOME": str(directory / "state")}, sandbox)
-        # The default spool exists, as on any machine where an exporter has run.
-        build_one = "from paygent_otel import PaygentSpanExporter as E; E().shutdown()"
-        subprocess.run([sys.executable, "-c", build_one], env=session.env, check=True, timeout=60)
-        created[doc] = session
+        created[doc] = Session(
+            directory, {**base, "XDG_STATE_HOME": str(directory / "state")}, sandbox
+        )
+    # Each default spool exists, as on any machine where an exporter has run.
+    build = (
+        "import os, sys\nfrom paygent_otel import PaygentSpanExporter\n"
+        "for state in sys.argv[1:]:\n"
+        "    os.environ['XDG_STATE_HOME'] = state\n"
+        "    PaygentSpanExporter().shutdown()\n"
+    )
+    states = [s.env["XDG_STATE_HOME"] for s in created.values()]
+    subprocess.run([sys.executable, "-c", build, *states], env=base, check=True, timeout=60)
     try:
         yield created
     finally:
