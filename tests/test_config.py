@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter, record_stt
 from paygent_otel import _config as config_module
-from paygent_otel._config import SETTINGS, ExporterConfig, ExporterSettings
+from paygent_otel._config import SETTINGS, ExporterConfig, ExporterSettings, flag_values
 from paygent_otel._config_doc import BEGIN_MARKER, END_MARKER, render_table
 from paygent_otel._units import parse_duration, parse_size
 from paygent_otel.baggage import baggage_enabled
@@ -331,6 +331,14 @@ def test_duration_and_size_flags_take_units() -> None:
         21600.0,
     )
     assert (args.spool_max_bytes, args.max_request_bytes) == (64 << 20, 8 << 20)
+    # What `serve` builds its delivery from: flags first, then the variables, then defaults.
+    resolved = ExporterConfig.resolve(None, **flag_values(args))
+    assert (resolved.flush_timeout, resolved.timeout, resolved.max_retry_seconds) == (
+        30.0,
+        0.5,
+        21600.0,
+    )
+    assert resolved.endpoint == config_module.DEFAULT_ENDPOINT  # no flag: the default
     sandbox = _build_parser().parse_args(["sandbox", "--latency-ms", "0.2s", "--retry-after", "1m"])
     assert (sandbox.latency_ms, sandbox.retry_after) == (200.0, 60)
     assert _build_parser().parse_args(["sandbox", "--latency-ms", "150"]).latency_ms == 150.0
