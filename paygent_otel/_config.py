@@ -73,50 +73,28 @@ milliseconds (as the OpenTelemetry specification writes exporter timeouts), not 
 
 _PREFIX: Final = "OTEL_EXPORTER_PAYGENT_"
 
+# The environment variables. Their meaning, type and default are the rows of SETTINGS below
+# (and the table in docs/configuration.md), so they are said once.
 OTEL_EXPORTER_PAYGENT_ENDPOINT: Final = "OTEL_EXPORTER_PAYGENT_ENDPOINT"
-"""Paygent API base URL for every signal. Default :data:`DEFAULT_ENDPOINT`."""
 OTEL_EXPORTER_PAYGENT_TIMEOUT: Final = "OTEL_EXPORTER_PAYGENT_TIMEOUT"
-"""Time per tracking request (``10s``, ``500ms``; bare: seconds). Default
-:data:`DEFAULT_TIMEOUT`."""
 OTEL_EXPORTER_PAYGENT_HEADERS: Final = "OTEL_EXPORTER_PAYGENT_HEADERS"
-"""Extra request headers, ``k1=v1,k2=v2`` (W3C-baggage style, as OTLP exporters take)."""
 PAYGENT_API_KEY: Final = "PAYGENT_API_KEY"
-"""The Paygent API key, sent as the ``paygent-api-key`` header. Required to deliver."""
 PAYGENT_AGENT_ID: Final = "PAYGENT_AGENT_ID"
-"""Default agent id for records that carry none (last in the precedence)."""
 PAYGENT_CUSTOMER_ID: Final = "PAYGENT_CUSTOMER_ID"
-"""Default customer id for records that carry none (last in the precedence)."""
 PAYGENT_INDICATOR: Final = "PAYGENT_INDICATOR"
-"""Default indicator for records that carry none."""
 OTEL_EXPORTER_PAYGENT_SPOOL_PATH: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_PATH"
-"""Durable spool file (SQLite). ``:memory:`` selects in-memory mode. Default
-:func:`default_spool_path`."""
 OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES"
-"""Spool size cap (``64MiB``, ``1GiB``; bare: bytes). Default :data:`DEFAULT_SPOOL_MAX_BYTES`."""
 OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT: Final = "OTEL_EXPORTER_PAYGENT_MAX_IN_FLIGHT"
-"""Concurrent tracking requests. Default :data:`DEFAULT_MAX_IN_FLIGHT`."""
 OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS: Final = "OTEL_EXPORTER_PAYGENT_MAX_RETRY_SECONDS"
-"""Give up retrying a record after this long (``6h``; bare: seconds; 0 = never). Default:
-never with the durable spool, 300 s in memory mode."""
 OTEL_EXPORTER_PAYGENT_FLUSH_TIMEOUT: Final = "OTEL_EXPORTER_PAYGENT_FLUSH_TIMEOUT"
-"""Longest wait for delivery at shutdown (bare: seconds). Default :data:`DEFAULT_FLUSH_TIMEOUT`."""
 OTEL_EXPORTER_PAYGENT_TRACE_TAGS: Final = "OTEL_EXPORTER_PAYGENT_TRACE_TAGS"
-"""``true``/``false``: attach ``otel_trace_id``/``otel_span_id`` metaTags. Default true."""
 OTEL_EXPORTER_PAYGENT_GENAI: Final = "OTEL_EXPORTER_PAYGENT_GENAI"
-"""``true``/``false``: bill spans that carry ``gen_ai.usage.*`` as STS records. Default false."""
 OTEL_EXPORTER_PAYGENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CERTIFICATE"
-"""CA bundle (PEM) to verify the endpoint's certificate with, instead of the system's."""
 OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE"
-"""Client certificate (PEM) for mutual TLS."""
 OTEL_EXPORTER_PAYGENT_CLIENT_KEY: Final = "OTEL_EXPORTER_PAYGENT_CLIENT_KEY"
-"""Private key (PEM) of the client certificate."""
 OTEL_EXPORTER_PAYGENT_BAGGAGE: Final = "OTEL_EXPORTER_PAYGENT_BAGGAGE"
-"""``true``/``false``: read identity from baggage (span processor and metric helpers).
-Default true."""
 PAYGENT_BRIDGE_TOKEN: Final = "PAYGENT_BRIDGE_TOKEN"  # noqa: S105 (a variable name)
-"""One bearer token the bridge accepts (``TOKEN`` or ``TOKEN=agent1,agent2``)."""
 XDG_STATE_HOME: Final = "XDG_STATE_HOME"
-"""Where per-user state lives; the default spool is in ``$XDG_STATE_HOME/paygent-otel/``."""
 
 
 def default_spool_path() -> Path:
