@@ -47,6 +47,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -391,11 +392,45 @@ def test_documented_block_runs(block: Block, sessions: dict[Path, Session]) -> N
             session.close()
 
 
+DEFAULT_PORTS = {"paygent-otel sandbox": 8787, "paygent-otel serve": 4319}
+"""The servers documented blocks start, on their default ports."""
+
+
+def _default_ports(block: Block) -> list[int]:
+    commands = block.commands() if block.lang != "python" else ""
+    return [
+        port
+        for command, port in DEFAULT_PORTS.items()
+        if re.search(rf"^\s*(?:\S+=\S+\s+)*{command}\b(?!.*--port)", commands, re.MULTILINE)
+    ]
+
+
+def _wait_until_free(port: int, block: Block) -> None:
+    """The block starts a server on ``port``: a lingering server of an earlier block gets a
+    few seconds to close; anything else holding it is named in the failure."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"{block.id} starts a server on its documented port {port}, which "
+                        "another process holds: stop it and run the test again"
+                    )
+        time.sleep(0.2)
+
+
 def _run_and_check(block: Block, session: Session) -> None:
     if block.mark == "file":
         if block.argument.endswith(".py"):
             compile(block.text, block.id, "exec")
         return  # run by the blocks that use it
+    for port in _default_ports(block):
+        _wait_until_free(port, block)
     expect_usage = _records_usage(block, session)
     before = session.ledger_total()
     if block.lang == "python":
