@@ -162,6 +162,8 @@ class DeliveryPipeline:
     def _route(config: ExporterConfig, api_key_hint: str) -> tuple[Route, str | None]:
         """The route to the endpoint, and why nothing can be sent there (None: it can)."""
         url = config.endpoint + USAGE_PATH
+        if config.delivery_blocked:
+            return Route(url), config.delivery_blocked
         try:
             route = route_for(
                 url,

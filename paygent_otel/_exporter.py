@@ -3,14 +3,12 @@ pipeline, self-metrics, flush and shutdown. Each exporter adds only its ``export
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar
 
 import httpx
 from opentelemetry.metrics import MeterProvider
 
-from ._config import ExporterConfig
+from ._config import ExporterConfig, ExporterSettings
 from ._delivery import DeliveryPipeline
 from ._mapping import IdentityDefaults
 from ._retry import RetryPolicy
@@ -20,37 +18,14 @@ from .frameworks import FrameworkSet, parse_frameworks
 __all__ = ["ExporterSettings", "PaygentExporterBase"]
 
 
-class ExporterSettings(TypedDict, total=False):
-    """Keyword arguments every exporter takes; each falls back to its environment variable,
-    then to its default (``ExporterConfig.resolve``; README, *Configuration*)."""
-
-    endpoint: str | None
-    api_key: str | None
-    timeout: float | None
-    headers: dict[str, str] | None
-    agent_id: str | None
-    customer_id: str | None
-    indicator: str | None
-    spool_path: str | os.PathLike[str] | None
-    spool_max_bytes: int | None
-    max_in_flight: int | None
-    max_retry_seconds: float | None
-    trace_tags: bool | None
-    genai: bool | None
-    certificate: str | None
-    client_certificate: str | None
-    client_key: str | None
-    frameworks: str | Sequence[str] | None
-
-
 class PaygentExporterBase:
     """Mixed in before ``SpanExporter`` / ``MetricExporter``; ``signal`` names the pipeline."""
 
     signal: ClassVar[str]
     config: ExporterConfig
     _defaults: IdentityDefaults
-    _frameworks: FrameworkSet
     _pipeline: DeliveryPipeline
+    _frameworks: FrameworkSet
     _shutdown: bool
 
     def _start_pipeline(
@@ -101,13 +76,14 @@ class PaygentExporterBase:
         """Deliver what is pending within the timeout, then stop. Idempotent.
 
         ``PeriodicExportingMetricReader`` passes what is left of its deadline as
-        ``timeout=`` (milliseconds); it wins over ``timeout_millis``.
+        ``timeout=`` (milliseconds); it wins over ``timeout_millis``. The wait never exceeds
+        the ``flush_timeout`` setting: the SDK's processors pass up to 30 s at exit.
         """
         if self._shutdown:
             return
         self._shutdown = True
-        millis = kwargs.get("timeout", timeout_millis)
-        self._pipeline.shutdown(max(float(millis), 0.0) / 1000.0)
+        seconds = float(kwargs.get("timeout", timeout_millis)) / 1000.0
+        self._pipeline.shutdown(max(min(seconds, self.config.flush_timeout), 0.0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

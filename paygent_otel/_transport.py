@@ -101,7 +101,7 @@ def tls_context(
     elif client_key:
         raise ValueError("a client key was given without a client certificate")
     if certificate:
-        return context, certificate
+        return context, f"CA bundle {certificate}"
     paths = ssl.get_default_verify_paths()
     return context, f"system trust store ({paths.cafile or paths.capath})"
 

@@ -13,12 +13,13 @@ import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, tzinfo
-from typing import Final
+from typing import Final, TypeVar
 
 __all__ = [
     "DURATION_UNITS",
     "SIZE_UNITS",
     "duration_type",
+    "flag_type",
     "parse_duration",
     "parse_instant",
     "parse_size",
@@ -56,6 +57,8 @@ SIZE_UNITS: Final = {
 """Size suffixes (case-insensitive) in bytes: ``KB``/``MB``/``GB`` are powers of 1000,
 ``KiB``/``MiB``/``GiB`` powers of 1024."""
 
+_T = TypeVar("_T")
+
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_PART = re.compile(rf"({_NUMBER})\s*([a-zµ]*)", re.IGNORECASE)
 _SIZE = re.compile(rf"({_NUMBER})\s*([a-z]*)", re.IGNORECASE)
@@ -71,7 +74,7 @@ def parse_duration(text: str, *, bare_unit: str = "s") -> float:
         raise ValueError(f"bare_unit {bare_unit!r} is not one of {', '.join(DURATION_UNITS)}")
     compact = text.strip().replace(" ", "")
     if not compact:
-        raise ValueError("an empty duration; write for example 30s, 500ms, 2m or 1h30m")
+        raise ValueError(f"{text!r} is not a duration; write for example 30s, 500ms, 2m or 1h30m")
     seconds = 0.0
     position = 0
     parts = 0
@@ -103,8 +106,8 @@ def parse_duration(text: str, *, bare_unit: str = "s") -> float:
 def parse_size(text: str) -> int:
     """Bytes in ``text``: ``"64MiB"``, ``"1GB"``, ``"512k"``, ``"1048576"`` (bare = bytes).
 
-    Fractions are allowed (``"1.5GiB"``) and rounded down to whole bytes; negative and
-    unknown values raise :class:`ValueError`.
+    Fractions are allowed when they make whole bytes (``"1.5GiB"``); negative, fractional
+    byte counts and unknown units raise :class:`ValueError`.
     """
     match = _SIZE.fullmatch(text.strip())
     factor = SIZE_UNITS.get(match.group(2).lower() or "b") if match else None
@@ -113,39 +116,50 @@ def parse_size(text: str) -> int:
             f"{text!r} is not a size; write bytes or a number with a unit "
             "(KB, MB, GB = 1000s; KiB, MiB, GiB = 1024s), such as 64MiB or 1GB"
         )
-    return int(float(match.group(1)) * factor)
+    size = float(match.group(1)) * factor
+    if size != int(size):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(size)
+
+
+def flag_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """An argparse ``type=`` from a parser: its ``ValueError`` becomes a usage error that
+    names the flag and the value (exit status 2)."""
+
+    def parse_flag(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            message = str(exc)
+            raise argparse.ArgumentTypeError(
+                message if repr(text) in message else f"{text!r}: {message}"
+            ) from None
+
+    return parse_flag
 
 
 def duration_type(*, bare_unit: str = "s", minimum: float = 0.0) -> Callable[[str], float]:
     """An argparse ``type=`` for durations: seconds as a float (at least ``minimum``)."""
 
-    def convert(text: str) -> float:
-        try:
-            seconds = parse_duration(text, bare_unit=bare_unit)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+    def duration(text: str) -> float:
+        seconds = parse_duration(text, bare_unit=bare_unit)
         if seconds < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is shorter than the minimum {minimum:g} s")
+            raise ValueError(f"{text!r} is shorter than the minimum {minimum:g} s")
         return seconds
 
-    convert.__name__ = "duration"  # argparse names the type in its error message
-    return convert
+    return flag_type(duration)
 
 
 def size_type(*, minimum: int = 0) -> Callable[[str], int]:
     """An argparse ``type=`` for sizes: bytes as an int (at least ``minimum``)."""
 
-    def convert(text: str) -> int:
-        try:
-            size = parse_size(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        if size < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is less than the minimum {minimum} bytes")
-        return size
+    def size(text: str) -> int:
+        value = parse_size(text)
+        if value < minimum:
+            raise ValueError(f"{text!r} is less than the minimum {minimum} bytes")
+        return value
 
-    convert.__name__ = "size"
-    return convert
+    return flag_type(size)
 
 
 def parse_instant(text: str, *, now: float, tz: tzinfo = UTC) -> float:

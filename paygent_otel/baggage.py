@@ -20,7 +20,6 @@ Precedence: record > span > baggage > resource > exporter defaults.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -29,7 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import semconv as sc
-from ._config import _flag
+from ._config import OTEL_EXPORTER_PAYGENT_BAGGAGE, read_setting
 
 __all__ = [
     "BAGGAGE_KEYS",
@@ -51,20 +50,18 @@ are never taken from baggage."""
 MAX_BAGGAGE_VALUE_LENGTH: Final = 256
 """Longest identity value accepted from baggage, after stripping (longer ones are ignored)."""
 
-OTEL_EXPORTER_PAYGENT_BAGGAGE: Final = "OTEL_EXPORTER_PAYGENT_BAGGAGE"
-"""``true``/``false``: read identity from baggage (span processor and metric helpers).
-
-Default true. ``false`` makes :class:`PaygentBaggageSpanProcessor` a no-op and
-:func:`identity_from_baggage` return ``{}``, without a code change."""
-
 _warned: set[tuple[str, str]] = set()
 """(key, problem) pairs already logged: baggage comes from upstream, so a bad value may
 arrive on every request, and the log must not grow with it."""
 
 
 def baggage_enabled() -> bool:
-    """The switch :data:`OTEL_EXPORTER_PAYGENT_BAGGAGE` (true when unset)."""
-    return _flag(os.environ.get(OTEL_EXPORTER_PAYGENT_BAGGAGE, "").strip() or None, True)
+    """The switch :data:`OTEL_EXPORTER_PAYGENT_BAGGAGE` (true when unset; an unknown value
+    is a warning naming it, and keeps the default). ``false`` makes
+    :class:`PaygentBaggageSpanProcessor` a no-op and :func:`identity_from_baggage` return
+    ``{}``, without a code change."""
+    enabled: bool = read_setting(OTEL_EXPORTER_PAYGENT_BAGGAGE)
+    return enabled
 
 
 def _warn_once(key: str, problem: str) -> None:

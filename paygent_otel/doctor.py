@@ -21,34 +21,25 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
 import httpx
 
-from ._config import MEMORY_SPOOL, PAYGENT_API_KEY, ExporterConfig
+from ._config import (
+    MEMORY_SPOOL,
+    OTEL_EXPORTER_PAYGENT_CERTIFICATE,
+    OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE,
+    PAYGENT_API_KEY,
+    ExporterConfig,
+)
 from ._output import human_age
 from ._units import duration_type
 
-__all__ = [
-    "OTEL_EXPORTER_PAYGENT_CERTIFICATE",
-    "OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE",
-    "OTEL_EXPORTER_PAYGENT_CLIENT_KEY",
-    "Check",
-    "register",
-    "run_checks",
-]
+__all__ = ["Check", "register", "run_checks"]
 
-OTEL_EXPORTER_PAYGENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CERTIFICATE"
-"""CA bundle (PEM) that verifies Paygent's certificate, instead of the system's."""
-OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE"
-"""Client certificate (PEM) for mutual TLS."""
-OTEL_EXPORTER_PAYGENT_CLIENT_KEY: Final = "OTEL_EXPORTER_PAYGENT_CLIENT_KEY"
-"""Private key (PEM) of the client certificate."""
-
-_USAGE_SUFFIX: Final = "/api/v2/usage"
 STUCK_SECONDS: Final = 300.0
 """A pending record older than this means delivery is not keeping up (or not running)."""
 
@@ -81,14 +72,9 @@ def _configuration(target: _Target) -> Check:
     config = target.config
     endpoint = config.endpoint
     parts = urlsplit(endpoint)
-    problems = []
-    if parts.scheme not in ("http", "https"):
-        problems.append(f"the scheme is {parts.scheme or 'missing'!r}, not http or https")
-    if not parts.hostname:
-        problems.append("there is no host name")
-    if parts.path.rstrip("/").endswith(_USAGE_SUFFIX):
-        problems.append(f"the path ends in {_USAGE_SUFFIX}, which the exporter appends itself")
-    if not config.api_key:
+    # The exporter's own validation (endpoint, key, TLS files), as delivery would see it.
+    problems = [config.delivery_blocked] if config.delivery_blocked else []
+    if not config.api_key and PAYGENT_API_KEY not in (config.delivery_blocked or ""):
         problems.append(f"no API key (${PAYGENT_API_KEY} is not set)")
     if problems:
         return Check(
@@ -128,12 +114,15 @@ def _resolution(target: _Target) -> Check:
 
 
 def _proxy(target: _Target) -> Check:
+    from ._transport import proxy_for
+
     scheme = urlsplit(target.config.endpoint).scheme
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(scheme)
-    if proxy and urllib.request.proxy_bypass(target.host):
+    # The proxy delivery itself uses (the same function picks it for the sender).
+    proxy, _ = proxy_for(target.config.endpoint)
+    configured = urllib.request.getproxies().get(scheme) or urllib.request.getproxies().get("all")
+    if configured and not proxy:
         return Check(
-            "proxy", "pass", f"{scheme} proxy {proxy} is bypassed for {target.host} (NO_PROXY)"
+            "proxy", "pass", f"{scheme} proxy {configured} is bypassed for {target.host} (NO_PROXY)"
         )
     if not proxy:
         return Check("proxy", "pass", f"none for {scheme} (HTTP_PROXY/HTTPS_PROXY unset)")
@@ -178,20 +167,14 @@ def _tcp(target: _Target) -> Check:
     )
 
 
-def _tls_context() -> tuple[ssl.SSLContext, str]:
-    """The context the check uses and a description of its CA (and client certificate)."""
-    ca_file = os.environ.get(OTEL_EXPORTER_PAYGENT_CERTIFICATE, "").strip()
-    context = ssl.create_default_context(cafile=ca_file or None)
-    if ca_file:
-        where = f"CA bundle {ca_file} (${OTEL_EXPORTER_PAYGENT_CERTIFICATE})"
-    else:
-        paths = ssl.get_default_verify_paths()
-        where = f"system CAs ({paths.cafile or paths.capath or 'OpenSSL default'})"
-    cert = os.environ.get(OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE, "").strip()
-    if cert:
-        key = os.environ.get(OTEL_EXPORTER_PAYGENT_CLIENT_KEY, "").strip() or None
-        context.load_cert_chain(cert, key)
-        where += f", client certificate {cert}"
+def _tls_context(config: ExporterConfig) -> tuple[ssl.SSLContext, str]:
+    """The context delivery uses (the same function builds it) and where its CAs come from.
+    ``ValueError`` names a CA or client-certificate file that cannot be loaded."""
+    from ._transport import tls_context
+
+    context, where = tls_context(config.certificate, config.client_certificate, config.client_key)
+    if config.client_certificate:
+        where += f", client certificate {config.client_certificate}"
     return context, where
 
 
@@ -208,8 +191,8 @@ def _tls(target: _Target) -> Check:
             "use https:// (plain http is for a local sandbox only)",
         )
     try:
-        context, where = _tls_context()
-    except (OSError, ssl.SSLError) as exc:
+        context, where = _tls_context(target.config)
+    except ValueError as exc:
         return Check(
             "TLS",
             "fail",
@@ -251,8 +234,8 @@ def _auth(target: _Target) -> Check:
 
     url = target.config.endpoint + AUTH_CHECK_PATH
     try:
-        context: ssl.SSLContext | bool = _tls_context()[0]
-    except (OSError, ssl.SSLError):
+        context: ssl.SSLContext | bool = _tls_context(target.config)[0]
+    except ValueError:
         context = True
     try:
         answer = httpx.get(
@@ -435,9 +418,16 @@ def _doctor(args: argparse.Namespace) -> int:
     api_key = None
     if args.api_key_file:
         api_key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
-    config = ExporterConfig.resolve(
-        "traces", endpoint=args.endpoint, api_key=api_key, spool_path=args.spool
-    )
+    try:
+        config = ExporterConfig.resolve(
+            "traces", endpoint=args.endpoint, api_key=api_key, spool_path=args.spool
+        )
+    except ValueError as exc:  # a bad --endpoint: report it as the configuration check
+        config = replace(
+            ExporterConfig.resolve("traces", api_key=api_key, spool_path=args.spool),
+            endpoint=args.endpoint,
+            delivery_blocked=str(exc),
+        )
     checks = []
     for check in run_checks(config, args.timeout):
         checks.append(check)

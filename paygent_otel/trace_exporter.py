@@ -30,9 +30,12 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
     """Turns every usage record on exported spans into one ``POST /api/v2/usage``.
 
     Every argument falls back to its environment variable, then to its default (see
-    ``README.md``, *Configuration*); with no arguments (zero-code) it configures itself from
-    the environment. ``export()`` commits the batch's records to the spool (durable by
-    default) and returns; a background worker delivers them. It never raises.
+    ``docs/configuration.md``); with no arguments (zero-code) it configures itself from
+    the environment. A bad argument raises ``ValueError`` here, the one place this exporter
+    raises; a bad environment value is a warning and its default is used (a bad endpoint,
+    key or TLS file instead stops delivery and keeps the records). ``export()`` commits the
+    batch's records to the spool (durable by default) and returns; a background worker
+    delivers them. It never raises.
     """
 
     signal = "traces"

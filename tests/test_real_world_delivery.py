@@ -386,3 +386,31 @@ def test_retarget_refuses_a_target_that_is_not_an_api_base_url(tmp_path: Path) -
         done = cli(tmp_path, "spool", "retarget", "--from", "http://a", "--to", target)
         assert done.returncode == 2
         assert problem in done.stderr
+
+
+def test_an_endpoint_without_a_scheme_stops_delivery_loudly_and_keeps_the_records(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    run = run_app(tmp_path, f"localhost:{sandbox.port}", "main", "cust-noscheme")
+
+    assert run.returncode == 0, run.stderr
+    assert "must start with http:// or https://" in run.stderr
+    assert "nothing is sent to" in run.stderr
+    assert customers(sandbox) == []
+    assert sandbox.ledger.request_log() == []
+    assert spool_pending(tmp_path) == 1
+    assert run.seconds < EXIT_BOUND_S
+
+
+def test_serve_refuses_to_start_when_it_could_not_deliver(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PAYGENT_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
+         "--spool", str(tmp_path / "bridge.sqlite3")],
+        env={**env, "PAYGENT_API_KEY": API_KEY,
+             "OTEL_EXPORTER_PAYGENT_ENDPOINT": "https://cp-api.withpaygent.com/api/v2/usage"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "cannot deliver: OTEL_EXPORTER_PAYGENT_ENDPOINT=" in done.stderr
+    assert "leave out /api/v2/usage" in done.stderr

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
 import sys
 from pathlib import Path
 from typing import Final
 
-from .._config import MEMORY_SPOOL, ExporterConfig
-from .._units import duration_type, size_type
+from .._config import (
+    MEMORY_SPOOL,
+    PAYGENT_BRIDGE_TOKEN,
+    ExporterConfig,
+    add_setting_flags,
+    flag_type,
+    flag_values,
+    read_setting,
+)
+from .._units import parse_duration, parse_size
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
-    DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_MAX_ATTRIBUTE_LENGTH,
@@ -30,8 +37,6 @@ __all__ = ["LISTENING_LINE_PREFIX", "PAYGENT_BRIDGE_TOKEN", "register", "run_ser
 
 _logger = logging.getLogger("paygent_otel.bridge")
 
-PAYGENT_BRIDGE_TOKEN: Final = "PAYGENT_BRIDGE_TOKEN"  # noqa: S105 (a variable name)
-"""Environment variable holding one bearer token (``TOKEN`` or ``TOKEN=agent1,agent2``)."""
 LISTENING_LINE_PREFIX: Final = "paygent-otel bridge listening on "
 """``serve`` prints this, then the URL, once it accepts connections."""
 
@@ -52,6 +57,10 @@ endpoints: POST /v1/traces, /v1/metrics, /v1/logs (protobuf or JSON, gzip or
 plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C or SIGTERM:
 requests in progress finish, pending records are flushed or stay in the spool.
 """
+
+
+def _whole_seconds(text: str) -> int:
+    return math.ceil(parse_duration(text))
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,54 +96,38 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     listen.add_argument(
         "--graceful-timeout",
-        type=_whole_seconds,
+        type=flag_type(_whole_seconds),
         default=DEFAULT_GRACEFUL_TIMEOUT,
         metavar="DURATION",
-        help="on stop, how long requests in progress may take: 10s, 1m, a bare number is "
-        f"seconds (default {DEFAULT_GRACEFUL_TIMEOUT}s)",
+        help="on stop, how long requests in progress may take (30s, 2m; bare: seconds; "
+        f"default {DEFAULT_GRACEFUL_TIMEOUT}s)",
     )
-    delivery = serve.add_argument_group("delivery (defaults from the OTEL_EXPORTER_PAYGENT_* env)")
-    delivery.add_argument("--endpoint", help="Paygent API base URL")
+    delivery = serve.add_argument_group(
+        "delivery (each flag's default: its OTEL_EXPORTER_PAYGENT_* variable, see "
+        "docs/configuration.md; the cumulative-metric state goes beside the spool, and "
+        f"--spool {MEMORY_SPOOL} refuses cumulative metrics)"
+    )
+    add_setting_flags(delivery)
     delivery.add_argument(
         "--api-key-file",
         metavar="FILE",
         help="read the Paygent API key from FILE (default: $PAYGENT_API_KEY)",
     )
-    delivery.add_argument(
-        "--spool",
-        metavar="FILE",
-        help="durable spool (SQLite); cumulative-metric state goes beside it. "
-        f"{MEMORY_SPOOL!r} keeps records in memory (lost on a crash; cumulative metrics refused)",
-    )
-    delivery.add_argument(
-        "--spool-max-bytes", type=size_type(minimum=1), metavar="SIZE",
-        help="spool size cap: 512MiB, 2GB, a bare number is bytes",
-    )  # fmt: skip
-    delivery.add_argument(
-        "--max-in-flight", type=int, metavar="N", help="concurrent tracking requests to Paygent"
-    )
-    delivery.add_argument(
-        "--flush-timeout",
-        type=duration_type(),
-        default=DEFAULT_FLUSH_TIMEOUT,
-        metavar="DURATION",
-        help="on stop, how long to spend delivering pending records: 30s, 2m, a bare number "
-        f"is seconds (default {DEFAULT_FLUSH_TIMEOUT:g}s)",
-    )
     limits = serve.add_argument_group("limits (each breach answered with its own status)")
     limits.add_argument(
         "--max-request-bytes",
-        type=size_type(),
+        type=flag_type(parse_size),
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="SIZE",
-        help=f"request body as received, 413 beyond (default {DEFAULT_MAX_REQUEST_BYTES})",
+        help="request body as received, 413 beyond (8MiB, 1000000; bare: bytes; "
+        f"default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     limits.add_argument(
         "--max-decompressed-bytes",
-        type=size_type(),
+        type=flag_type(parse_size),
         default=DEFAULT_MAX_DECOMPRESSED_BYTES,
         metavar="SIZE",
-        help=f"body after gzip, 413 beyond (default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
+        help=f"body after gzip, 413 beyond (bare: bytes; default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
     )
     limits.add_argument(
         "--max-items",
@@ -164,17 +157,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _auth(args: argparse.Namespace) -> BearerAuth:
     auth = BearerAuth()
-    token = args.token or os.environ.get(PAYGENT_BRIDGE_TOKEN, "").strip()
+    token = args.token or read_setting(PAYGENT_BRIDGE_TOKEN)
     if token:
         source = "--token" if args.token else PAYGENT_BRIDGE_TOKEN
         auth = BearerAuth.parse([token], source)
     if args.token_file:
         auth = auth.merged(BearerAuth.from_file(args.token_file))
     return auth
-
-
-def _whole_seconds(text: str) -> int:
-    return round(duration_type()(text))
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -220,14 +209,12 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key = _api_key(args)
     except ValueError as exc:
         return _fail(str(exc))
-    exporter = ExporterConfig.resolve(
-        None,
-        endpoint=args.endpoint,
-        api_key=api_key,
-        spool_path=args.spool,
-        spool_max_bytes=args.spool_max_bytes,
-        max_in_flight=args.max_in_flight,
-    )
+    settings = flag_values(args)
+    settings["api_key"] = api_key
+    exporter = ExporterConfig.resolve(None, **settings)
+    if exporter.delivery_blocked:
+        # A service that could not deliver would take usage in and hold it silently.
+        return _fail(f"cannot deliver: {exporter.delivery_blocked}")
     if not exporter.api_key and not exporter.durable:
         # Every request would be refused: nothing can be sent, nothing can be kept.
         return _fail(
@@ -244,7 +231,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_attribute_length=args.max_attribute_length,
             max_concurrent_requests=max(1, args.max_concurrent_requests),
         ),
-        flush_timeout=args.flush_timeout,
+        flush_timeout=exporter.flush_timeout,
     )
     try:
         sock = bind_socket(args.host, args.port)

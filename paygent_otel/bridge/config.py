@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from .._config import ExporterConfig
+from .._config import DEFAULT_FLUSH_TIMEOUT, ExporterConfig
 from .auth import BearerAuth
 
 __all__ = [
@@ -29,8 +29,6 @@ DEFAULT_PORT: Final = 4319
 """Next to OTLP/HTTP's 4318, which the Collector forwarding to the bridge usually holds."""
 DEFAULT_GRACEFUL_TIMEOUT: Final = 10
 """Seconds requests in progress may take to finish once a stop is requested."""
-DEFAULT_FLUSH_TIMEOUT: Final = 10.0
-"""Seconds spent delivering pending records at shutdown (the rest stays in the spool)."""
 DEFAULT_MAX_REQUEST_BYTES: Final = 8 << 20
 """Largest request body as received (compressed), 8 MiB."""
 DEFAULT_MAX_DECOMPRESSED_BYTES: Final = 32 << 20

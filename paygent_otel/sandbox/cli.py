@@ -15,7 +15,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
 from .._output import add_format_arguments, format_table, print_rows
-from .._units import duration_type, parse_instant
+from .._units import flag_type, parse_duration, parse_instant
 from .ledger import PERIODS, Ledger
 
 __all__ = [
@@ -328,14 +328,16 @@ def _quantity(value: int | float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".")
 
 
+@flag_type
 def _milliseconds(text: str) -> float:
-    return duration_type(bare_unit="ms")(text) * 1000.0
+    return parse_duration(text, bare_unit="ms") * 1000.0
 
 
+@flag_type
 def _whole_seconds(text: str) -> int:
-    seconds = duration_type()(text)
+    seconds = parse_duration(text)
     if seconds != int(seconds):
-        raise argparse.ArgumentTypeError(f"{text!r}: Retry-After takes whole seconds")
+        raise ValueError("Retry-After takes whole seconds")
     return int(seconds)
 
 
