@@ -6,11 +6,19 @@ share the file: gunicorn workers, forked children), deletes it only after a 2xx,
 definitive rejections to a dead-letter table a person can inspect and replay
 (``paygent-otel spool``). Keys of delivered records are kept for a window so a record
 handed over twice (a Collector retrying an OTLP request) is not sent twice.
+
+Each record is stored with its *ref* (what it is: its telemetry ids or its
+``paygent.usage.id``) and the digest of its usage. A record whose ref is pending or was
+delivered is a duplicate when the usage is the same, and is refused as a conflict (kept as
+a dead letter with status ``conflict``) when it differs: one ref is never billed twice.
+Dead letters hold back only an identical record, and an ``invalid`` one nothing: a
+corrected record has another key and is billed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import json
 import os
@@ -25,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ._mapping import Rejection, UsageRecord
+from ._mapping import Rejection, UsageRecord, conflict_rejection
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AddResult",
     "DeadLetter",
     "MemorySpool",
@@ -44,6 +53,9 @@ DELIVERED_KEY_RETENTION = 24 * 3600.0
 LEASE_SECONDS = 60.0
 """How long a leased record is reserved for one worker; a dead owner's lease is
 reclaimed at once when the owner is on this host, else when it expires."""
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the spool files this version writes. 1: records carry their
+ref and usage digest (pending, delivered, dead). Version 0 files are upgraded when opened."""
 _BODY_EXCERPT = 500
 
 
@@ -80,6 +92,9 @@ class AddResult:
     """Already pending, delivered (within the retention window) or dead-lettered."""
     refused: int = 0
     """Not stored: the spool is full. Counted and logged by the caller."""
+    conflicts: tuple[Rejection, ...] = ()
+    """Not stored: a record with the same ref and different usage is pending or was
+    delivered. Kept as dead letters (status ``conflict``); logged by the caller."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +128,8 @@ class Spool(Protocol):
     durable: bool
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Store valid records; committed when this returns."""
+        """Store valid records that are neither duplicates nor conflicts; committed when
+        this returns."""
         ...
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
@@ -169,7 +185,9 @@ CREATE TABLE IF NOT EXISTS pending (
     next_attempt REAL NOT NULL,
     lease_owner TEXT,
     lease_until REAL,
-    last_error TEXT
+    last_error TEXT,
+    ref TEXT,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS pending_due ON pending (dest, next_attempt);
 CREATE TABLE IF NOT EXISTS dead (
@@ -182,11 +200,15 @@ CREATE TABLE IF NOT EXISTS dead (
     died REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    ref TEXT,
+    digest TEXT
 );
 CREATE TABLE IF NOT EXISTS delivered (
     key TEXT PRIMARY KEY,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    ref TEXT,
+    digest TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
 CREATE TABLE IF NOT EXISTS meta (
@@ -194,6 +216,48 @@ CREATE TABLE IF NOT EXISTS meta (
     value
 ) WITHOUT ROWID;
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file up to :data:`SCHEMA_VERSION` (once; safe when processes race)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+            for table in ("pending", "delivered", "dead"):
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if "ref" not in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN ref TEXT")
+                    # Version 0 keyed a record by its telemetry alone: that key is its ref.
+                    conn.execute(f"UPDATE {table} SET ref = key")
+                if "digest" not in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS pending_ref ON pending (ref)")
+            conn.execute("CREATE INDEX IF NOT EXISTS delivered_ref ON delivered (ref)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _refs(record: UsageRecord) -> tuple[str, ...]:
+    """Every ref the record may be held under: its own, then its aliases."""
+    return (record.ref or record.idempotency_key, *record.aliases)
+
+
+def _held(found: Iterable[tuple[str, str | None]], digest: str) -> str | None:
+    """What holds a record back, from the (table, digest) rows that share one of its refs:
+    ``"duplicate"`` (the same usage, or usage of unknown digest), else the table of a
+    record with different usage (a conflict), else None (nothing)."""
+    other = None
+    for table, held_digest in found:
+        if not digest or not held_digest or held_digest == digest:
+            return "duplicate"
+        other = other or table
+    return other
+
 
 _nonces: dict[int, str] = {}
 _live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
@@ -246,6 +310,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
+def _insert_sql(refs: int) -> str:
+    """Insert one record unless one of its ``refs`` is pending or delivered, or a dead
+    letter of its key (refused by Paygent, not invalid or a conflict) exists."""
+    marks = ",".join("?" * refs)
+    return (
+        "INSERT INTO pending (key, ref, digest, dest, body, origin, created, next_attempt) "
+        "SELECT ?, ?, ?, ?, ?, ?, ?, ? "
+        f"WHERE NOT EXISTS (SELECT 1 FROM pending WHERE ref IN ({marks})) "
+        f"AND NOT EXISTS (SELECT 1 FROM delivered WHERE ref IN ({marks})) "
+        "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ? "
+        "AND status NOT IN ('invalid', 'conflict')) "
+        "ON CONFLICT (key) DO NOTHING"
+    )
+
+
 class SqliteSpool:
     """The durable spool: one SQLite file in WAL mode, safe across threads and processes."""
 
@@ -292,6 +372,7 @@ class SqliteSpool:
                 # FULL: a committed batch survives power loss, not only a process crash.
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                _migrate(conn)
                 # A write now, so a read-only file or a full disk fails here, at start.
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",
@@ -375,40 +456,77 @@ class SqliteSpool:
             return int(used * page_size)
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Commit valid records; refuse them all if the size cap is reached."""
+        """Commit valid records; refuse them all if the size cap is reached.
+
+        A record whose ref (or an alias) is pending or delivered is a duplicate, or a
+        conflict if its usage differs; a dead letter of the same key (not ``invalid`` or
+        ``conflict``) holds it back as a duplicate too.
+        """
         if not records:
             return AddResult()
         if self.size_bytes() >= self.max_bytes:
             return AddResult(refused=len(records))
         now = time.time()
-        rows = [
-            (
-                r.idempotency_key,
-                dest,
-                json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode(),
-                r.origin,
-                now,
-                now,
-                r.idempotency_key,
-                r.idempotency_key,
-            )
-            for r in records
-        ]
 
-        def insert(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
-                "SELECT ?, ?, ?, ?, ?, ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                rows,
-            )
-            return conn.total_changes - before
+        def insert(conn: sqlite3.Connection) -> AddResult:
+            accepted = duplicates = 0
+            conflicts: list[Rejection] = []
+            for record in records:
+                refs = _refs(record)
+                key, digest = record.idempotency_key, record.digest
+                body = json.dumps(record.payload, separators=(",", ":"), allow_nan=False).encode()
+                before = conn.total_changes
+                conn.execute(
+                    _insert_sql(len(refs)),
+                    (
+                        key,
+                        refs[0],
+                        digest or None,
+                        dest,
+                        body,
+                        record.origin,
+                        now,
+                        now,
+                        *refs,
+                        *refs,
+                        key,
+                    ),
+                )
+                if conn.total_changes > before:
+                    accepted += 1
+                    continue
+                marks = ",".join("?" * len(refs))
+                found = conn.execute(
+                    f"SELECT 'pending', digest FROM pending WHERE ref IN ({marks}) UNION ALL "
+                    f"SELECT 'delivered', digest FROM delivered WHERE ref IN ({marks})",
+                    (*refs, *refs),
+                ).fetchall()
+                held = _held(found, digest)
+                if held is None or held == "duplicate":
+                    duplicates += 1
+                    continue
+                conflict = conflict_rejection(record, held)
+                conflicts.append(conflict)
+                conn.execute(
+                    "INSERT INTO dead (key, ref, digest, dest, body, origin, created, died, "
+                    "status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'conflict', ?) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (
+                        key,
+                        refs[0],
+                        digest,
+                        dest,
+                        body,
+                        record.origin,
+                        now,
+                        now,
+                        conflict.message[:_BODY_EXCERPT],
+                    ),
+                )
+            return AddResult(accepted, duplicates, 0, tuple(conflicts))
 
-        accepted: int = self._write(insert)
-        return AddResult(accepted=accepted, duplicates=len(records) - accepted)
+        result: AddResult = self._write(insert)
+        return result
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
         """Keep invalid records (their attributes) as dead letters with status ``invalid``."""
@@ -472,11 +590,14 @@ class SqliteSpool:
             return
 
         def done(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in rowids])
+            # The ref and usage digest go with the key: a later record of the same ref is
+            # told to be a duplicate or a conflict.
             conn.executemany(
-                "INSERT OR REPLACE INTO delivered (key, at) VALUES (?, ?)",
-                [(k, now) for k in keys],
+                "INSERT OR REPLACE INTO delivered (key, ref, digest, at) "
+                "SELECT key, ref, digest, ? FROM pending WHERE id = ?",
+                [(now, i) for i in rowids],
             )
+            conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in rowids])
 
         self._write(done, synced=False)
 
@@ -513,8 +634,9 @@ class SqliteSpool:
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
                 conn.execute(
-                    "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
-                    " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
+                    "INSERT INTO dead (key, ref, digest, dest, body, origin, created, died, "
+                    "attempts, status, reason) SELECT key, ref, digest, dest, body, origin, "
+                    "created, ?, attempts + 1, ?, ?"
                     " FROM pending WHERE id = ? AND lease_owner = ? ON CONFLICT (key) DO NOTHING",
                     (now, status, reason[:_BODY_EXCERPT], rowid, self._owner),
                 )
@@ -605,8 +727,9 @@ class SqliteSpool:
             now = time.time()
             before = conn.total_changes
             conn.execute(
-                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
-                f"SELECT key, dest, body, origin, created, ? FROM dead WHERE {where} "
+                "INSERT INTO pending (key, ref, digest, dest, body, origin, created, "
+                f"next_attempt) SELECT key, ref, digest, dest, body, origin, created, ? "
+                f"FROM dead WHERE {where} "
                 "ON CONFLICT (key) DO NOTHING",
                 [now, *params],
             )
@@ -651,8 +774,12 @@ class MemorySpool:
         self._items: dict[int, tuple[str, str, bytes, str, float, int]] = {}
         self._due: list[tuple[float, int]] = []
         self._leased: set[int] = set()
-        self._keys: set[str] = set()
-        self._delivered: dict[str, float] = {}
+        self._pending: dict[str, str] = {}
+        """Usage digest of each pending record, by ref."""
+        self._refs: dict[int, str] = {}
+        """Ref of each pending record, by row id."""
+        self._delivered: dict[str, tuple[str, float]] = {}
+        """Usage digest and delivery time of each delivered record, by ref."""
         self._dead: list[DeadLetter] = []
         self._next_id = 0
         _live_spools.add(self)
@@ -664,28 +791,54 @@ class MemorySpool:
         self._items.clear()
         self._due.clear()
         self._leased.clear()
-        self._keys.clear()
+        self._pending.clear()
+        self._refs.clear()
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Queue records, refusing those beyond ``max_records``."""
+        """Queue records, refusing those beyond ``max_records``; duplicates and conflicts
+        as :meth:`SqliteSpool.add` tells them."""
         accepted = duplicates = refused = 0
+        conflicts: list[Rejection] = []
         now = time.time()
         with self._lock:
             for r in records:
-                key = r.idempotency_key
-                if key in self._keys or key in self._delivered:
+                refs = _refs(r)
+                found = [("pending", self._pending[ref]) for ref in refs if ref in self._pending]
+                found += [
+                    ("delivered", self._delivered[ref][0]) for ref in refs if ref in self._delivered
+                ]
+                held = _held(found, r.digest)
+                body = json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
+                if held == "duplicate":
                     duplicates += 1
+                    continue
+                if held is not None:
+                    conflict = conflict_rejection(r, held)
+                    conflicts.append(conflict)
+                    self._dead.append(
+                        DeadLetter(
+                            0,
+                            r.idempotency_key,
+                            "conflict",
+                            conflict.message,
+                            now,
+                            0,
+                            r.origin,
+                            body.decode(),
+                        )
+                    )
                     continue
                 if len(self._items) >= self.max_records:
                     refused += 1
                     continue
                 self._next_id += 1
-                body = json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
-                self._items[self._next_id] = (key, dest, body, r.origin, now, 0)
-                self._keys.add(key)
+                self._items[self._next_id] = (r.idempotency_key, dest, body, r.origin, now, 0)
+                self._pending[refs[0]] = r.digest
+                self._refs[self._next_id] = refs[0]
                 heapq.heappush(self._due, (now, self._next_id))
                 accepted += 1
-        return AddResult(accepted, duplicates, refused)
+            del self._dead[:-1000]
+        return AddResult(accepted, duplicates, refused, tuple(conflicts))
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
         """Keep the last invalid records in memory for inspection."""
@@ -731,11 +884,11 @@ class MemorySpool:
             for rowid, key in zip(rowids, keys, strict=True):
                 self._items.pop(rowid, None)
                 self._leased.discard(rowid)
-                self._keys.discard(key)
-                self._delivered[key] = now
+                ref = self._refs.pop(rowid, key)
+                self._delivered[ref] = (self._pending.pop(ref, ""), now)
             if len(self._delivered) > 2 * self.max_records:
-                cutoff = sorted(self._delivered.values())[len(self._delivered) // 2]
-                self._delivered = {k: t for k, t in self._delivered.items() if t > cutoff}
+                cutoff = sorted(t for _, t in self._delivered.values())[len(self._delivered) // 2]
+                self._delivered = {k: v for k, v in self._delivered.items() if v[1] > cutoff}
 
     def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
         """Put records back with their next attempt time."""
@@ -755,8 +908,8 @@ class MemorySpool:
             for rowid, status, reason in items:
                 item = self._items.pop(rowid, None)
                 self._leased.discard(rowid)
+                self._pending.pop(self._refs.pop(rowid, ""), None)
                 if item is not None:
-                    self._keys.discard(item[0])
                     self._dead.append(
                         DeadLetter(
                             rowid,
