@@ -111,7 +111,13 @@ def _limit_problem(own: _Own, layers: Sequence[Attributes]) -> str | None:
         index = source_layer(attribute, layers)
         if attribute != sc.USAGE_ID and cut is not None and (index is None or index > cut):
             _, truncation, what = own[cut]
-            source = "the resource" if index is not None else "the exporter's defaults"
+            source = (
+                "the exporter's defaults"
+                if index is None
+                else "the resource"
+                if index >= len(own)
+                else f"the {own[index][2]}"
+            )
             return (
                 f"{attribute} would come from {source}, but the SDK dropped "
                 f"{truncation.dropped} attributes from this {what} (attribute count limit, "

@@ -38,8 +38,10 @@ every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
 _DEAD_EPILOG = """\
 status is the HTTP status Paygent answered (400, 404, 422, ...), "invalid" for a record
 that broke the usage convention before it was sent (its attributes are kept, not a
-Paygent document, so it cannot be retried: fix the instrumentation), or "gave_up" when
-retries ran past max_retry_seconds.
+Paygent document, so it cannot be retried: fix the instrumentation), "conflict" for a
+record refused because one with the same paygent.usage.id (or the same telemetry) and
+different usage was billed or is waiting (retry it only if the id was reused by mistake
+and both usages are real), or "gave_up" when retries ran past max_retry_seconds.
 """
 
 
@@ -220,11 +222,28 @@ def _status(args: argparse.Namespace) -> int:
     print(f"dead letters    {stats.dead_letters}" + (f" ({dead_detail})" if dead_detail else ""))
     print(f"size            {_size(stats.size_bytes)} used, {_size(on_disk)} on disk")
     if stats.dead_letters:
-        print(
-            "\nsee why with `paygent-otel spool dead`; send them again with "
-            "`paygent-otel spool retry` once the cause is fixed"
-        )
+        print("\n" + _dead_letter_hint(by_status))
     return 0
+
+
+def _dead_letter_hint(by_status: dict[str, int]) -> str:
+    """What to do about the dead letters: only commands that apply to their statuses."""
+    invalid = by_status.get("invalid", 0)
+    retryable = sum(by_status.values()) - invalid
+    hints = ["see why with `paygent-otel spool dead`"]
+    if retryable:
+        hints.append(
+            f"send the {retryable} refused ones again with `paygent-otel spool retry` once "
+            "the cause is fixed"
+        )
+    if invalid:
+        hints.append(
+            f"the {invalid} invalid ones never reached Paygent and cannot be retried: fix the "
+            "instrumentation and record the usage again (a corrected record is billed; the "
+            "dead letter does not hold it back)"
+            + ("; then delete them with `paygent-otel spool purge`" if not retryable else "")
+        )
+    return "; ".join(hints)
 
 
 def _dead_json(letter: DeadLetter) -> dict[str, Any]:
