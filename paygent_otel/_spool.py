@@ -467,41 +467,41 @@ class SqliteSpool:
         if self.size_bytes() >= self.max_bytes:
             return AddResult(refused=len(records))
         now = time.time()
+        bodies = [
+            json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode() for r in records
+        ]
+        rows: dict[int, list[tuple[Any, ...]]] = {}
+        for record, body in zip(records, bodies, strict=True):
+            refs = _refs(record)
+            rows.setdefault(len(refs), []).append(
+                (record.idempotency_key, refs[0], record.digest or None, dest, body,
+                 record.origin, now, now, *refs, *refs, record.idempotency_key)
+            )  # fmt: skip
 
         def insert(conn: sqlite3.Connection) -> AddResult:
+            last_id = conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()[0]
+            before = conn.total_changes
+            for count, group in rows.items():
+                conn.executemany(_insert_sql(count), group)
+            if conn.total_changes - before == len(records):
+                return AddResult(accepted=len(records))
+            # Some were held back: tell duplicates from conflicts, one by one.
+            new = {k for (k,) in conn.execute("SELECT key FROM pending WHERE id > ?", (last_id,))}
             accepted = duplicates = 0
             conflicts: list[Rejection] = []
-            for record in records:
-                refs = _refs(record)
-                key, digest = record.idempotency_key, record.digest
-                body = json.dumps(record.payload, separators=(",", ":"), allow_nan=False).encode()
-                before = conn.total_changes
-                conn.execute(
-                    _insert_sql(len(refs)),
-                    (
-                        key,
-                        refs[0],
-                        digest or None,
-                        dest,
-                        body,
-                        record.origin,
-                        now,
-                        now,
-                        *refs,
-                        *refs,
-                        key,
-                    ),
-                )
-                if conn.total_changes > before:
+            for record, body in zip(records, bodies, strict=True):
+                if record.idempotency_key in new:
+                    new.discard(record.idempotency_key)  # a second copy is a duplicate
                     accepted += 1
                     continue
+                refs = _refs(record)
                 marks = ",".join("?" * len(refs))
                 found = conn.execute(
                     f"SELECT 'pending', digest FROM pending WHERE ref IN ({marks}) UNION ALL "
                     f"SELECT 'delivered', digest FROM delivered WHERE ref IN ({marks})",
                     (*refs, *refs),
                 ).fetchall()
-                held = _held(found, digest)
+                held = _held(found, record.digest)
                 if held is None or held == "duplicate":
                     duplicates += 1
                     continue
@@ -511,18 +511,9 @@ class SqliteSpool:
                     "INSERT INTO dead (key, ref, digest, dest, body, origin, created, died, "
                     "status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'conflict', ?) "
                     "ON CONFLICT (key) DO NOTHING",
-                    (
-                        key,
-                        refs[0],
-                        digest,
-                        dest,
-                        body,
-                        record.origin,
-                        now,
-                        now,
-                        conflict.message[:_BODY_EXCERPT],
-                    ),
-                )
+                    (record.idempotency_key, refs[0], record.digest, dest, body, record.origin,
+                     now, now, conflict.message[:_BODY_EXCERPT]),
+                )  # fmt: skip
             return AddResult(accepted, duplicates, 0, tuple(conflicts))
 
         result: AddResult = self._write(insert)

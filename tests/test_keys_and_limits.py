@@ -39,7 +39,13 @@ from test_span_exporter import ended_span, ids
 from test_spool_cli import run
 
 from paygent_otel import semconv as sc
-from paygent_otel._mapping import IdentityDefaults, idempotency_key
+from paygent_otel._mapping import (
+    IdentityDefaults,
+    Rejection,
+    RejectReason,
+    UsageRecord,
+    idempotency_key,
+)
 from paygent_otel._metrics import UsagePoint, records_from_points
 from paygent_otel._spool import SCHEMA_VERSION, SqliteSpool, destination_id
 from paygent_otel.bridge import LOGS_PATH, TRACES_PATH, BridgeServer
@@ -549,3 +555,11 @@ def test_a_0_1_0_spool_opened_by_several_connections_at_once_is_upgraded_once(
         assert db.execute("SELECT ref FROM pending").fetchall() == [("k2",)]
         assert db.execute("SELECT ref FROM delivered").fetchall() == [("k1",)]
     db.close()
+
+
+def test_an_invalid_dead_letter_never_holds_back_a_record_of_its_key(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", max_bytes=1 << 30)
+    payload = {"agentId": "a", "customerId": "c", "indicator": "", "rawUsage": {}}
+    spool.add_rejected([Rejection(RejectReason.INVALID, "bad", "span x", "key-1", {})])
+    assert spool.add("dest", [UsageRecord("key-1", payload, "span x")]).accepted == 1
+    spool.close()
