@@ -34,7 +34,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from test_bridge_otlp import delivered, post
-from test_collectors import bridge_counter, free_port, start_bridge, start_otelcol, usage_line
+from test_collectors import (
+    UsageWriter,
+    bridge_counter,
+    free_port,
+    start_bridge,
+    start_otelcol,
+    usage_line,
+)
 from test_span_exporter import ended_span, ids
 from test_spool_cli import run
 
@@ -113,19 +120,7 @@ def test_a_collector_killed_and_restarted_mid_file_bills_each_line_once(
     usage_file.write_text("".join(usage_line(i) for i in range(150)))
     glob = tmp_path / "usage-*.jsonl"
     collector = start_otelcol(children, tmp_path, glob, bridge_url)
-    written, stop_writing = [150], threading.Event()
-
-    def write() -> None:  # the program keeps writing usage lines all along
-        with usage_file.open("a") as out:
-            while not stop_writing.is_set():
-                start = written[0]
-                out.writelines(usage_line(i) for i in range(start, start + 20))
-                out.flush()
-                written[0] = start + 20
-                time.sleep(0.05)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    writer = UsageWriter(usage_file, 20, written=150)  # the program keeps writing
     logs_in = 'paygent_bridge_items_received_total{signal="logs"}'
     wait_for(lambda: bridge_counter(bridge_url, logs_in) >= 150, timeout=30, message="sending")
     collector.stop(signal.SIGKILL)
@@ -134,9 +129,7 @@ def test_a_collector_killed_and_restarted_mid_file_bills_each_line_once(
     # start again: every line so far arrives a second time, attributes in another order.
     start_otelcol(children, tmp_path, glob, bridge_url)
     time.sleep(1.0)
-    stop_writing.set()
-    writer.join(10)
-    total = written[0]
+    total = writer.stop()
     wait_for(
         lambda: (
             bridge_counter(bridge_url, logs_in) >= total + 150 and sandbox.ledger.count() >= total
