@@ -156,16 +156,17 @@ def rejection_key(ref: str, attributes: Attributes) -> str:
 def conflict_rejection(record: UsageRecord, held: str) -> Rejection:
     """``record`` refused: a record with its ref and different usage is ``held``
     (``"pending"`` or ``"delivered"``)."""
-    what = (
-        f"{sc.USAGE_ID} {record.ref.removeprefix(_USAGE_ID_REF)!r}"
-        if record.ref.startswith(_USAGE_ID_REF)
-        else "the same telemetry (trace, span and position, log record or metric interval)"
-    )
     verb = "is waiting for delivery" if held == "pending" else "was billed"
+    if record.ref.startswith(_USAGE_ID_REF):
+        what = f"{sc.USAGE_ID} {record.ref.removeprefix(_USAGE_ID_REF)!r}"
+        advice = "give separate usages separate ids"
+    else:
+        what = "the same telemetry (trace, span and position, log record or metric interval)"
+        advice = "was it sent again after its attributes or the exporter's defaults changed?"
     return Rejection(
         RejectReason.INVALID,
         f"usage record from {record.origin} refused: a record with {what} {verb} with "
-        "different usage; it is not billed a second time. Give separate usages separate ids",
+        f"different usage, so this one is not billed: {advice}",
         record.origin,
         record.idempotency_key,
         record.payload,

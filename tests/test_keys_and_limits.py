@@ -273,8 +273,23 @@ def test_the_bridge_uses_the_dropped_attribute_count_otlp_carries(
     whole = trace_request((VALID_TRACE, other_span, attributes))
     answer = partial_success(post(server, TRACES_PATH, whole), ExportTraceServiceResponse)
     assert answer.rejected_spans == 0
+    # A span whose sender dropped 2 events, beside its one usage event.
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(
+        trace_request((VALID_TRACE, bytes(7) + b"\x09", {}), dropped_events_count=2)
+    )
+    event = request.resource_spans[0].scope_spans[0].spans[0].events.add(name=sc.USAGE_EVENT_NAME)
+    set_attributes(event.attributes, {**TTS, sc.TTS_CHARACTERS: 40, sc.CUSTOMER_ID: "cust-2"})
+    answer = partial_success(
+        post(server, TRACES_PATH, request.SerializeToString()), ExportTraceServiceResponse
+    )
+    assert answer.rejected_spans == 0
+    assert "2 events were dropped by the sender's span event limit" in answer.error_message
     delivered(server)
-    assert sandbox.ledger.count() == 1
+    assert customers(sandbox) == ["cust-1", "cust-2"]
+    assert server.app.pipeline.stats.snapshot()["lost_to_span_event_limit"] == 2
+    lost = 'paygent_bridge_usage_records_total{signal="traces",result="lost"} 2'
+    assert lost in server.app.metrics_text()
 
 
 # ------------------------------------------------------------------ 7: invalid span ids
