@@ -24,6 +24,7 @@ __all__ = [
     "MAX_META_TAGS",
     "MAX_MINUTES",
     "MAX_USAGE_ID_LENGTH",
+    "REF_DIGITS",
     "IdentityDefaults",
     "RejectReason",
     "Rejection",
@@ -50,6 +51,9 @@ MAX_META_TAGS = 20
 
 MAX_USAGE_ID_LENGTH = 256
 """Longest ``paygent.usage.id`` accepted (after stripping)."""
+
+REF_DIGITS = 20
+"""Hex digits at the start of a record key that name the record's ref (80 bits)."""
 
 _MAX_META_KEY_LEN = 64
 _MAX_META_VALUE_LEN = 256
@@ -80,8 +84,9 @@ class UsageRecord:
     """One valid usage record: one ``POST /api/v2/usage``."""
 
     idempotency_key: str
-    """Sent as ``Idempotency-Key``: a digest of :attr:`ref` and :attr:`digest`, so it is
-    stable across retries and never names two different usages."""
+    """Sent as ``Idempotency-Key``: 40 hex digits, the first :data:`REF_DIGITS` a digest of
+    :attr:`ref`, the rest a digest of the ref and the usage. Stable across retries, never
+    the key of two different usages, and records of one ref share its start."""
     payload: dict[str, Any]
     """The JSON document, identical to the one ``paygent-sdk`` sends."""
     origin: str
@@ -92,12 +97,15 @@ class UsageRecord:
     """What the record is, without its usage: the telemetry that carried it (trace and span
     ids and position, metric stream and interval, log record) or its ``paygent.usage.id``.
     The spool refuses a second record with the same ref and different usage. Empty: the
-    key itself."""
-    digest: str = ""
-    """A digest of the usage (the payload without the trace-link meta tags). Empty: unknown."""
+    record was not made by :func:`map_usage`, its key is all there is."""
     aliases: tuple[str, ...] = ()
-    """Refs an earlier version gave the same record; a record held under one of them
-    (pending or delivered) is this record."""
+    """Keys paygent-otel 0.1.0 gave the same record; one held under them (pending or
+    delivered) is this record."""
+
+    @property
+    def ref_key(self) -> str:
+        """The start of the key that names the ref (the whole key, without a ref)."""
+        return self.idempotency_key[:REF_DIGITS] if self.ref else self.idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,8 +350,9 @@ def map_usage(
     ``inherited`` holds the layers the record inherits identity, pricing and meta tags from,
     most specific first (for a span event: the span's attributes, then the resource's).
     ``ref`` identifies the telemetry that carried the record (stable across re-sends);
-    the record's own ``paygent.usage.id`` replaces it when set, and the record's key is a
-    digest of the ref and of the usage. ``aliases`` are refs an earlier version gave it.
+    the record's own ``paygent.usage.id`` replaces it when set, and the record's key is
+    made of a digest of the ref and a digest of the ref and the usage. ``aliases`` are the
+    keys an earlier version gave it.
     ``trace_ids`` (trace id, span id as hex) become metaTags when ``defaults.trace_tags``.
     """
     try:
@@ -422,12 +431,12 @@ def _map(
     if tags:
         payload["metaTags"] = dict(tags)
     # The usage, before the trace links: a retried job in a new trace is the same usage.
-    digest = idempotency_key(canonical_json(payload))
+    usage = canonical_json(payload)
     if trace_ids is not None and defaults.trace_tags:
         for tag, value in zip((TRACE_ID_TAG, SPAN_ID_TAG), trace_ids, strict=True):
             if len(tags) < MAX_META_TAGS and tag not in tags:
                 tags[tag] = value
     if tags:
         payload["metaTags"] = tags
-    key = idempotency_key(ref, digest)
-    return UsageRecord(key, payload, origin, warnings, ref, digest, aliases)
+    key = idempotency_key("ref", ref)[:REF_DIGITS] + idempotency_key(ref, usage)[REF_DIGITS:]
+    return UsageRecord(key, payload, origin, warnings, ref, aliases)

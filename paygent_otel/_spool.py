@@ -7,12 +7,13 @@ definitive rejections to a dead-letter table a person can inspect and replay
 (``paygent-otel spool``). Keys of delivered records are kept for a window so a record
 handed over twice (a Collector retrying an OTLP request) is not sent twice.
 
-Each record is stored with its *ref* (what it is: its telemetry ids or its
-``paygent.usage.id``) and the digest of its usage. A record whose ref is pending or was
-delivered is a duplicate when the usage is the same, and is refused as a conflict (kept as
-a dead letter with status ``conflict``) when it differs: one ref is never billed twice.
-Dead letters hold back only an identical record, and an ``invalid`` one nothing: a
-corrected record has another key and is billed.
+A record's key starts with a digest of its *ref* (what it is: its telemetry ids or its
+``paygent.usage.id``) and ends with a digest of its usage, so the key index finds the
+records of one ref. A record whose ref is pending or was delivered is a duplicate when the
+usage is the same (the same key), and is refused as a conflict (kept as a dead letter with
+status ``conflict``) when it differs: one ref is never billed twice. Dead letters hold back
+only an identical record, and an ``invalid`` one nothing: a corrected record has another
+key and is billed. Keys paygent-otel 0.1.0 gave (its telemetry ref alone) are recognised.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any, Protocol
 from ._mapping import Rejection, UsageRecord, conflict_rejection
 
 __all__ = [
-    "SCHEMA_VERSION",
     "AddResult",
     "DeadLetter",
     "MemorySpool",
@@ -53,9 +53,6 @@ DELIVERED_KEY_RETENTION = 24 * 3600.0
 LEASE_SECONDS = 60.0
 """How long a leased record is reserved for one worker; a dead owner's lease is
 reclaimed at once when the owner is on this host, else when it expires."""
-SCHEMA_VERSION = 1
-"""``PRAGMA user_version`` of the spool files this version writes. 1: records carry their
-ref and usage digest (pending, delivered, dead). Version 0 files are upgraded when opened."""
 _BODY_EXCERPT = 500
 
 
@@ -185,9 +182,7 @@ CREATE TABLE IF NOT EXISTS pending (
     next_attempt REAL NOT NULL,
     lease_owner TEXT,
     lease_until REAL,
-    last_error TEXT,
-    ref TEXT,
-    digest TEXT
+    last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS pending_due ON pending (dest, next_attempt);
 CREATE TABLE IF NOT EXISTS dead (
@@ -200,15 +195,11 @@ CREATE TABLE IF NOT EXISTS dead (
     died REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    ref TEXT,
-    digest TEXT
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS delivered (
     key TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    ref TEXT,
-    digest TEXT
+    at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
 CREATE TABLE IF NOT EXISTS meta (
@@ -218,42 +209,26 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a file up to :data:`SCHEMA_VERSION` (once; safe when processes race)."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
-            for table in ("pending", "delivered", "dead"):
-                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                if "ref" not in columns:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN ref TEXT")
-                    # Version 0 keyed a record by its telemetry alone: that key is its ref.
-                    conn.execute(f"UPDATE {table} SET ref = key")
-                if "digest" not in columns:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
-            conn.execute("CREATE INDEX IF NOT EXISTS pending_ref ON pending (ref)")
-            conn.execute("CREATE INDEX IF NOT EXISTS delivered_ref ON delivered (ref)")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+def _old_keys(record: UsageRecord) -> tuple[str, ...]:
+    """Keys paygent-otel 0.1.0 may have given the record (its telemetry ref alone, aliases)."""
+    return (record.ref, *record.aliases) if record.ref else ()
 
 
-def _refs(record: UsageRecord) -> tuple[str, ...]:
-    """Every ref the record may be held under: its own, then its aliases."""
-    return (record.ref or record.idempotency_key, *record.aliases)
+def _ref_range(record: UsageRecord) -> tuple[str, str]:
+    """The keys of the records of ``record``'s ref: ``[start, end)``, compared as SQLite
+    compares text. A record without a ref is its key alone."""
+    start = record.ref_key
+    return start, start + (chr(0x10FFFF) if record.ref else "\x00")
 
 
-def _held(found: Iterable[tuple[str, str | None]], digest: str) -> str | None:
-    """What holds a record back, from the (table, digest) rows that share one of its refs:
-    ``"duplicate"`` (the same usage, or usage of unknown digest), else the table of a
-    record with different usage (a conflict), else None (nothing)."""
+def _held(found: Iterable[tuple[str, str]], record: UsageRecord) -> str | None:
+    """What holds ``record`` back, from the (table, key) rows of its ref or its old keys:
+    ``"duplicate"`` (its own key, or a 0.1.0 key: the same usage as far as 0.1.0 could
+    tell), else the table of a record of its ref with different usage (a conflict), else
+    None (nothing)."""
     other = None
-    for table, held_digest in found:
-        if not digest or not held_digest or held_digest == digest:
+    for table, key in found:
+        if key == record.idempotency_key or key in record.aliases or key == record.ref:
             return "duplicate"
         other = other or table
     return other
@@ -311,16 +286,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 @functools.cache
-def _insert_sql(refs: int) -> str:
-    """Insert one record unless one of its ``refs`` is pending or delivered, or a dead
-    letter of its key (refused by Paygent, not invalid or a conflict) exists."""
-    marks = ",".join("?" * refs)
+def _insert_sql(old_keys: int) -> str:
+    """Insert one record unless a record of its ref (a key in ``[start, end)``) is pending
+    or delivered, or one of its ``old_keys`` is, or Paygent refused its key (a dead letter
+    that is not invalid or a conflict)."""
+    marks = ",".join("?" * old_keys)
+    held_by_old = (
+        f"AND NOT EXISTS (SELECT 1 FROM pending WHERE key IN ({marks})) "
+        f"AND NOT EXISTS (SELECT 1 FROM delivered WHERE key IN ({marks})) "
+        if old_keys
+        else ""
+    )
     return (
-        "INSERT INTO pending (key, ref, digest, dest, body, origin, created, next_attempt) "
-        "SELECT ?, ?, ?, ?, ?, ?, ?, ? "
-        f"WHERE NOT EXISTS (SELECT 1 FROM pending WHERE ref IN ({marks})) "
-        f"AND NOT EXISTS (SELECT 1 FROM delivered WHERE ref IN ({marks})) "
-        "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ? "
+        "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
+        "SELECT ?, ?, ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM pending WHERE key >= ? AND key < ?) "
+        "AND NOT EXISTS (SELECT 1 FROM delivered WHERE key >= ? AND key < ?) "
+        + held_by_old
+        + "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ? "
         "AND status NOT IN ('invalid', 'conflict')) "
         "ON CONFLICT (key) DO NOTHING"
     )
@@ -372,7 +355,6 @@ class SqliteSpool:
                 # FULL: a committed batch survives power loss, not only a process crash.
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
-                _migrate(conn)
                 # A write now, so a read-only file or a full disk fails here, at start.
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)",
@@ -472,10 +454,10 @@ class SqliteSpool:
         ]
         rows: dict[int, list[tuple[Any, ...]]] = {}
         for record, body in zip(records, bodies, strict=True):
-            refs = _refs(record)
-            rows.setdefault(len(refs), []).append(
-                (record.idempotency_key, refs[0], record.digest or None, dest, body,
-                 record.origin, now, now, *refs, *refs, record.idempotency_key)
+            old = _old_keys(record)
+            rows.setdefault(len(old), []).append(
+                (record.idempotency_key, dest, body, record.origin, now, now,
+                 *_ref_range(record), *_ref_range(record), *old, *old, record.idempotency_key)
             )  # fmt: skip
 
         def insert(conn: sqlite3.Connection) -> AddResult:
@@ -494,25 +476,27 @@ class SqliteSpool:
                     new.discard(record.idempotency_key)  # a second copy is a duplicate
                     accepted += 1
                     continue
-                refs = _refs(record)
-                marks = ",".join("?" * len(refs))
-                found = conn.execute(
-                    f"SELECT 'pending', digest FROM pending WHERE ref IN ({marks}) UNION ALL "
-                    f"SELECT 'delivered', digest FROM delivered WHERE ref IN ({marks})",
-                    (*refs, *refs),
-                ).fetchall()
-                held = _held(found, record.digest)
+                old = _old_keys(record)
+                marks = ",".join("?" * len(old))
+                found = [
+                    (table, key)
+                    for table in ("pending", "delivered")
+                    for (key,) in conn.execute(
+                        f"SELECT key FROM {table} WHERE key >= ? AND key < ? OR key IN ({marks})",
+                        (*_ref_range(record), *old),
+                    )
+                ]
+                held = _held(found, record)
                 if held is None or held == "duplicate":
                     duplicates += 1
                     continue
                 conflict = conflict_rejection(record, held)
                 conflicts.append(conflict)
                 conn.execute(
-                    "INSERT INTO dead (key, ref, digest, dest, body, origin, created, died, "
-                    "status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'conflict', ?) "
-                    "ON CONFLICT (key) DO NOTHING",
-                    (record.idempotency_key, refs[0], record.digest, dest, body, record.origin,
-                     now, now, conflict.message[:_BODY_EXCERPT]),
+                    "INSERT INTO dead (key, dest, body, origin, created, died, status, reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'conflict', ?) ON CONFLICT (key) DO NOTHING",
+                    (record.idempotency_key, dest, body, record.origin, now, now,
+                     conflict.message[:_BODY_EXCERPT]),
                 )  # fmt: skip
             return AddResult(accepted, duplicates, 0, tuple(conflicts))
 
@@ -581,14 +565,11 @@ class SqliteSpool:
             return
 
         def done(conn: sqlite3.Connection) -> None:
-            # The ref and usage digest go with the key: a later record of the same ref is
-            # told to be a duplicate or a conflict.
-            conn.executemany(
-                "INSERT OR REPLACE INTO delivered (key, ref, digest, at) "
-                "SELECT key, ref, digest, ? FROM pending WHERE id = ?",
-                [(now, i) for i in rowids],
-            )
             conn.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in rowids])
+            conn.executemany(
+                "INSERT OR REPLACE INTO delivered (key, at) VALUES (?, ?)",
+                [(k, now) for k in keys],
+            )
 
         self._write(done, synced=False)
 
@@ -625,9 +606,8 @@ class SqliteSpool:
         def move(conn: sqlite3.Connection) -> None:
             for rowid, status, reason in items:
                 conn.execute(
-                    "INSERT INTO dead (key, ref, digest, dest, body, origin, created, died, "
-                    "attempts, status, reason) SELECT key, ref, digest, dest, body, origin, "
-                    "created, ?, attempts + 1, ?, ?"
+                    "INSERT INTO dead (key, dest, body, origin, created, died, attempts, status,"
+                    " reason) SELECT key, dest, body, origin, created, ?, attempts + 1, ?, ?"
                     " FROM pending WHERE id = ? AND lease_owner = ? ON CONFLICT (key) DO NOTHING",
                     (now, status, reason[:_BODY_EXCERPT], rowid, self._owner),
                 )
@@ -718,9 +698,8 @@ class SqliteSpool:
             now = time.time()
             before = conn.total_changes
             conn.execute(
-                "INSERT INTO pending (key, ref, digest, dest, body, origin, created, "
-                f"next_attempt) SELECT key, ref, digest, dest, body, origin, created, ? "
-                f"FROM dead WHERE {where} "
+                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
+                f"SELECT key, dest, body, origin, created, ? FROM dead WHERE {where} "
                 "ON CONFLICT (key) DO NOTHING",
                 [now, *params],
             )
@@ -766,11 +745,11 @@ class MemorySpool:
         self._due: list[tuple[float, int]] = []
         self._leased: set[int] = set()
         self._pending: dict[str, str] = {}
-        """Usage digest of each pending record, by ref."""
+        """The key of each pending record, by :attr:`UsageRecord.ref_key`."""
         self._refs: dict[int, str] = {}
-        """Ref of each pending record, by row id."""
+        """The ref key of each pending record, by row id."""
         self._delivered: dict[str, tuple[str, float]] = {}
-        """Usage digest and delivery time of each delivered record, by ref."""
+        """The key and delivery time of each delivered record, by ref key."""
         self._dead: list[DeadLetter] = []
         self._next_id = 0
         _live_spools.add(self)
@@ -793,12 +772,11 @@ class MemorySpool:
         now = time.time()
         with self._lock:
             for r in records:
-                refs = _refs(r)
-                found = [("pending", self._pending[ref]) for ref in refs if ref in self._pending]
-                found += [
-                    ("delivered", self._delivered[ref][0]) for ref in refs if ref in self._delivered
-                ]
-                held = _held(found, r.digest)
+                start = r.ref_key
+                found = [("pending", self._pending[start])] if start in self._pending else []
+                if start in self._delivered:
+                    found.append(("delivered", self._delivered[start][0]))
+                held = _held(found, r)
                 body = json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
                 if held == "duplicate":
                     duplicates += 1
@@ -824,8 +802,8 @@ class MemorySpool:
                     continue
                 self._next_id += 1
                 self._items[self._next_id] = (r.idempotency_key, dest, body, r.origin, now, 0)
-                self._pending[refs[0]] = r.digest
-                self._refs[self._next_id] = refs[0]
+                self._pending[start] = r.idempotency_key
+                self._refs[self._next_id] = start
                 heapq.heappush(self._due, (now, self._next_id))
                 accepted += 1
             del self._dead[:-1000]
@@ -875,8 +853,9 @@ class MemorySpool:
             for rowid, key in zip(rowids, keys, strict=True):
                 self._items.pop(rowid, None)
                 self._leased.discard(rowid)
-                ref = self._refs.pop(rowid, key)
-                self._delivered[ref] = (self._pending.pop(ref, ""), now)
+                start = self._refs.pop(rowid, key)
+                self._pending.pop(start, None)
+                self._delivered[start] = (key, now)
             if len(self._delivered) > 2 * self.max_records:
                 cutoff = sorted(t for _, t in self._delivered.values())[len(self._delivered) // 2]
                 self._delivered = {k: v for k, v in self._delivered.items() if v[1] > cutoff}
