@@ -425,10 +425,15 @@ def test_one_usage_id_with_different_usage_is_refused_with_a_reason(
     assert dead.status == "conflict" and '"characterCount":150' in dead.body
 
 
+@pytest.mark.parametrize("spool", ["durable", ":memory:"])
 def test_a_usage_id_keys_span_and_event_records_across_traces(
-    sandbox: SandboxServer, tracing: Callable[..., Tracing], caplog: pytest.LogCaptureFixture
+    sandbox: SandboxServer,
+    tracing: Callable[..., Tracing],
+    caplog: pytest.LogCaptureFixture,
+    spool: str,
 ) -> None:
-    pipeline = tracing(customer_id="cust-1")
+    in_memory = {"spool_path": spool} if spool == ":memory:" else {}
+    pipeline = tracing(customer_id="cust-1", **in_memory)
     tracer = pipeline.tracer
     for attempt in range(2):  # a retried job: a new trace each time, the same usage
         with tracer.start_as_current_span(f"job attempt {attempt}") as span:
