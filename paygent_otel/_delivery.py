@@ -229,19 +229,34 @@ class DeliveryPipeline:
 
     # ------------------------------------------------------------------ producer side
 
-    def submit(self, records: Sequence[UsageRecord], rejections: Sequence[Rejection] = ()) -> int:
+    def submit(
+        self,
+        records: Sequence[UsageRecord],
+        rejections: Sequence[Rejection] = (),
+        *,
+        conflicts: list[Rejection] | None = None,
+    ) -> int:
         """Commit records to the spool and wake the worker. Returns how many were refused.
 
-        Never raises: a storage failure is logged and the records are counted as refused.
+        Records the spool refuses because a record with their ref and different usage is
+        pending or delivered are logged, counted as ``conflict`` and appended to
+        ``conflicts`` when given. Never raises: a storage failure is logged and the
+        records are counted as refused.
         """
         for record in records:
             for warning in record.warnings:
                 _logger.warning("%s", warning)
+        reasons = Counter(r.reason for r in rejections)
         invalid = [r for r in rejections if r.reason is RejectReason.INVALID]
         for rejection in invalid:
             _logger.warning("%s", rejection.message)
+        for message in dict.fromkeys(
+            r.message for r in rejections if r.reason is RejectReason.LOST
+        ):
+            _logger.warning("%s", message)
         self.stats.add("invalid", len(invalid))
-        self.stats.add("skipped_zero", len(rejections) - len(invalid))
+        self.stats.add("skipped_zero", reasons[RejectReason.ZERO])
+        self.stats.add("lost_to_span_event_limit", reasons[RejectReason.LOST])
         if self._shutdown:
             self.stats.add("refused_after_shutdown", len(records))
             _logger.error("%s: %d usage records after shutdown refused", self.name, len(records))
@@ -277,6 +292,11 @@ class DeliveryPipeline:
             return len(records)
         self.stats.add("accepted", result.accepted)
         self.stats.add("duplicate_suppressed", result.duplicates)
+        self.stats.add("conflict", len(result.conflicts))
+        for conflict in result.conflicts:
+            _logger.warning("%s", conflict.message)
+        if conflicts is not None:
+            conflicts.extend(result.conflicts)
         if result.refused:
             self.stats.add("refused", result.refused)
             _logger.error(

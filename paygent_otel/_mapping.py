@@ -9,6 +9,7 @@ sends for the same usage (see ``docs/semantic-conventions.md``).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -22,12 +23,18 @@ __all__ = [
     "MAX_COUNT",
     "MAX_META_TAGS",
     "MAX_MINUTES",
+    "MAX_USAGE_ID_LENGTH",
+    "REF_DIGITS",
     "IdentityDefaults",
     "RejectReason",
     "Rejection",
     "UsageRecord",
+    "canonical_json",
+    "conflict_rejection",
     "idempotency_key",
     "map_usage",
+    "rejection_key",
+    "source_layer",
     "validate_quantities",
 ]
 
@@ -41,6 +48,12 @@ MAX_COUNT = 10_000_000_000
 
 MAX_META_TAGS = 20
 """Paygent's (and the SDK's) limit on metaTags entries."""
+
+MAX_USAGE_ID_LENGTH = 256
+"""Longest ``paygent.usage.id`` accepted (after stripping)."""
+
+REF_DIGITS = 20
+"""Hex digits at the start of a record key that name the record's ref (80 bits)."""
 
 _MAX_META_KEY_LEN = 64
 _MAX_META_VALUE_LEN = 256
@@ -62,6 +75,8 @@ class RejectReason(StrEnum):
     """It breaks a rule of the convention; counted, logged and dead-lettered."""
     ZERO = "zero"
     """All its quantities are zero; skipped, as the SDK skips them."""
+    LOST = "lost"
+    """The sender's SDK dropped it before export (span event limit); counted and logged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +84,28 @@ class UsageRecord:
     """One valid usage record: one ``POST /api/v2/usage``."""
 
     idempotency_key: str
-    """Derived from the telemetry that carried the record; stable across retries."""
+    """Sent as ``Idempotency-Key``: 40 hex digits, the first :data:`REF_DIGITS` a digest of
+    :attr:`ref`, the rest a digest of the ref and the usage. Stable across retries, never
+    the key of two different usages, and records of one ref share its start."""
     payload: dict[str, Any]
     """The JSON document, identical to the one ``paygent-sdk`` sends."""
     origin: str
     """Where the record came from, for logs (span name and ids, metric stream, ...)."""
     warnings: tuple[str, ...] = ()
     """Problems that did not stop the record (for example invalid meta tags dropped)."""
+    ref: str = ""
+    """What the record is, without its usage: the telemetry that carried it (trace and span
+    ids and position, metric stream and interval, log record) or its ``paygent.usage.id``.
+    The spool refuses a second record with the same ref and different usage. Empty: the
+    record was not made by :func:`map_usage`, its key is all there is."""
+    aliases: tuple[str, ...] = ()
+    """Keys paygent-otel 0.1.0 gave the same record; one held under them (pending or
+    delivered) is this record."""
+
+    @property
+    def ref_key(self) -> str:
+        """The start of the key that names the ref (the whole key, without a ref)."""
+        return self.idempotency_key[:REF_DIGITS] if self.ref else self.idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +143,42 @@ def idempotency_key(*parts: object) -> str:
     """A stable key for one record, from what identifies it (never random per attempt)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:40]
+
+
+def canonical_json(value: object) -> str:
+    """JSON independent of key order (values that are not JSON by their ``repr``)."""
+    return json.dumps(
+        value, sort_keys=True, default=repr, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+_USAGE_ID_REF = "usage-id:"
+
+
+def rejection_key(ref: str, attributes: Attributes) -> str:
+    """The dead-letter key of an invalid record: never the key of a valid record, so a
+    corrected record sent again is not taken for the invalid one."""
+    return idempotency_key("invalid", ref, canonical_json(dict(attributes)))
+
+
+def conflict_rejection(record: UsageRecord, held: str) -> Rejection:
+    """``record`` refused: a record with its ref and different usage is ``held``
+    (``"pending"`` or ``"delivered"``)."""
+    verb = "is waiting for delivery" if held == "pending" else "was billed"
+    if record.ref.startswith(_USAGE_ID_REF):
+        what = f"{sc.USAGE_ID} {record.ref.removeprefix(_USAGE_ID_REF)!r}"
+        advice = "give separate usages separate ids"
+    else:
+        what = "the same telemetry (trace, span and position, log record or metric interval)"
+        advice = "was it sent again after its attributes or the exporter's defaults changed?"
+    return Rejection(
+        RejectReason.INVALID,
+        f"usage record from {record.origin} refused: a record with {what} {verb} with "
+        f"different usage, so this one is not billed: {advice}",
+        record.origin,
+        record.idempotency_key,
+        record.payload,
+    )
 
 
 def _describe(value: object) -> str:
@@ -243,12 +309,30 @@ def _meta_tags(layers: Sequence[Attributes]) -> tuple[dict[str, str], str | None
     return tags, None
 
 
+def source_layer(name: str, layers: Sequence[Attributes]) -> int | None:
+    """Index of the first layer (most specific first) that sets ``name``; None if none does."""
+    for index, layer in enumerate(layers):
+        if name in layer:
+            return index
+    return None
+
+
 def _resolve(name: str, layers: Sequence[Attributes], default: str | None) -> object:
     """The first layer (most specific first) that sets ``name``, else the default."""
-    for layer in layers:
-        if name in layer:
-            return layer[name]
-    return default
+    index = source_layer(name, layers)
+    return default if index is None else layers[index][name]
+
+
+def _usage_ref(record: Attributes) -> str | None:
+    """The ref named by the record's own ``paygent.usage.id``, if it carries one."""
+    if sc.USAGE_ID not in record:
+        return None
+    usage_id = _text(sc.USAGE_ID, record[sc.USAGE_ID])
+    if not usage_id or len(usage_id) > MAX_USAGE_ID_LENGTH:
+        raise _Invalid(
+            sc.USAGE_ID, f"must be a non-blank string of at most {MAX_USAGE_ID_LENGTH} characters"
+        )
+    return _USAGE_ID_REF + usage_id
 
 
 def map_usage(
@@ -256,24 +340,32 @@ def map_usage(
     *,
     inherited: Sequence[Attributes] = (),
     defaults: IdentityDefaults = IdentityDefaults(),
-    key: str,
+    ref: str,
     origin: str,
     trace_ids: tuple[str, str] | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> UsageRecord | Rejection:
     """Turn one record's attributes into a :class:`UsageRecord` or a :class:`Rejection`.
 
     ``inherited`` holds the layers the record inherits identity, pricing and meta tags from,
     most specific first (for a span event: the span's attributes, then the resource's).
+    ``ref`` identifies the telemetry that carried the record (stable across re-sends);
+    the record's own ``paygent.usage.id`` replaces it when set, and the record's key is
+    made of a digest of the ref and a digest of the ref and the usage. ``aliases`` are the
+    keys an earlier version gave it.
     ``trace_ids`` (trace id, span id as hex) become metaTags when ``defaults.trace_tags``.
     """
     try:
-        return _map(record, inherited, defaults, key, origin, trace_ids)
+        explicit = _usage_ref(record)
+        if explicit is not None:
+            ref, aliases = explicit, (ref, *aliases)
+        return _map(record, inherited, defaults, ref, aliases, origin, trace_ids)
     except _Invalid as exc:
         return Rejection(
             RejectReason.INVALID,
             f"usage record from {origin} rejected: {exc.attribute} {exc.rule}",
             origin,
-            key,
+            rejection_key(ref, record),
             dict(record),
         )
 
@@ -282,7 +374,8 @@ def _map(
     record: Attributes,
     inherited: Sequence[Attributes],
     defaults: IdentityDefaults,
-    key: str,
+    ref: str,
+    aliases: tuple[str, ...],
     origin: str,
     trace_ids: tuple[str, str] | None,
 ) -> UsageRecord | Rejection:
@@ -299,7 +392,7 @@ def _map(
             RejectReason.ZERO,
             f"usage record from {origin} skipped: every quantity is zero",
             origin,
-            key,
+            rejection_key(ref, record),
             dict(record),
         )
     layers = (record, *inherited)
@@ -335,10 +428,15 @@ def _map(
     warnings: tuple[str, ...] = ()
     if dropped:
         warnings = (f"usage record from {origin}: metaTags dropped (usage still sent): {dropped}",)
+    if tags:
+        payload["metaTags"] = dict(tags)
+    # The usage, before the trace links: a retried job in a new trace is the same usage.
+    usage = canonical_json(payload)
     if trace_ids is not None and defaults.trace_tags:
         for tag, value in zip((TRACE_ID_TAG, SPAN_ID_TAG), trace_ids, strict=True):
             if len(tags) < MAX_META_TAGS and tag not in tags:
                 tags[tag] = value
     if tags:
         payload["metaTags"] = tags
-    return UsageRecord(key, payload, origin, warnings)
+    key = idempotency_key("ref", ref)[:REF_DIGITS] + idempotency_key(ref, usage)[REF_DIGITS:]
+    return UsageRecord(key, payload, origin, warnings, ref, aliases)

@@ -180,6 +180,7 @@ def records_from_points(
     the earliest of its points. Zero points are skipped; a point in the SDK's cardinality
     overflow set is rejected (it has no customer). Point attributes named like a quantity
     or like ``paygent.usage.kind`` are ignored: the instrument name says what is measured.
+    ``paygent.usage.id`` splits streams like any attribute but is not the record's key.
     """
     groups: dict[tuple[str, str, int, sc.UsageKind], dict[str, Any]] = {}
     starts: dict[tuple[str, str, int, sc.UsageKind], int] = {}
@@ -202,6 +203,9 @@ def records_from_points(
         group_key = (resource_key, _fingerprint(identity), point.end_ns, quantity.kind)
         record = groups.get(group_key)
         if record is None:
+            # A point sums an interval's measurements: one usage id cannot name it, and its
+            # interval already keys it. The id only tells streams apart, like any attribute.
+            identity.pop(sc.USAGE_ID, None)
             record = groups[group_key] = {**identity, sc.USAGE_KIND: quantity.kind.value}
             starts[group_key] = point.start_ns
         starts[group_key] = min(starts[group_key], point.start_ns)
@@ -213,14 +217,14 @@ def records_from_points(
         resource_key, attr_key, end, kind = group_key
         start = starts[group_key]
         instruments = sorted(n for n in record if n in sc.QUANTITIES)
-        key = idempotency_key("metric", resource_key, ",".join(instruments), attr_key, start, end)
+        ref = idempotency_key("metric", resource_key, ",".join(instruments), attr_key, start, end)
         origin = (
             f"{source} {kind.value} stream {attr_key} interval {start}..{end}"
             f" ({', '.join(instruments)})"
         )
         _merge_units(record)
         result = map_usage(
-            record, inherited=(resources[resource_key],), defaults=defaults, key=key, origin=origin
+            record, inherited=(resources[resource_key],), defaults=defaults, ref=ref, origin=origin
         )
         if isinstance(result, UsageRecord):
             records.append(result)

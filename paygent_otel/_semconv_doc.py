@@ -27,6 +27,7 @@ _IDENTITY_ROWS = {
     sc.MODEL: ("string", "", "required*", "`rawUsage.model`"),
     sc.PLAN: ("string", "", "optional (`default`)", "`rawUsage.plan`"),
     sc.META_PREFIX + "<key>": ("string", "", "optional", "`metaTags.<key>`"),
+    sc.USAGE_ID: ("string", "", "optional, never inherited", "(the `Idempotency-Key`)"),
 }
 
 

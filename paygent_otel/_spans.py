@@ -5,13 +5,21 @@ A span is a record when its attributes carry ``paygent.usage.kind``; each span e
 ``gen_ai.usage.*`` counts and no convention record becomes an STS record. With framework
 mappings on (:mod:`paygent_otel.frameworks`), a span of an enabled framework's scope is
 billed by that framework's rule alone (never also by the GenAI mapping).
+
+Span limits never change who pays. The sender's SDK evicts attributes past its count limit
+and cuts string values to its length limit, silently; the span says how many it dropped.
+When a span (or event) lost attributes, its records are billed only if the agent and
+customer come from the record, or from the span for an event record, never from a
+fallback (resource, exporter defaults) that an evicted attribute would have overridden.
+An id exactly as long as the value length limit is taken as cut short. Both are refused
+as invalid with a message naming the limit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
 
 from . import semconv as sc
 from ._mapping import (
@@ -21,31 +29,81 @@ from ._mapping import (
     UsageRecord,
     idempotency_key,
     map_usage,
+    rejection_key,
+    source_layer,
 )
 
 if TYPE_CHECKING:
     from .frameworks import FrameworkSet
 
-__all__ = ["has_usage", "records_from_span"]
+__all__ = [
+    "EVENT_LIMIT_SETTING",
+    "NOT_TRUNCATED",
+    "Truncation",
+    "has_usage",
+    "records_from_span",
+    "valid_span_ids",
+]
 
 Attributes = Mapping[str, Any]
+
+EVENT_LIMIT_SETTING: Final = "OTEL_SPAN_EVENT_COUNT_LIMIT"
+"""The SDK setting whose limit drops a span's events past it (128 by default)."""
+_COUNT_SETTINGS: Final = {
+    "span": "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT / OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "span event": "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT / OTEL_ATTRIBUTE_COUNT_LIMIT",
+}
+_LENGTH_SETTINGS: Final = {
+    "span": "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT / OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "span event": "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """What the sender's span limits did to one attribute set (a span's or an event's)."""
+
+    dropped: int = 0
+    """Attributes evicted by the count limit (OTLP's ``dropped_attributes_count``)."""
+    max_length: int | None = None
+    """The value length limit string values were cut to, when known (never over OTLP)."""
+
+
+NOT_TRUNCATED: Final = Truncation()
+"""Nothing dropped, no known length limit."""
+
+
+def valid_span_ids(trace_id: str, span_id: str) -> bool:
+    """True for ids the OTel spec calls valid: 16 and 8 bytes (lowercase hex), not all zero."""
+    return (
+        len(trace_id) == 32
+        and len(span_id) == 16
+        and trace_id.strip("0") != ""
+        and span_id.strip("0") != ""
+    )
 
 
 def has_usage(
     attributes: Attributes,
     event_names: Iterable[str],
     genai: bool,
+    *,
+    dropped: int = 0,
     frameworks: FrameworkSet | None = None,
     scope: str = "",
     span_name: str = "",
 ) -> bool:
     """Cheap test run on every span: does it carry anything billable?
 
+    ``dropped``: attributes the SDK evicted from the span; then a convention quantity
+    without ``paygent.usage.kind`` counts too (its kind may be what was evicted).
     ``scope`` (instrumentation scope name) and ``span_name`` matter only with ``frameworks``.
     """
     if sc.USAGE_KIND in attributes:
         return True
     if any(name == sc.USAGE_EVENT_NAME for name in event_names):
+        return True
+    if dropped and any(name in sc.QUANTITIES for name in attributes):
         return True
     if frameworks and frameworks.may_bill(scope, span_name):
         return True
@@ -54,6 +112,46 @@ def has_usage(
 
         return has_genai_usage(attributes)
     return False
+
+
+_Own = tuple[tuple[Attributes, Truncation, str], ...]
+"""The layers a record calls its own, most specific first: (attributes, truncation, what)
+with what ``"span event"`` or ``"span"``."""
+
+
+def _limit_problem(own: _Own, layers: Sequence[Attributes]) -> str | None:
+    """Why span limits may have changed who pays for this record; None when they cannot."""
+    cut = next((i for i, (_, truncation, _) in enumerate(own) if truncation.dropped), None)
+    for attribute in (sc.AGENT_ID, sc.CUSTOMER_ID, sc.USAGE_ID):
+        index = source_layer(attribute, layers)
+        if attribute != sc.USAGE_ID and cut is not None and (index is None or index > cut):
+            _, truncation, what = own[cut]
+            source = (
+                "the exporter's defaults"
+                if index is None
+                else "the resource"
+                if index >= len(own)
+                else f"the {own[index][2]}"
+            )
+            return (
+                f"{attribute} would come from {source}, but the SDK dropped "
+                f"{truncation.dropped} attributes from this {what} (attribute count limit, "
+                f"{_COUNT_SETTINGS[what]}): the {what}'s own {attribute} may have been one of "
+                f"them. Not billed, so that it is not billed to the wrong party: raise the "
+                f"limit or set fewer attributes"
+            )
+        if index is None or index >= len(own) or (attribute == sc.USAGE_ID and index):
+            continue
+        value = layers[index][attribute]
+        _, truncation, what = own[index]
+        limit = truncation.max_length
+        if limit and isinstance(value, str) and len(value) == limit:
+            return (
+                f"{attribute} is exactly {limit} characters long, the {what} attribute value "
+                f"length limit ({_LENGTH_SETTINGS[what]}): it was probably cut short. Not "
+                f"billed, so that it is not billed to the wrong party: raise the limit"
+            )
+    return None
 
 
 def records_from_span(
@@ -66,38 +164,71 @@ def records_from_span(
     resource: Attributes,
     defaults: IdentityDefaults,
     genai: bool = False,
+    truncation: Truncation = NOT_TRUNCATED,
+    event_truncations: Sequence[Truncation] = (),
+    dropped_events: int = 0,
     frameworks: FrameworkSet | None = None,
     scope: str = "",
 ) -> tuple[list[UsageRecord], list[Rejection]]:
     """Map every record the span carries. ``trace_id``/``span_id`` are lowercase hex;
-    ``scope`` is the span's instrumentation scope name (read with ``frameworks``)."""
+    ``scope`` is the span's instrumentation scope name (read with ``frameworks``).
+
+    ``truncation`` says what span limits did to the span's attributes, ``event_truncations``
+    (aligned with ``events``) to each event's, ``dropped_events`` how many events the SDK
+    dropped. A record on a span whose ids are invalid is refused unless it carries its own
+    ``paygent.usage.id``: its key would be shared with every other such span.
+    """
     records: list[UsageRecord] = []
     rejections: list[Rejection] = []
-    where = f"span {name!r} (trace {trace_id}, span {span_id})"
+    where = f"span {name!r} (trace {trace_id or '-'}, span {span_id or '-'})"
+    ids_valid = valid_span_ids(trace_id, span_id)
+    span_layer = (attributes, truncation, "span")
 
-    def add(
-        position: int,
-        record: Attributes,
-        inherited: tuple[Attributes, ...],
-        origin: str,
-        defaults: IdentityDefaults = defaults,
-    ) -> None:
-        kind = record.get(sc.USAGE_KIND)
-        key = idempotency_key("span", trace_id, span_id, position, kind)
+    def refuse(ref: str, record: Attributes, origin: str, problem: str) -> None:
+        rejections.append(
+            Rejection(
+                RejectReason.INVALID,
+                f"usage record from {origin} rejected: {problem}",
+                origin,
+                rejection_key(ref, record),
+                dict(record),
+            )
+        )
+
+    def add(position: int, own: _Own, origin: str, defaults: IdentityDefaults = defaults) -> None:
+        record = own[0][0]
+        ref = idempotency_key("span", trace_id, span_id, position, record.get(sc.USAGE_KIND))
+        layers = (*(layer for layer, _, _ in own), resource)
+        problem = _limit_problem(own, layers)
+        if problem is None and not ids_valid and sc.USAGE_ID not in record:
+            problem = (
+                f"trace id {trace_id!r} and span id {span_id!r} are not valid OpenTelemetry "
+                "ids (16 and 8 bytes, not all zero), so this record cannot be told apart from "
+                f"others: send valid ids, or give the record its own {sc.USAGE_ID}"
+            )
+        if problem is not None:
+            refuse(ref, record, origin, problem)
+            return
         result = map_usage(
             record,
-            inherited=inherited,
+            inherited=layers[1:],
             defaults=defaults,
-            key=key,
+            ref=ref,
             origin=origin,
-            trace_ids=(trace_id, span_id),
+            trace_ids=(trace_id, span_id) if ids_valid else None,
         )
-        (records if isinstance(result, UsageRecord) else rejections).append(result)  # type: ignore[arg-type]
-
-    def refuse(origin: str, kind: str, problem: str) -> None:
-        key = idempotency_key("span", trace_id, span_id, 0, kind)
-        message = f"usage record from {origin} rejected: {problem}"
-        rejections.append(Rejection(RejectReason.INVALID, message, origin, key, dict(attributes)))
+        if isinstance(result, UsageRecord):
+            records.append(result)
+            return
+        dropped = [(t.dropped, what) for _, t, what in own if t.dropped]
+        if dropped and result.reason is RejectReason.INVALID:
+            n, what = dropped[0]
+            result = replace(
+                result,
+                message=f"{result.message} (the SDK dropped {n} attributes from this {what}: "
+                f"attribute count limit, {_COUNT_SETTINGS[what]})",
+            )
+        rejections.append(result)
 
     def converted(
         convert: Callable[[], dict[str, Any] | None], origin: str, kind: str
@@ -106,7 +237,9 @@ def records_from_span(
         try:
             return convert()
         except ValueError as exc:
-            refuse(origin, kind, str(exc))
+            refuse(
+                idempotency_key("span", trace_id, span_id, 0, kind), attributes, origin, str(exc)
+            )
             return None
 
     events = list(events)
@@ -117,7 +250,17 @@ def records_from_span(
     )
     claim = frameworks.claim(scope) if frameworks else None
     if sc.USAGE_KIND in attributes:
-        add(0, attributes, (resource,), where)
+        add(0, (span_layer,), where)
+    elif truncation.dropped and any(n in sc.QUANTITIES for n in attributes):
+        refuse(
+            idempotency_key("span", trace_id, span_id, 0, None),
+            attributes,
+            where,
+            f"the span carries usage quantities but no {sc.USAGE_KIND}, and the SDK dropped "
+            f"{truncation.dropped} of its attributes (attribute count limit, "
+            f"{_COUNT_SETTINGS['span']}): {sc.USAGE_KIND} was probably one of them. Raise the "
+            "limit or set fewer attributes",
+        )
     elif claim is not None:
         origin = f"{where} ({claim.rule.name} mapping)"
         found = (
@@ -125,23 +268,39 @@ def records_from_span(
         )
         if found is not None and not known_customer:
             refuse(
+                idempotency_key("span", trace_id, span_id, 0, found[sc.USAGE_KIND]),
+                attributes,
                 origin,
-                found[sc.USAGE_KIND],
                 f"{sc.CUSTOMER_ID} is missing: " + claim.rule.missing_customer,
             )
         elif found is not None:
             framework_defaults = (
                 replace(defaults, indicator=claim.indicator) if claim.indicator else defaults
             )
-            add(0, {**attributes, **found}, (resource,), origin, framework_defaults)
+            add(0, (({**attributes, **found}, truncation, "span"),), origin, framework_defaults)
     elif genai and not has_events and known_customer:
         from .genai import genai_record
 
         origin = where + " (gen_ai.* mapping)"
         found = converted(lambda: genai_record(attributes), origin, sc.UsageKind.STS.value)
         if found is not None:
-            add(0, {**attributes, **found}, (resource,), origin)
+            add(0, (({**attributes, **found}, truncation, "span"),), origin)
     for index, (event_name, event_attributes) in enumerate(events, start=1):
         if event_name == sc.USAGE_EVENT_NAME:
-            add(index, event_attributes, (attributes, resource), f"{where} event #{index}")
+            event_truncation = (
+                event_truncations[index - 1] if index <= len(event_truncations) else NOT_TRUNCATED
+            )
+            own = ((event_attributes, event_truncation, "span event"), span_layer)
+            add(index, own, f"{where} event #{index}")
+    if dropped_events and has_events:
+        lost = Rejection(
+            RejectReason.LOST,
+            f"usage records from {where} lost: the SDK dropped {dropped_events} events of this "
+            f"span (span event limit, {EVENT_LIMIT_SETTING}); those that were "
+            f"{sc.USAGE_EVENT_NAME} events are not billed. Spread the usage over several "
+            "spans, or raise the limit",
+            where,
+            idempotency_key("span", trace_id, span_id, "lost"),
+        )
+        rejections.extend([lost] * dropped_events)
     return records, rejections

@@ -6,11 +6,20 @@ share the file: gunicorn workers, forked children), deletes it only after a 2xx,
 definitive rejections to a dead-letter table a person can inspect and replay
 (``paygent-otel spool``). Keys of delivered records are kept for a window so a record
 handed over twice (a Collector retrying an OTLP request) is not sent twice.
+
+A record's key starts with a digest of its *ref* (what it is: its telemetry ids or its
+``paygent.usage.id``) and ends with a digest of its usage, so the key index finds the
+records of one ref. A record whose ref is pending or was delivered is a duplicate when the
+usage is the same (the same key), and is refused as a conflict (kept as a dead letter with
+status ``conflict``) when it differs: one ref is never billed twice. Dead letters hold back
+only an identical record, and an ``invalid`` one nothing: a corrected record has another
+key and is billed. Keys paygent-otel 0.1.0 gave (its telemetry ref alone) are recognised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import json
 import os
@@ -27,7 +36,7 @@ from typing import Any, Protocol
 
 from . import _journal
 from ._forking import register_at_fork_once
-from ._mapping import Rejection, UsageRecord
+from ._mapping import Rejection, UsageRecord, conflict_rejection
 
 __all__ = [
     "AddResult",
@@ -84,6 +93,9 @@ class AddResult:
     """Already pending, delivered (within the retention window) or dead-lettered."""
     refused: int = 0
     """Not stored: the spool is full. Counted and logged by the caller."""
+    conflicts: tuple[Rejection, ...] = ()
+    """Not stored: a record with the same ref and different usage is pending or was
+    delivered. Kept as dead letters (status ``conflict``); logged by the caller."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +146,8 @@ class Spool(Protocol):
     durable: bool
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Store valid records; committed when this returns."""
+        """Store valid records that are neither duplicates nor conflicts; committed when
+        this returns."""
         ...
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
@@ -220,6 +233,32 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 """
 
+
+def _old_keys(record: UsageRecord) -> tuple[str, ...]:
+    """Keys paygent-otel 0.1.0 may have given the record (its telemetry ref alone, aliases)."""
+    return (record.ref, *record.aliases) if record.ref else ()
+
+
+def _ref_range(record: UsageRecord) -> tuple[str, str]:
+    """The keys of the records of ``record``'s ref: ``[start, end)``, compared as SQLite
+    compares text. A record without a ref is its key alone."""
+    start = record.ref_key
+    return start, start + (chr(0x10FFFF) if record.ref else "\x00")
+
+
+def _held(found: Iterable[tuple[str, str]], record: UsageRecord) -> str | None:
+    """What holds ``record`` back, from the (table, key) rows of its ref or its old keys:
+    ``"duplicate"`` (its own key, or a 0.1.0 key: the same usage as far as 0.1.0 could
+    tell), else the table of a record of its ref with different usage (a conflict), else
+    None (nothing)."""
+    other = None
+    for table, key in found:
+        if key == record.idempotency_key or key in record.aliases or key == record.ref:
+            return "duplicate"
+        other = other or table
+    return other
+
+
 _nonces: dict[int, str] = {}
 _live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
 _held_across_fork: list[SqliteSpool | MemorySpool] = []
@@ -273,6 +312,30 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@functools.cache
+def _insert_sql(old_keys: int) -> str:
+    """Insert one record unless a record of its ref (a key in ``[start, end)``) is pending
+    or delivered, or one of its ``old_keys`` is, or Paygent refused its key (a dead letter
+    that is not invalid or a conflict)."""
+    marks = ",".join("?" * old_keys)
+    held_by_old = (
+        f"AND NOT EXISTS (SELECT 1 FROM pending WHERE key IN ({marks})) "
+        f"AND NOT EXISTS (SELECT 1 FROM delivered WHERE key IN ({marks})) "
+        if old_keys
+        else ""
+    )
+    return (
+        "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
+        "SELECT ?, ?, ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM pending WHERE key >= ? AND key < ?) "
+        "AND NOT EXISTS (SELECT 1 FROM delivered WHERE key >= ? AND key < ?) "
+        + held_by_old
+        + "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ? "
+        "AND status NOT IN ('invalid', 'conflict')) "
+        "ON CONFLICT (key) DO NOTHING"
+    )
 
 
 class SqliteSpool:
@@ -405,7 +468,12 @@ class SqliteSpool:
             return int(used * page_size)
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Commit valid records; refuse them all if the size cap is reached."""
+        """Commit valid records; refuse them all if the size cap is reached.
+
+        A record whose ref (or an alias) is pending or delivered is a duplicate, or a
+        conflict if its usage differs; a dead letter of the same key (not ``invalid`` or
+        ``conflict``) holds it back as a duplicate too.
+        """
         if not records:
             return AddResult()
         now = time.time()
@@ -414,50 +482,67 @@ class SqliteSpool:
             for outcome in ("recorded", "refused"):
                 self._write(_journal.journal, outcome, refused)
             return AddResult(refused=len(records))
-        rows = [
-            (
-                r.idempotency_key,
-                dest,
-                json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode(),
-                r.origin,
-                now,
-                now,
-                r.idempotency_key,
-                r.idempotency_key,
-            )
-            for r in records
+        bodies = [
+            json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode() for r in records
         ]
+        rows: dict[int, list[tuple[Any, ...]]] = {}
+        for record, body in zip(records, bodies, strict=True):
+            old = _old_keys(record)
+            rows.setdefault(len(old), []).append(
+                (record.idempotency_key, dest, body, record.origin, now, now,
+                 *_ref_range(record), *_ref_range(record), *old, *old, record.idempotency_key)
+            )  # fmt: skip
 
-        def insert(conn: sqlite3.Connection) -> int:
-            (last_id,) = conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()
+        def insert(conn: sqlite3.Connection) -> AddResult:
+            last_id = conn.execute("SELECT coalesce(max(id), 0) FROM pending").fetchone()[0]
             before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO pending (key, dest, body, origin, created, next_attempt) "
-                "SELECT ?, ?, ?, ?, ?, ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM delivered WHERE key = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM dead WHERE key = ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                rows,
-            )
+            for count, group in rows.items():
+                conn.executemany(_insert_sql(count), group)
             inserted = conn.total_changes - before
             entries = [(_journal.quantities_of(r.payload), now) for r in records]
             _journal.journal(conn, "recorded", entries)
-            if inserted < len(records):
-                # Which were duplicates: the rows this transaction added have the new ids.
-                new = {
-                    k for (k,) in conn.execute("SELECT key FROM pending WHERE id > ?", (last_id,))
-                }
-                duplicates = []
-                for record, entry in zip(records, entries, strict=True):
-                    if record.idempotency_key in new:
-                        new.discard(record.idempotency_key)  # a second copy in the batch is not
-                    else:
-                        duplicates.append(entry)
-                _journal.journal(conn, "duplicate", duplicates)
-            return inserted
+            if inserted == len(records):
+                return AddResult(accepted=len(records))
+            # Some were held back: tell duplicates from conflicts, one by one.
+            new = {k for (k,) in conn.execute("SELECT key FROM pending WHERE id > ?", (last_id,))}
+            accepted = 0
+            conflicts: list[Rejection] = []
+            duplicates: list[tuple[_journal.Quantities, float]] = []
+            dead: list[tuple[_journal.Quantities, float]] = []
+            for record, body, entry in zip(records, bodies, entries, strict=True):
+                if record.idempotency_key in new:
+                    new.discard(record.idempotency_key)  # a second copy is a duplicate
+                    accepted += 1
+                    continue
+                old = _old_keys(record)
+                marks = ",".join("?" * len(old))
+                found = [
+                    (table, key)
+                    for table in ("pending", "delivered")
+                    for (key,) in conn.execute(
+                        f"SELECT key FROM {table} WHERE key >= ? AND key < ? OR key IN ({marks})",
+                        (*_ref_range(record), *old),
+                    )
+                ]
+                held = _held(found, record)
+                if held is None or held == "duplicate":
+                    duplicates.append(entry)
+                    continue
+                conflict = conflict_rejection(record, held)
+                conflicts.append(conflict)
+                dead.append(entry)
+                conn.execute(
+                    "INSERT INTO dead (key, dest, body, origin, created, died, status, reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'conflict', ?) ON CONFLICT (key) DO NOTHING",
+                    (record.idempotency_key, dest, body, record.origin, now, now,
+                     conflict.message[:_BODY_EXCERPT]),
+                )  # fmt: skip
+            _journal.journal(conn, "duplicate", duplicates)
+            _journal.journal(conn, "dead", dead)
+            return AddResult(accepted, len(duplicates), 0, tuple(conflicts))
 
-        accepted: int = self._write(insert)
-        return AddResult(accepted=accepted, duplicates=len(records) - accepted)
+        result: AddResult = self._write(insert)
+        return result
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
         """Keep invalid records (their attributes) as dead letters with status ``invalid``."""
@@ -854,8 +939,12 @@ class MemorySpool:
         self._items: dict[int, tuple[str, str, bytes, str, float, int]] = {}
         self._due: list[tuple[float, int]] = []
         self._leased: set[int] = set()
-        self._keys: set[str] = set()
-        self._delivered: dict[str, float] = {}
+        self._pending: dict[str, str] = {}
+        """The key of each pending record, by :attr:`UsageRecord.ref_key`."""
+        self._refs: dict[int, str] = {}
+        """The ref key of each pending record, by row id."""
+        self._delivered: dict[str, tuple[str, float]] = {}
+        """The key and delivery time of each delivered record, by ref key."""
         self._dead: list[DeadLetter] = []
         self._next_id = 0
         _track(self)
@@ -867,28 +956,53 @@ class MemorySpool:
         self._items.clear()
         self._due.clear()
         self._leased.clear()
-        self._keys.clear()
+        self._pending.clear()
+        self._refs.clear()
 
     def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
-        """Queue records, refusing those beyond ``max_records``."""
+        """Queue records, refusing those beyond ``max_records``; duplicates and conflicts
+        as :meth:`SqliteSpool.add` tells them."""
         accepted = duplicates = refused = 0
+        conflicts: list[Rejection] = []
         now = time.time()
         with self._lock:
             for r in records:
-                key = r.idempotency_key
-                if key in self._keys or key in self._delivered:
+                start = r.ref_key
+                found = [("pending", self._pending[start])] if start in self._pending else []
+                if start in self._delivered:
+                    found.append(("delivered", self._delivered[start][0]))
+                held = _held(found, r)
+                body = json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
+                if held == "duplicate":
                     duplicates += 1
+                    continue
+                if held is not None:
+                    conflict = conflict_rejection(r, held)
+                    conflicts.append(conflict)
+                    self._dead.append(
+                        DeadLetter(
+                            0,
+                            r.idempotency_key,
+                            "conflict",
+                            conflict.message,
+                            now,
+                            0,
+                            r.origin,
+                            body.decode(),
+                        )
+                    )
                     continue
                 if len(self._items) >= self.max_records:
                     refused += 1
                     continue
                 self._next_id += 1
-                body = json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
-                self._items[self._next_id] = (key, dest, body, r.origin, now, 0)
-                self._keys.add(key)
+                self._items[self._next_id] = (r.idempotency_key, dest, body, r.origin, now, 0)
+                self._pending[start] = r.idempotency_key
+                self._refs[self._next_id] = start
                 heapq.heappush(self._due, (now, self._next_id))
                 accepted += 1
-        return AddResult(accepted, duplicates, refused)
+            del self._dead[:-1000]
+        return AddResult(accepted, duplicates, refused, tuple(conflicts))
 
     def add_rejected(self, rejections: Sequence[Rejection]) -> None:
         """Keep the last invalid records in memory for inspection."""
@@ -934,11 +1048,12 @@ class MemorySpool:
             for rowid, key in zip(rowids, keys, strict=True):
                 self._items.pop(rowid, None)
                 self._leased.discard(rowid)
-                self._keys.discard(key)
-                self._delivered[key] = now
+                start = self._refs.pop(rowid, key)
+                self._pending.pop(start, None)
+                self._delivered[start] = (key, now)
             if len(self._delivered) > 2 * self.max_records:
-                cutoff = sorted(self._delivered.values())[len(self._delivered) // 2]
-                self._delivered = {k: t for k, t in self._delivered.items() if t > cutoff}
+                cutoff = sorted(t for _, t in self._delivered.values())[len(self._delivered) // 2]
+                self._delivered = {k: v for k, v in self._delivered.items() if v[1] > cutoff}
 
     def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
         """Put records back with their next attempt time."""
@@ -958,8 +1073,8 @@ class MemorySpool:
             for rowid, status, reason in items:
                 item = self._items.pop(rowid, None)
                 self._leased.discard(rowid)
+                self._pending.pop(self._refs.pop(rowid, ""), None)
                 if item is not None:
-                    self._keys.discard(item[0])
                     self._dead.append(
                         DeadLetter(
                             rowid,

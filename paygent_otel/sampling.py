@@ -139,7 +139,10 @@ class UsageSpanProcessor(BatchSpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue ``span`` when it carries usage, whatever its sampled flag."""
-        if has_usage(span.attributes or {}, (e.name for e in span.events), self._genai):
+        events = (e.name for e in span.events)
+        if has_usage(
+            span.attributes or {}, events, self._genai, dropped=span.dropped_attributes
+        ):
             self._batch_processor.emit(span)
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "STT_AUDIO_SECONDS",
     "TTS_CHARACTERS",
     "USAGE_EVENT_NAME",
+    "USAGE_ID",
     "USAGE_KIND",
     "Quantity",
     "Unit",
@@ -95,6 +96,16 @@ USAGE_EVENT_NAME: Final = "paygent.usage"
 The event's attributes use the same names as span attributes; what the event does not
 carry (agent, customer, indicator, provider, model, plan, meta tags) it inherits from the
 span. Quantities are never inherited."""
+
+USAGE_ID: Final = "paygent.usage.id"
+"""Caller-chosen id of one usage record (string, optional): its idempotency key when set.
+
+Set it where the same usage may be sent more than once: a log line a Collector may read
+again, a job that may be retried, a span re-sent from another trace. Records with the same
+id are billed once (within the 24 h the spool remembers delivered keys); the same id
+arriving with different usage is refused with a reason, never billed twice. Read from the
+record itself only (a span event does not inherit its span's id); ignored on metric
+points, whose key is their interval. At most 256 characters. Example: ``"job-8812-step-3"``."""
 
 # --------------------------------------------------------------------------- identity
 

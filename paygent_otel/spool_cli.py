@@ -55,8 +55,10 @@ every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
 _DEAD_EPILOG = """\
 status is the HTTP status Paygent answered (400, 404, 422, ...), "invalid" for a record
 that broke the usage convention before it was sent (its attributes are kept, not a
-Paygent document, so it cannot be retried: fix the instrumentation), or "gave_up" when
-retries ran past max_retry_seconds.
+Paygent document, so it cannot be retried: fix the instrumentation), "conflict" for a
+record refused because one with the same paygent.usage.id (or the same telemetry) and
+different usage was billed or is waiting (retry it only if the id was reused by mistake
+and both usages are real), or "gave_up" when retries ran past max_retry_seconds.
 """
 
 
@@ -297,15 +299,28 @@ def _status(args: argparse.Namespace) -> int:
                 f"`paygent-otel spool retarget --from {endpoint.url} --to URL`"
             )
     if stats.dead_letters:
-        print("\nsee why with `paygent-otel spool dead`")
-    if stats.dead_letters - by_status.get("invalid", 0):
-        print("send refused records again with `paygent-otel spool retry` once the cause is fixed")
-    if by_status.get("invalid"):
-        print(
-            "invalid records never reached Paygent: fix the instrumentation (the reason names "
-            "the attribute and the rule)"
-        )
+        print("\n" + _dead_letter_hint(by_status))
     return 0
+
+
+def _dead_letter_hint(by_status: dict[str, int]) -> str:
+    """What to do about the dead letters: only commands that apply to their statuses."""
+    invalid = by_status.get("invalid", 0)
+    retryable = sum(by_status.values()) - invalid
+    hints = ["see why with `paygent-otel spool dead`"]
+    if retryable:
+        hints.append(
+            f"send the {retryable} refused ones again with `paygent-otel spool retry` once "
+            "the cause is fixed"
+        )
+    if invalid:
+        hints.append(
+            f"the {invalid} invalid ones never reached Paygent and cannot be retried: fix the "
+            "instrumentation and record the usage again (a corrected record is billed; the "
+            "dead letter does not hold it back)"
+            + ("; then delete them with `paygent-otel spool purge`" if not retryable else "")
+        )
+    return "; ".join(hints)
 
 
 def _endpoint_json(endpoint: EndpointStatus) -> dict[str, Any]:

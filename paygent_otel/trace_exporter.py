@@ -12,14 +12,15 @@ from collections.abc import Sequence
 from typing import Unpack
 
 import httpx
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ._exporter import ExporterSettings, PaygentExporterBase
 from ._mapping import Rejection, UsageRecord
 from ._retry import RetryPolicy
-from ._spans import has_usage, records_from_span
+from ._spans import Truncation, has_usage, records_from_span
 
 __all__ = ["PaygentSpanExporter"]
 
@@ -49,6 +50,16 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
         **settings: Unpack[ExporterSettings],
     ) -> None:
         self._start_pipeline(settings, retry_policy, meter_provider, transport)
+        # The SDK's length limits as the environment sets them, for spans whose attribute
+        # maps do not say which limit they were cut to (not built by the SDK's Span).
+        self._span_length_limit: int | None = None
+        self._event_length_limit: int | None = None
+        try:
+            limits = SpanLimits()
+        except ValueError:  # a malformed limit: the TracerProvider reports it
+            return
+        self._span_length_limit = limits.max_span_attribute_length
+        self._event_length_limit = limits.max_attribute_length
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Commit the usage records of ``spans``; SUCCESS once they are stored."""
@@ -61,7 +72,13 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
             events = span.events
             scope = span.instrumentation_scope.name if span.instrumentation_scope else ""
             if not has_usage(
-                attributes, (e.name for e in events), genai, frameworks, scope, span.name
+                attributes,
+                (e.name for e in events),
+                genai,
+                dropped=span.dropped_attributes,
+                frameworks=frameworks,
+                scope=scope,
+                span_name=span.name,
             ):
                 continue
             # One span that cannot be mapped must not cost the other spans of the batch
@@ -77,6 +94,18 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
                     resource=span.resource.attributes if span.resource else {},
                     defaults=self._defaults,
                     genai=genai,
+                    truncation=Truncation(
+                        span.dropped_attributes,
+                        _length_limit(getattr(span, "_attributes", None), self._span_length_limit),
+                    ),
+                    event_truncations=[
+                        Truncation(
+                            e.dropped_attributes,
+                            _length_limit(e.attributes, self._event_length_limit),
+                        )
+                        for e in events
+                    ],
+                    dropped_events=span.dropped_events,
                     frameworks=frameworks,
                     scope=scope,
                 )
@@ -96,3 +125,11 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
         # After shutdown the pipeline refuses the records and counts them: never silent.
         refused_count = self._pipeline.submit(records, rejections)
         return SpanExportResult.FAILURE if refused_count or failed else SpanExportResult.SUCCESS
+
+
+def _length_limit(attributes: object, fallback: int | None) -> int | None:
+    """The value length limit the SDK applied to ``attributes`` (its ``BoundedAttributes``
+    knows it), else ``fallback``, the limit the environment sets."""
+    if isinstance(attributes, BoundedAttributes):
+        return attributes.max_value_len
+    return fallback

@@ -304,6 +304,32 @@ def usage_line(index: int, customer: str = "cust-file") -> str:
     }) + "\n"  # fmt: skip
 
 
+class UsageWriter:
+    """A program that keeps appending usage lines to a file (``batch`` every 50 ms) in a
+    thread, from line ``written`` on, until :meth:`stop`."""
+
+    def __init__(self, path: Path, batch: int, written: int = 0) -> None:
+        self.path, self.batch, self.written = path, batch, written
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        with self.path.open("a") as out:
+            while not self._stop.is_set():
+                start = self.written
+                out.writelines(usage_line(i) for i in range(start, start + self.batch))
+                out.flush()
+                self.written = start + self.batch
+                time.sleep(0.05)
+
+    def stop(self) -> int:
+        """Stop writing; how many lines the file holds."""
+        self._stop.set()
+        self._thread.join(10)
+        return self.written
+
+
 def start_otelcol(children: list[Child], tmp_path: Path, usage_glob: Path, bridge: str) -> Child:
     env = {**os.environ, "PAYGENT_USAGE_LOG": str(usage_glob), "PAYGENT_BRIDGE_ENDPOINT": bridge}
     argv = [str(otelcol(tmp_path)), "--config", str(CONFIGS / "filelog-usage.yaml"),
@@ -351,21 +377,7 @@ def test_killing_the_bridge_while_the_collector_sends_loses_nothing(
     usage_file = tmp_path / "usage-1.jsonl"
     usage_file.touch()
     collector = start_otelcol(children, tmp_path, tmp_path / "usage-*.jsonl", bridge)
-    written = [0]
-    stop_writing = threading.Event()
-
-    def write() -> None:
-        # Usage keeps arriving before, during and after the bridge's death.
-        with usage_file.open("a") as out:
-            while not stop_writing.is_set():
-                start = written[0]
-                out.writelines(usage_line(i) for i in range(start, start + 25))
-                out.flush()
-                written[0] = start + 25
-                time.sleep(0.05)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    writer = UsageWriter(usage_file, 25)  # before, during and after the bridge's death
     logs_in = 'paygent_bridge_items_received_total{signal="logs"}'
     wait_for(lambda: bridge_counter(bridge, logs_in) > 0, timeout=20, message="sending started")
     children[0].stop(signal.SIGKILL)  # no graceful anything
@@ -373,9 +385,7 @@ def test_killing_the_bridge_while_the_collector_sends_loses_nothing(
     time.sleep(2.5)  # the Collector keeps reading and fails to send meanwhile
     start_bridge(children, sandbox, spool, port)
     time.sleep(1.0)
-    stop_writing.set()
-    writer.join(10)
-    total = written[0]
+    total = writer.stop()
     wait_for(lambda: sandbox.ledger.count() >= total, timeout=60, message="all usage billed")
     time.sleep(1.0)  # anything still in flight would show up as an extra row now
     assert sandbox.ledger.count() == total

@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from paygent_otel import semconv as sc
-from paygent_otel._mapping import IdentityDefaults
+from paygent_otel._mapping import IdentityDefaults, UsageRecord
 from paygent_otel._metrics import UsagePoint, records_from_points
 from paygent_otel._spool import open_spool
 from paygent_otel.instruments import UsageInstruments, create_usage_counters
@@ -585,14 +585,20 @@ def test_idempotency_key_is_derived_from_what_identifies_the_point() -> None:
         }
         return UsagePoint(**{**base, **changes})
 
-    def key(*points: UsagePoint) -> str:
+    def record(*points: UsagePoint) -> UsageRecord:
         records, rejections = records_from_points(points, IdentityDefaults())
         assert not rejections and len(records) == 1
-        return records[0].idempotency_key
+        return records[0]
+
+    def key(*points: UsagePoint) -> str:
+        return record(*points).idempotency_key
 
     first = key(point())
     assert key(point()) == first  # a retry of the same interval
-    assert key(point(value=6)) == first  # the value is what is billed, not what identifies it
+    # The value is what is billed, not what identifies the point: the ref stays, and the
+    # key (which covers the usage too) changes, so a spool refuses the pair as a conflict.
+    assert record(point(value=6)).ref == record(point()).ref
+    assert key(point(value=6)) != first
     different = [
         point(resource={"service.name": "other"}),
         point(attributes={sc.AGENT_ID: "a", sc.CUSTOMER_ID: "c2", sc.PROVIDER: "x", sc.MODEL: "y"}),

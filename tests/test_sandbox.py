@@ -189,7 +189,7 @@ def test_payloads_from_the_mapping_are_accepted(
     payloads = []
     for i, record in enumerate(records):
         mapped = map_usage(
-            {**identity, **record}, key=f"k{i}", origin="test", trace_ids=("ab" * 16, "cd" * 8)
+            {**identity, **record}, ref=f"k{i}", origin="test", trace_ids=("ab" * 16, "cd" * 8)
         )
         assert not hasattr(mapped, "reason"), mapped
         payloads.append(mapped.payload)

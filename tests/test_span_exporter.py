@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from paygent_otel import PaygentSpanExporter, RetryPolicy
 from paygent_otel import semconv as sc
-from paygent_otel._mapping import idempotency_key
+from paygent_otel._mapping import UsageRecord, idempotency_key, map_usage
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 
@@ -63,6 +63,17 @@ def ids(span: ReadableSpan) -> tuple[str, str]:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
+def expected_key(
+    span: ReadableSpan, position: int, record: dict[str, Any], *inherited: dict[str, Any]
+) -> str:
+    """The key of the record at ``position`` of ``span``: its ref (trace id, span id,
+    position, kind) and its usage, as the one mapping digests them."""
+    ref = idempotency_key("span", *ids(span), position, record[sc.USAGE_KIND])
+    mapped = map_usage(record, inherited=inherited, ref=ref, origin="test", trace_ids=ids(span))
+    assert isinstance(mapped, UsageRecord)
+    return mapped.idempotency_key
+
+
 def meta_tags(sandbox: SandboxServer) -> list[dict[str, str] | None]:
     return [row["meta_tags"] for row in sandbox.ledger.rows()]
 
@@ -80,11 +91,10 @@ def test_each_record_has_a_key_from_trace_span_position_and_kind(
         span.add_event(sc.USAGE_EVENT_NAME, {**TTS_EVENT, sc.TTS_CHARACTERS: 80})  # position 3
     pipeline.flush()
 
-    trace_id, span_id = ids(span)  # type: ignore[arg-type]
     expected = [
-        idempotency_key("span", trace_id, span_id, 0, "stt"),
-        idempotency_key("span", trace_id, span_id, 2, "tts"),
-        idempotency_key("span", trace_id, span_id, 3, "tts"),
+        expected_key(span, 0, STT),  # type: ignore[arg-type]
+        expected_key(span, 2, TTS_EVENT, STT),  # type: ignore[arg-type]
+        expected_key(span, 3, {**TTS_EVENT, sc.TTS_CHARACTERS: 80}, STT),  # type: ignore[arg-type]
     ]
     assert sorted(sandbox.ledger.keys()) == sorted(expected)
     assert len(set(expected)) == 3
@@ -104,9 +114,7 @@ def test_a_retried_record_keeps_its_key(
     pipeline.flush()
 
     log = sandbox.ledger.request_log()
-    assert {entry["idempotency_key"] for entry in log} == {
-        idempotency_key("span", *ids(span), 0, "stt")
-    }
+    assert {entry["idempotency_key"] for entry in log} == {expected_key(span, 0, STT)}
     assert [entry["status"] for entry in log][-1] == 200
     assert set(entry["status"] for entry in log[:-1]) == {503}
     assert sandbox.ledger.count() == 1
@@ -168,7 +176,7 @@ def test_the_key_survives_a_restart_and_a_delivered_record_is_not_sent_again(
     sandbox.start()
     second = tracing(spool_path=spool_path, retry_policy=FAST_RETRY)  # the next process
     wait_for(lambda: sandbox.ledger.count() == 1, message="the spooled record delivered")
-    assert sandbox.ledger.keys() == [idempotency_key("span", *ids(span), 0, "stt")]
+    assert sandbox.ledger.keys() == [expected_key(span, 0, STT)]
 
     # The same span exported again (a replay) is recognised and not billed twice.
     assert second.exporter.export([span]) is SpanExportResult.SUCCESS

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .._delivery import DeliveryPipeline
-from .._mapping import IdentityDefaults
+from .._mapping import IdentityDefaults, Rejection
 from .._retry import RetryPolicy
 from .._spool import SqliteSpool
 from ..frameworks import parse_frameworks
@@ -313,15 +313,18 @@ class BridgeApp:
         return extraction, refused
 
     def _submit(self, extraction: Extraction) -> int:
-        invalid = len(extraction.invalid)
+        refused = 0
+        if extraction.records or extraction.rejections:
+            conflicts: list[Rejection] = []
+            refused = self.pipeline.submit(
+                extraction.records, extraction.rejections, conflicts=conflicts
+            )
+            extraction.refuse(conflicts)  # reported in partial_success like invalid records
         with self._counters.lock:
             usage = self._counters.usage
             usage[(extraction.signal, "valid")] += len(extraction.records)
-            usage[(extraction.signal, "invalid")] += invalid
-            usage[(extraction.signal, "zero")] += len(extraction.rejections) - invalid
-        if not extraction.records and not extraction.rejections:
-            return 0
-        return self.pipeline.submit(extraction.records, extraction.rejections)
+            usage.update((extraction.signal, r.reason.value) for r in extraction.rejections)
+        return refused
 
     def _count(self, signal: Signal, status: int, reason: str | None = None) -> None:
         with self._counters.lock:
@@ -384,7 +387,7 @@ class BridgeApp:
         family(
             "paygent_bridge_usage_records_total",
             "counter",
-            "Usage records found, by signal and result (valid, invalid, zero).",
+            "Usage records found, by signal and result (valid, invalid, zero, lost).",
             [(f'{{signal="{s}",result="{r}"}}', n) for (s, r), n in usage],
         )
         family(

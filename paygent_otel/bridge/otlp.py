@@ -7,9 +7,11 @@ same functions the SDK exporters use (:func:`paygent_otel._spans.records_from_sp
 which decide what a valid record is. It never touches HTTP or the spool.
 
 Log records: a log record whose attributes carry ``paygent.usage.kind`` is one usage
-record; it inherits identity and pricing from its resource. Its idempotency key is a
-digest of its resource and of the record itself (attributes, body, timestamp, trace and
-span ids; not the observed time, which a re-read of the same log line changes).
+record; it inherits identity and pricing from its resource. What identifies it (its ref)
+is a canonical digest of its ``paygent.*`` attributes (sorted: a Collector's parser emits
+them in no fixed order), its body, its timestamp and its trace and span ids; not the
+observed time (a re-read of the same line changes it), not the other attributes a
+Collector may add. Its ``paygent.usage.id``, when set, replaces all that.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from .._mapping import (
     Rejection,
     RejectReason,
     UsageRecord,
+    canonical_json,
     idempotency_key,
     map_usage,
+    rejection_key,
 )
 from .._metrics import UsagePoint, records_from_points, usage_stream_problem
-from .._spans import has_usage, records_from_span
+from .._spans import EVENT_LIMIT_SETTING, Truncation, has_usage, records_from_span
 from ..frameworks import FrameworkSet
 from .cumulative import CumulativePoint, CumulativeStore, StreamUpdate
 
@@ -326,6 +330,16 @@ def _fingerprint(message: Message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _serialized_log_key(resource_digest: str, log: Any) -> str:
+    """The key paygent-otel 0.1.0 gave a log record: a digest of its serialized bytes,
+    attribute order included. Kept as an alias while delivered keys of that scheme can
+    still be in a spool (24 h after the upgrade); remove it after."""
+    identity = logs_pb2.LogRecord()
+    identity.CopyFrom(log)
+    identity.observed_time_unix_nano = 0
+    return idempotency_key("log", resource_digest, _fingerprint(identity))
+
+
 def _attribute_fingerprint(attributes: Mapping[str, Any]) -> str:
     """Independent of attribute order, which no sender promises to keep."""
     text = json.dumps(sorted(attributes.items()), default=repr, separators=(",", ":"))
@@ -354,6 +368,14 @@ class Extraction:
         self.rejections.extend(rejections)
         return any(r.reason is RejectReason.INVALID for r in rejections)
 
+    def refuse(self, conflicts: Sequence[Rejection]) -> None:
+        """Records the spool refused after all (another record with their ref and different
+        usage is pending or billed): invalid, each counted as one rejected item."""
+        keys = {c.idempotency_key for c in conflicts}
+        self.records[:] = [r for r in self.records if r.idempotency_key not in keys]
+        self.rejections.extend(conflicts)
+        self.rejected_items += len(conflicts)
+
     @property
     def invalid(self) -> list[Rejection]:
         """The rejections that break a rule (not the all-zero ones)."""
@@ -372,6 +394,13 @@ class Extraction:
                 f"usage records, not billed and kept as dead letters in the bridge's spool: "
                 + "; ".join(distinct[:_MAX_MESSAGES])
                 + (f" (and {more} more)" if more > 0 else "")
+            )
+        lost = sum(1 for r in self.rejections if r.reason is RejectReason.LOST)
+        if lost:
+            parts.append(
+                f"{lost} events were dropped by the sender's span event limit "
+                f"({EVENT_LIMIT_SETTING}) on spans that carry usage events: usage records "
+                "among them are lost"
             )
         if warnings:
             distinct = list(dict.fromkeys(warnings))
@@ -425,20 +454,20 @@ class UsageExtractor:
                         "is not allowed for this bearer token (allowed: "
                         f"{', '.join(sorted(allowed_agents))})",
                         record.origin,
-                        record.idempotency_key,
+                        rejection_key(record.idempotency_key, record.payload),
                         record.payload,
                     )
                 )
         records[:] = kept
 
     def _limit_rejection(
-        self, problem: str, origin: str, key: str, attributes: Mapping[str, Any]
+        self, problem: str, origin: str, ref: str, attributes: Mapping[str, Any]
     ) -> Rejection:
         return Rejection(
             RejectReason.INVALID,
             f"usage record from {origin} rejected: {problem}",
             origin,
-            key,
+            rejection_key(ref, attributes),
             _clipped(attributes, self.max_attribute_length),
         )
 
@@ -460,7 +489,16 @@ class UsageExtractor:
                 for span in ss.spans:
                     attributes = _attributes(span.attributes, prefixes)
                     event_names = [e.name for e in span.events]
-                    if not has_usage(attributes, event_names, genai, frameworks, scope, span.name):
+                    dropped = span.dropped_attributes_count
+                    if not has_usage(
+                        attributes,
+                        event_names,
+                        genai,
+                        dropped=dropped,
+                        frameworks=frameworks,
+                        scope=scope,
+                        span_name=span.name,
+                    ):
                         continue
                     if resource is None:
                         resource = _attributes(rs.resource.attributes, prefixes)
@@ -485,10 +523,12 @@ class UsageExtractor:
                         problem = problem or _too_long(event_attributes, limit)
                     if problem is not None:
                         where = f"span {span.name[:limit]!r} (trace {trace_id}, span {span_id})"
-                        key = idempotency_key("span", trace_id, span_id, "limits")
-                        out.add((), (self._limit_rejection(problem, where, key, attributes),))
+                        ref = idempotency_key("span", trace_id, span_id, "limits")
+                        out.add((), (self._limit_rejection(problem, where, ref, attributes),))
                         out.rejected_items += 1
                         continue
+                    # The sender's limits are invisible here, but OTLP carries what they
+                    # dropped: the same rules as in the SDK exporter apply.
                     records, rejections = records_from_span(
                         trace_id=trace_id,
                         span_id=span_id,
@@ -498,6 +538,11 @@ class UsageExtractor:
                         resource=resource,
                         defaults=self.defaults,
                         genai=genai,
+                        truncation=Truncation(dropped),
+                        event_truncations=[
+                            Truncation(e.dropped_attributes_count) for e in span.events
+                        ],
+                        dropped_events=span.dropped_events_count,
                         frameworks=frameworks,
                         scope=scope,
                     )
@@ -530,22 +575,27 @@ class UsageExtractor:
                     where = f"log record (time {timestamp}" + (
                         f", trace {trace_id}, span {span_id})" if trace_id else ")"
                     )
-                    identity = logs_pb2.LogRecord()
-                    identity.CopyFrom(log)
-                    identity.observed_time_unix_nano = 0
-                    key = idempotency_key("log", resource_digest, _fingerprint(identity))
+                    ref = idempotency_key(
+                        "log",
+                        canonical_json(attributes),
+                        canonical_json(_value(log.body)),
+                        log.time_unix_nano,
+                        trace_id,
+                        span_id,
+                    )
                     problem = resource_problem or _too_long(attributes, limit)
                     if problem is not None:
-                        out.add((), (self._limit_rejection(problem, where, key, attributes),))
+                        out.add((), (self._limit_rejection(problem, where, ref, attributes),))
                         out.rejected_items += 1
                         continue
                     result = map_usage(
                         attributes,
                         inherited=(resource,),
                         defaults=self.defaults,
-                        key=key,
+                        ref=ref,
                         origin=where,
                         trace_ids=(trace_id, span_id) if trace_id else None,
+                        aliases=(_serialized_log_key(resource_digest, log),),
                     )
                     records: list[UsageRecord] = []
                     rejections: list[Rejection] = []
