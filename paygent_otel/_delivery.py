@@ -308,14 +308,15 @@ class DeliveryPipeline:
             time.sleep(0.02)
         return self.spool.pending(self._dest) == 0
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> int:
         """Deliver what is pending within ``timeout``, then stop. Idempotent.
 
         With the durable spool, what is left stays on disk for the next process; in memory
-        mode it is counted as ``dropped_at_shutdown`` and logged.
+        mode it is counted as ``dropped_at_shutdown`` and logged. Returns how many records
+        were left undelivered (0 on a repeated call).
         """
         if self._shutdown:
-            return
+            return 0
         self._shutdown = True
         thread = self._thread
         if thread is not None and self._pid == os.getpid():
@@ -335,7 +336,7 @@ class DeliveryPipeline:
                     self.name,
                     self.config.spool_path,
                 )
-                return
+                return self.spool.pending(self._dest)
         left = self.spool.pending(self._dest)
         if left and not self.spool.durable:
             self.stats.add("dropped_at_shutdown", left)
@@ -353,6 +354,7 @@ class DeliveryPipeline:
                 self.config.spool_path,
             )
         self.spool.close()
+        return left
 
     # ------------------------------------------------------------------ worker
 

@@ -5,21 +5,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
+from pathlib import Path
 from typing import Final
 
 from .._config import MEMORY_SPOOL, ExporterConfig
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DRAIN_GRACE,
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
     DEFAULT_HOST,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_ATTRIBUTE_LENGTH,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_DECOMPRESSED_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_ITEMS,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_REQUESTS_PER_TOKEN,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_MIN_BODY_RATE,
     DEFAULT_PORT,
+    DEFAULT_RATE_LIMIT_PER_TOKEN,
     BridgeConfig,
     Limits,
 )
@@ -39,6 +51,8 @@ examples:
       listen on http://127.0.0.1:4319, spool in ~/.local/state/paygent-otel/
   paygent-otel serve --host 0.0.0.0 --token-file /etc/paygent/bridge-tokens
       listen on every interface; senders must send Authorization: Bearer <token>
+  paygent-otel serve --host 0.0.0.0 --token-file tokens --tls-cert crt.pem --tls-key key.pem
+      the same over HTTPS: tokens do not cross the network in clear text
   paygent-otel serve --endpoint http://127.0.0.1:8787 --spool /tmp/bridge.sqlite3
       deliver to a local sandbox (`paygent-otel sandbox`)
 
@@ -47,8 +61,12 @@ its records may bill; records for other agents are rejected (partial_success) an
 dead-lettered. Tokens: 16+ characters of A-Z a-z 0-9 . _ ~ + / -.
 
 endpoints: POST /v1/traces, /v1/metrics, /v1/logs (protobuf or JSON, gzip or
-plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C or SIGTERM:
-requests in progress finish, pending records are flushed or stay in the spool.
+plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C, or SIGTERM,
+which first drains for --drain-grace seconds (/health and exports answer 503):
+requests in progress finish, pending records are flushed or stay in the spool, and
+the bridge prints how many records it took and how many are left for delivery.
+
+Every limit and timeout, with its default: docs/bridge.md, "Limits and timeouts".
 """
 
 
@@ -82,6 +100,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     listen.add_argument(
         "--token-file", metavar="FILE", help="bearer tokens, one per line (see below)"
+    )
+    listen.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    listen.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    listen.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS; then a bearer token "
+        "is optional off loopback)",
+    )
+    listen.add_argument(
+        "--drain-grace",
+        type=float,
+        default=DEFAULT_DRAIN_GRACE,
+        metavar="S",
+        help="on SIGTERM, seconds /health and exports answer 503 before the listener "
+        f"closes, so load balancers stop sending (default {DEFAULT_DRAIN_GRACE:g})",
     )
     listen.add_argument(
         "--graceful-timeout",
@@ -148,6 +182,77 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="export requests processed at once, 429 + Retry-After beyond "
         f"(default {DEFAULT_MAX_CONCURRENT_REQUESTS})",
     )
+    limits.add_argument(
+        "--max-requests-per-token",
+        type=int,
+        default=DEFAULT_MAX_REQUESTS_PER_TOKEN,
+        metavar="N",
+        help="export requests one token may have in progress, 429 beyond "
+        f"(default {DEFAULT_MAX_REQUESTS_PER_TOKEN})",
+    )
+    limits.add_argument(
+        "--rate-limit-per-token",
+        type=float,
+        default=DEFAULT_RATE_LIMIT_PER_TOKEN,
+        metavar="R",
+        help="export requests per second per token (bursts of 2R), 429 beyond; 0: off "
+        f"(default {DEFAULT_RATE_LIMIT_PER_TOKEN:g})",
+    )
+    limits.add_argument(
+        "--memory-budget",
+        type=int,
+        default=DEFAULT_MEMORY_BUDGET,
+        metavar="N",
+        help="bytes all bodies being read and inflated may hold together, 503 + Retry-After "
+        f"beyond (default {DEFAULT_MEMORY_BUDGET})",
+    )
+    conn = serve.add_argument_group("connections")
+    conn.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections; a new one evicts the longest-idle one, or is refused with "
+        f"503 when all are busy (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    conn.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        metavar="N",
+        help=f"request line and headers, 431 beyond (default {DEFAULT_MAX_HEADER_BYTES})",
+    )
+    conn.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT,
+        metavar="S",
+        help="seconds to send a complete request head, 408 beyond "
+        f"(default {DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    conn.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="S",
+        help=f"seconds a body may take before --min-body-rate applies "
+        f"(default {DEFAULT_BODY_TIMEOUT:g})",
+    )
+    conn.add_argument(
+        "--min-body-rate",
+        type=int,
+        default=DEFAULT_MIN_BODY_RATE,
+        metavar="B",
+        help="bytes/s a body must average after --body-timeout, 408 below "
+        f"(default {DEFAULT_MIN_BODY_RATE})",
+    )
+    conn.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE_TIMEOUT,
+        metavar="S",
+        help=f"seconds an idle connection stays open (default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -171,21 +276,52 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; returns the exit status."""
     # The server extra (uvicorn, starlette) is needed only here, not to build the parser.
     from .app import BridgeApp
-    from .server import BridgeServer, bind_socket, run_until_signalled
+    from .server import (
+        BridgeServer,
+        TlsFiles,
+        bind_socket,
+        raise_open_file_limit,
+        run_until_signalled,
+    )
 
     try:
         auth = _auth(args)
     except TokenError as exc:
         return _fail(str(exc))
-    if not is_loopback(args.host) and not auth.required:
+    if not is_loopback(args.host) and not auth.required and not args.tls_client_ca:
         return _fail(
             f"refusing to listen on {args.host} without a bearer token: anyone who can reach "
             "this port could bill usage to your Paygent account. Pass --token-file FILE (or "
-            f"set {PAYGENT_BRIDGE_TOKEN}), or listen on 127.0.0.1"
+            f"set {PAYGENT_BRIDGE_TOKEN}) or --tls-client-ca, or listen on 127.0.0.1"
         )
-    for name in ("max_request_bytes", "max_decompressed_bytes", "max_items"):
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        return _fail("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+    for name in (
+        "max_request_bytes",
+        "max_decompressed_bytes",
+        "max_items",
+        "max_requests_per_token",
+        "memory_budget",
+        "max_connections",
+        "max_header_bytes",
+        "min_body_rate",
+    ):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if getattr(args, name) <= 0:
+            return _fail(f"--{name.replace('_', '-')} must be more than 0")
+    tls = None
+    if args.tls_cert:
+        tls = TlsFiles(
+            cert=Path(args.tls_cert),
+            key=Path(args.tls_key),
+            client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        )
+        try:
+            tls.context()
+        except (OSError, ssl.SSLError) as exc:
+            return _fail(f"cannot use the TLS files: {exc}")
     exporter = ExporterConfig.resolve(
         None,
         endpoint=args.endpoint,
@@ -205,9 +341,26 @@ def run_serve(args: argparse.Namespace) -> int:
             max_items=args.max_items,
             max_attribute_length=args.max_attribute_length,
             max_concurrent_requests=max(1, args.max_concurrent_requests),
+            max_requests_per_token=args.max_requests_per_token,
+            rate_limit_per_token=args.rate_limit_per_token,
+            memory_budget=args.memory_budget,
+            max_connections=args.max_connections,
+            max_header_bytes=args.max_header_bytes,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            min_body_rate=args.min_body_rate,
+            keep_alive_timeout=args.keep_alive_timeout,
         ),
         flush_timeout=args.flush_timeout,
     )
+    files = raise_open_file_limit()
+    if files < args.max_connections + 64:
+        _logger.warning(
+            "bridge: the open-file limit (%d) is below --max-connections (%d) plus room for "
+            "the spool and delivery; raise `ulimit -n` or lower --max-connections",
+            files,
+            args.max_connections,
+        )
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -218,7 +371,13 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
         _logger.debug("bridge start failed", exc_info=True)
         return _fail(f"cannot open the spool {exporter.spool_path}: {exc}")
-    server = BridgeServer(app, args.host, graceful_timeout=args.graceful_timeout)
+    server = BridgeServer(
+        app,
+        args.host,
+        graceful_timeout=args.graceful_timeout,
+        drain_grace=args.drain_grace,
+        tls=tls,
+    )
     server.start(sock=sock)
     # Tests and scripts wait for this exact line (LISTENING_LINE_PREFIX + URL).
     print(f"{LISTENING_LINE_PREFIX}{server.url}", flush=True)
@@ -228,5 +387,9 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     signalled = run_until_signalled(server)
-    print("paygent-otel bridge stopped", flush=True)
+    print(
+        f"paygent-otel bridge stopped: {app.handed_to_spool} usage records handed to the "
+        f"spool by this run; {app.left_in_spool} left in {exporter.spool_path} for delivery",
+        flush=True,
+    )
     return 0 if signalled else 1
