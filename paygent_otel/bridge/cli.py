@@ -280,6 +280,7 @@ def run_serve(args: argparse.Namespace) -> int:
         BridgeServer,
         TlsFiles,
         bind_socket,
+        keep_large_buffers_returnable,
         raise_open_file_limit,
         run_until_signalled,
     )
@@ -353,6 +354,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ),
         flush_timeout=args.flush_timeout,
     )
+    keep_large_buffers_returnable()
     files = raise_open_file_limit()
     if files < args.max_connections + 64:
         _logger.warning(

@@ -144,7 +144,7 @@ _INPUT_STEP: Final = 16 << 10
 _MEMBER_INPUT_STEP: Final = 512
 """Input step once a body turned out to hold several gzip members: zlib copies the input it
 did not use at the end of a member, so a short step keeps tiny members linear in time."""
-_OUTPUT_STEP: Final = 1 << 20
+_OUTPUT_STEP: Final = 256 << 10
 """Most bytes inflated by one zlib call: memory is reserved from the budget step by step."""
 
 
@@ -200,8 +200,13 @@ def decompress(
                 step = _MEMBER_INPUT_STEP
             else:
                 pending = inflater.unconsumed_tail
-    except zlib.error as exc:
-        raise InvalidRequest(f"the body is not valid {encoding}: {exc}") from None
+    except BaseException as exc:
+        # The traceback keeps this frame alive, and with it the buffer: free the bytes now,
+        # before the caller gives their share of the memory budget back.
+        out.clear()
+        if isinstance(exc, zlib.error):
+            raise InvalidRequest(f"the body is not valid {encoding}: {exc}") from None
+        raise
     if in_member:
         raise InvalidRequest(f"the {encoding} body is truncated")
     return out

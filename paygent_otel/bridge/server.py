@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import resource
 import signal
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -39,6 +40,7 @@ __all__ = [
     "BridgeServer",
     "TlsFiles",
     "bind_socket",
+    "keep_large_buffers_returnable",
     "raise_open_file_limit",
     "run_until_signalled",
 ]
@@ -81,6 +83,25 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def keep_large_buffers_returnable() -> None:
+    """Tune glibc's malloc so request buffers go back to the system when freed.
+
+    Large blocks (128 KiB and up: bodies, inflated bytes) are always mmapped, so freeing one
+    unmaps it and growing one remaps it without a copy; worker threads share two arenas.
+    Without this, 16 concurrent gzip bombs under a 48 MiB budget left about 160 MB resident
+    (glibc raises its mmap threshold after each large free, then fragments per-thread
+    arenas). Other C libraries: nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(_M_ARENA_MAX, 2)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_M_ARENA_MAX = -8
+
+
 def _raw_response(status: int, phrase: str, message: str, extra: str = "") -> bytes:
     body = message.encode("ascii", "replace")
     return (
@@ -121,9 +142,8 @@ class _GuardedProtocol(HttpToolsProtocol):
                 _format_peer(peer),
                 guard.open,
             )
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
-            transport.write(
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+            self.transport.write(
                 _raw_response(
                     503,
                     "Service Unavailable",
@@ -131,7 +151,7 @@ class _GuardedProtocol(HttpToolsProtocol):
                     "retry-after: 1\r\n",
                 )
             )
-            transport.close()
+            self.transport.close()
             return
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm(self._limits.header_timeout, self._head_timed_out)
