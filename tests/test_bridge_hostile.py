@@ -179,7 +179,8 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
 
 
 def head(path: str, headers: dict[str, str], length: int | None, version: str = "1.1") -> bytes:
-    lines = [f"POST {path} HTTP/{version}", "Host: bridge", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [f"POST {path} HTTP/{version}", "Host: bridge"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
     if length is not None:
         lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -237,9 +238,7 @@ def test_idle_connections_are_closed_and_evicted(shared, module_sandbox) -> None
     shared.assert_books_balance(module_sandbox)
 
 
-def test_when_every_connection_is_busy_new_ones_are_refused_and_logged(
-    sandbox, tmp_path
-) -> None:
+def test_when_every_connection_is_busy_new_ones_are_refused_and_logged(sandbox, tmp_path) -> None:
     bridge = start_bridge(sandbox, tmp_path, "--max-connections", "4",
                           "--body-timeout", "2", "--min-body-rate", "4096")  # fmt: skip
     try:
@@ -403,7 +402,8 @@ def test_auth_failures_are_logged_rate_limited_with_the_peer(shared, module_sand
     bad = {**PB, "Authorization": "Bearer not-a-token-0123456789"}
     body = spans(usage(customer="attack-401"))
     with httpx.Client(headers=bad) as client:
-        statuses = [client.post(shared.url + TRACES_PATH, content=body).status_code for _ in range(40)]
+        answers = [client.post(shared.url + TRACES_PATH, content=body) for _ in range(40)]
+    statuses = [answer.status_code for answer in answers]
     assert statuses == [401] * 40
     lines = [x for x in shared.child.lines if "answered 401" in x and TRACES_PATH[4:] in x]
     assert 1 <= len(lines) <= 2, lines  # at most one line per 10 s
@@ -514,7 +514,8 @@ def test_tls_files_that_do_not_load_stop_the_start(tmp_path, capsys) -> None:
     from paygent_otel.cli import main
 
     (tmp_path / "bad.pem").write_text("not a certificate\n")
+    bad = str(tmp_path / "bad.pem")
     argv = ["serve", "--port", "0", "--spool", str(tmp_path / "s.sqlite3"),
-            "--tls-cert", str(tmp_path / "bad.pem"), "--tls-key", str(tmp_path / "bad.pem")]  # fmt: skip
+            "--tls-cert", bad, "--tls-key", bad]  # fmt: skip
     assert main(argv) == 2
     assert "cannot use the TLS files" in capsys.readouterr().err

@@ -317,9 +317,10 @@ class BridgeApp:
                 f"Content-Type {media_type or 'none'!r} is not supported; send "
                 f"{PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}",
             )
-        if "content-length" not in headers and "chunked" not in headers.get(
-            "transfer-encoding", ""
-        ).lower():
+        if (
+            "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        ):
             # HTTP/1.0 without Content-Length: the body would be read as empty and billed
             # as nothing.
             raise _Refusal(
@@ -492,8 +493,7 @@ class BridgeApp:
         self.refusals_log.log(
             logging.INFO,
             reason,
-            "bridge: %s request from %s ended before its body was read (%s); "
-            "nothing acknowledged",
+            "bridge: %s request from %s ended before its body was read (%s); nothing acknowledged",
             signal,
             _peer(request),
             reason,
