@@ -29,9 +29,15 @@ from typing import Any
 import httpx
 import pytest
 from conftest import API_KEY, wait_for
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from test_bridge_security import spans, usage
-from test_collectors import Child, free_port
+from test_collectors import Child, accepting, free_port, rotel_agent, rotel_env
 
+from paygent_otel import semconv as sc
 from paygent_otel.bridge import TRACES_PATH
 from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
 from paygent_otel.sandbox import SandboxServer
@@ -385,6 +391,62 @@ def test_http10_post_without_a_length_is_411(shared, module_sandbox) -> None:
     sock.close()
     shared.well_behaved()
     shared.assert_books_balance(module_sandbox)
+
+
+# ----------------------------------------------------------------------------- 9. rotel
+
+
+def test_rotel_keeps_the_resource_agent_id_of_3000_spans(sandbox, tmp_path) -> None:
+    """Finding 9: SDK -> rotel (the shipped rotel.env) -> bridge, agent id on the resource."""
+    bridge = start_bridge(sandbox, tmp_path, tokens=False)
+    processes = [bridge.child]
+    try:
+        grpc_port, http_port = free_port(), free_port()
+        env = rotel_env(grpc_port, http_port, bridge.url)
+        env.update(ROTEL_LOG_FILE=str(tmp_path / "rotel.log"), ROTEL_PID_FILE=str(tmp_path / "p"))
+        processes.append(Child.start([str(rotel_agent(tmp_path)), "start"], env))
+        wait_for(lambda: accepting(http_port), timeout=15, message="rotel accepts OTLP/HTTP")
+        provider = TracerProvider(resource=Resource.create({sc.AGENT_ID: "agent-voice"}))
+        exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{http_port}{TRACES_PATH}")
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("voice-app")
+        for index in range(3000):
+            with tracer.start_as_current_span("tts", attributes=usage(None, f"c{index % 7}")):
+                pass
+        provider.shutdown()
+        wait_for(lambda: sandbox.ledger.count() >= 3000, timeout=30, message="3,000 billed")
+        invalid = 'paygent_bridge_usage_records_total{signal="traces",result="invalid"}'
+        assert bridge.metric(invalid) == 0
+        assert bridge.metric("paygent_bridge_spool_dead_letters") == 0
+        assert {row["agent_id"] for row in sandbox.ledger.rows()} == {"agent-voice"}
+        assert sandbox.ledger.count() == 3000
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def test_a_token_for_exactly_one_agent_supplies_it_to_records_without_one(
+    sandbox, tmp_path
+) -> None:
+    bridge = start_bridge(sandbox, tmp_path)
+    try:
+        body = spans(usage(None, customer="good-no-agent"))  # no agent id anywhere
+        response = httpx.post(bridge.url + TRACES_PATH, content=body, headers=ATTACK)
+        assert response.status_code == 200
+        assert not ExportTraceServiceResponse.FromString(response.content).HasField(
+            "partial_success"
+        )
+        bridge.good.append("good-no-agent")
+        # A token for any agent has no agent to supply: the record is invalid.
+        refused = httpx.post(
+            bridge.url + TRACES_PATH, content=spans(usage(None, "attack-x")), headers=GOOD
+        )
+        answer = ExportTraceServiceResponse.FromString(refused.content)
+        assert answer.partial_success.rejected_spans == 1
+        bridge.assert_books_balance(sandbox)
+        assert [row["agent_id"] for row in sandbox.ledger.rows()] == ["agent-attack"]
+    finally:
+        bridge.child.stop()
 
 
 # ----------------------------------------------------------------------------- 10 and tokens
