@@ -38,7 +38,7 @@ from test_bridge_security import spans, usage
 from test_collectors import Child, accepting, free_port, rotel_agent, rotel_env
 
 from paygent_otel import semconv as sc
-from paygent_otel.bridge import TRACES_PATH
+from paygent_otel.bridge import TRACES_PATH, Limits
 from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
 from paygent_otel.sandbox import SandboxServer
 
@@ -581,3 +581,33 @@ def test_tls_files_that_do_not_load_stop_the_start(tmp_path, capsys) -> None:
             "--tls-cert", bad, "--tls-key", bad]  # fmt: skip
     assert main(argv) == 2
     assert "cannot use the TLS files" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the docs
+
+
+def test_the_limits_table_matches_the_serve_flags() -> None:
+    """docs/bridge.md's table has a row per ``Limits`` field and stop timeout, with the
+    default ``serve`` really uses."""
+    import argparse
+    import dataclasses
+
+    from paygent_otel.bridge.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    serve = parser.parse_args(["serve"])
+    text = (Path(__file__).resolve().parents[1] / "docs" / "bridge.md").read_text()
+    table = text.split("## Limits and timeouts", 1)[1].split("\n\n**Memory.**", 1)[0]
+    rows = re.findall(r"^\| `--([a-z-]+)` \| ([^|]+) \|", table, re.MULTILINE)
+    units = {"MiB": 1 << 20, "KiB": 1 << 10, "KiB/s": 1 << 10}
+    for flag, default in rows:
+        number, _, unit = default.strip().partition(" ")
+        value = float(number.split("/")[0]) * units.get(unit.split(",")[0], 1)
+        assert getattr(serve, flag.replace("-", "_")) == value, flag
+    limits = {field.name.replace("_", "-") for field in dataclasses.fields(Limits)}
+    assert {flag for flag, _ in rows} == limits | {
+        "drain-grace",
+        "graceful-timeout",
+        "flush-timeout",
+    }
