@@ -12,12 +12,10 @@ attacks end quickly); the drain, connection-refusal and TLS tests start their ow
 from __future__ import annotations
 
 import gzip
-import os
 import re
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import wait_for
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
@@ -36,10 +34,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from test_bridge_security import spans, usage
 from test_collectors import Child, accepting, free_port, rotel_agent, rotel_env
+from test_collectors import start_bridge as serve
 
 from paygent_otel import semconv as sc
 from paygent_otel.bridge import TRACES_PATH, Limits
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
 from paygent_otel.sandbox import SandboxServer
 
 LIVENESS = 5.0
@@ -122,21 +120,11 @@ def start_bridge(
     token_file.write_text(f"{GOOD_TOKEN}\n{ATTACK_TOKEN}=agent-attack\n")
     token_file.chmod(0o600)
     spool = tmp_path / "spool.sqlite3"
-    argv = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", str(free_port()),
-            "--spool", str(spool), "--endpoint", sandbox.url, "--flush-timeout", "5",
-            *(["--token-file", str(token_file)] if tokens else []), *flags]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYGENT_", "OTEL_"))}
-    child = Child.start(argv, {**env, "PAYGENT_API_KEY": API_KEY})
-    line = wait_for(
-        lambda: (
-            next((x for x in child.lines if x.startswith(LISTENING_LINE_PREFIX)), None)
-            or (child.process.poll() is not None and "exited")
-        ),
-        timeout=20,
-        message="the bridge prints its listening line",
-    )
-    assert line != "exited", child.output
-    return Bridge(child, line.removeprefix(LISTENING_LINE_PREFIX).strip(), spool)
+    if tokens:
+        flags = ("--token-file", str(token_file), *flags)
+    started: list[Child] = []
+    url = serve(started, sandbox, spool, free_port(), *flags)
+    return Bridge(started[0], url, spool)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,44 @@ Every limit and timeout, with its default: docs/bridge.md, "Limits and timeouts"
 """
 
 
+_LIMIT_FLAGS: Final[dict[str, tuple[tuple[str, type, int | float, str, str], ...]]] = {
+    "limits (each breach answered with its own status)": (
+        ("--max-request-bytes", int, DEFAULT_MAX_REQUEST_BYTES, "N",
+         "request body as received, 413 beyond"),
+        ("--max-decompressed-bytes", int, DEFAULT_MAX_DECOMPRESSED_BYTES, "N",
+         "body after gzip, 413 beyond"),
+        ("--max-items", int, DEFAULT_MAX_ITEMS, "N",
+         "spans/points/log records per request, 413 beyond"),
+        ("--max-attribute-length", int, DEFAULT_MAX_ATTRIBUTE_LENGTH, "N",
+         "longest paygent.* attribute on a usage record; longer ones reject the record"),
+        ("--max-concurrent-requests", int, DEFAULT_MAX_CONCURRENT_REQUESTS, "N",
+         "export requests processed at once, 429 + Retry-After beyond"),
+        ("--max-requests-per-token", int, DEFAULT_MAX_REQUESTS_PER_TOKEN, "N",
+         "export requests one token may have in progress, 429 beyond"),
+        ("--rate-limit-per-token", float, DEFAULT_RATE_LIMIT_PER_TOKEN, "R",
+         "export requests per second per token (bursts of 2R), 429 beyond; 0: off"),
+        ("--memory-budget", int, DEFAULT_MEMORY_BUDGET, "N",
+         "bytes all bodies being read and inflated may hold together, 503 beyond"),
+    ),
+    "connections": (
+        ("--max-connections", int, DEFAULT_MAX_CONNECTIONS, "N",
+         "open connections; a new one evicts the longest-idle one, or is refused with 503 "
+         "when all are busy"),
+        ("--max-header-bytes", int, DEFAULT_MAX_HEADER_BYTES, "N",
+         "request line and headers, 431 beyond"),
+        ("--header-timeout", float, DEFAULT_HEADER_TIMEOUT, "S",
+         "seconds to send a complete request head, 408 beyond"),
+        ("--body-timeout", float, DEFAULT_BODY_TIMEOUT, "S",
+         "seconds a body may take before --min-body-rate applies"),
+        ("--min-body-rate", int, DEFAULT_MIN_BODY_RATE, "B",
+         "bytes/s a body must average after --body-timeout, 408 below"),
+        ("--keep-alive-timeout", float, DEFAULT_KEEP_ALIVE_TIMEOUT, "S",
+         "seconds an idle connection stays open"),
+    ),
+}  # fmt: skip
+"""``serve``'s limit flags by help group: flag, type, default, metavar, help."""
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``serve`` command to the ``paygent-otel`` parser."""
     serve = commands.add_parser(
@@ -144,115 +182,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="on stop, seconds spent delivering pending records "
         f"(default {DEFAULT_FLUSH_TIMEOUT:g})",
     )
-    limits = serve.add_argument_group("limits (each breach answered with its own status)")
-    limits.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        metavar="N",
-        help=f"request body as received, 413 beyond (default {DEFAULT_MAX_REQUEST_BYTES})",
-    )
-    limits.add_argument(
-        "--max-decompressed-bytes",
-        type=int,
-        default=DEFAULT_MAX_DECOMPRESSED_BYTES,
-        metavar="N",
-        help=f"body after gzip, 413 beyond (default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
-    )
-    limits.add_argument(
-        "--max-items",
-        type=int,
-        default=DEFAULT_MAX_ITEMS,
-        metavar="N",
-        help=f"spans/points/log records per request, 413 beyond (default {DEFAULT_MAX_ITEMS})",
-    )
-    limits.add_argument(
-        "--max-attribute-length",
-        type=int,
-        default=DEFAULT_MAX_ATTRIBUTE_LENGTH,
-        metavar="N",
-        help="longest paygent.* attribute on a usage record; longer ones reject the record "
-        f"(default {DEFAULT_MAX_ATTRIBUTE_LENGTH})",
-    )
-    limits.add_argument(
-        "--max-concurrent-requests",
-        type=int,
-        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
-        metavar="N",
-        help="export requests processed at once, 429 + Retry-After beyond "
-        f"(default {DEFAULT_MAX_CONCURRENT_REQUESTS})",
-    )
-    limits.add_argument(
-        "--max-requests-per-token",
-        type=int,
-        default=DEFAULT_MAX_REQUESTS_PER_TOKEN,
-        metavar="N",
-        help="export requests one token may have in progress, 429 beyond "
-        f"(default {DEFAULT_MAX_REQUESTS_PER_TOKEN})",
-    )
-    limits.add_argument(
-        "--rate-limit-per-token",
-        type=float,
-        default=DEFAULT_RATE_LIMIT_PER_TOKEN,
-        metavar="R",
-        help="export requests per second per token (bursts of 2R), 429 beyond; 0: off "
-        f"(default {DEFAULT_RATE_LIMIT_PER_TOKEN:g})",
-    )
-    limits.add_argument(
-        "--memory-budget",
-        type=int,
-        default=DEFAULT_MEMORY_BUDGET,
-        metavar="N",
-        help="bytes all bodies being read and inflated may hold together, 503 + Retry-After "
-        f"beyond (default {DEFAULT_MEMORY_BUDGET})",
-    )
-    conn = serve.add_argument_group("connections")
-    conn.add_argument(
-        "--max-connections",
-        type=int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-        help="open connections; a new one evicts the longest-idle one, or is refused with "
-        f"503 when all are busy (default {DEFAULT_MAX_CONNECTIONS})",
-    )
-    conn.add_argument(
-        "--max-header-bytes",
-        type=int,
-        default=DEFAULT_MAX_HEADER_BYTES,
-        metavar="N",
-        help=f"request line and headers, 431 beyond (default {DEFAULT_MAX_HEADER_BYTES})",
-    )
-    conn.add_argument(
-        "--header-timeout",
-        type=float,
-        default=DEFAULT_HEADER_TIMEOUT,
-        metavar="S",
-        help="seconds to send a complete request head, 408 beyond "
-        f"(default {DEFAULT_HEADER_TIMEOUT:g})",
-    )
-    conn.add_argument(
-        "--body-timeout",
-        type=float,
-        default=DEFAULT_BODY_TIMEOUT,
-        metavar="S",
-        help=f"seconds a body may take before --min-body-rate applies "
-        f"(default {DEFAULT_BODY_TIMEOUT:g})",
-    )
-    conn.add_argument(
-        "--min-body-rate",
-        type=int,
-        default=DEFAULT_MIN_BODY_RATE,
-        metavar="B",
-        help="bytes/s a body must average after --body-timeout, 408 below "
-        f"(default {DEFAULT_MIN_BODY_RATE})",
-    )
-    conn.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        default=DEFAULT_KEEP_ALIVE_TIMEOUT,
-        metavar="S",
-        help=f"seconds an idle connection stays open (default {DEFAULT_KEEP_ALIVE_TIMEOUT:g})",
-    )
+    for title, flags in _LIMIT_FLAGS.items():
+        group = serve.add_argument_group(title)
+        for flag, kind, default, metavar, text in flags:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            group.add_argument(
+                flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {shown})"
+            )
     serve.set_defaults(handler=run_serve)
 
 
@@ -297,21 +233,14 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         return _fail("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
-    for name in (
-        "max_request_bytes",
-        "max_decompressed_bytes",
-        "max_items",
-        "max_requests_per_token",
-        "memory_budget",
-        "max_connections",
-        "max_header_bytes",
-        "min_body_rate",
-    ):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
-        if getattr(args, name) <= 0:
-            return _fail(f"--{name.replace('_', '-')} must be more than 0")
+    values = {}
+    for flags in _LIMIT_FLAGS.values():
+        for flag, kind, _, _, _ in flags:
+            value = values[flag] = getattr(args, flag[2:].replace("-", "_"))
+            if kind is int and value < 1:
+                return _fail(f"{flag} must be at least 1")
+            if kind is float and (value < 0 or (value == 0 and "rate" not in flag)):
+                return _fail(f"{flag} must be more than 0")
     tls = None
     if args.tls_cert:
         tls = TlsFiles(
@@ -336,22 +265,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = BridgeConfig(
         exporter=exporter,
         auth=auth,
-        limits=Limits(
-            max_request_bytes=args.max_request_bytes,
-            max_decompressed_bytes=args.max_decompressed_bytes,
-            max_items=args.max_items,
-            max_attribute_length=args.max_attribute_length,
-            max_concurrent_requests=max(1, args.max_concurrent_requests),
-            max_requests_per_token=args.max_requests_per_token,
-            rate_limit_per_token=args.rate_limit_per_token,
-            memory_budget=args.memory_budget,
-            max_connections=args.max_connections,
-            max_header_bytes=args.max_header_bytes,
-            header_timeout=args.header_timeout,
-            body_timeout=args.body_timeout,
-            min_body_rate=args.min_body_rate,
-            keep_alive_timeout=args.keep_alive_timeout,
-        ),
+        limits=Limits(**{flag[2:].replace("-", "_"): value for flag, value in values.items()}),
         flush_timeout=args.flush_timeout,
     )
     keep_large_buffers_returnable()
