@@ -377,6 +377,9 @@ def test_http10_post_without_a_length_is_411(shared, module_sandbox) -> None:
     sock.sendall(head(TRACES_PATH, {**GOOD, "Transfer-Encoding": "chunked"}, len(body)) + body)
     assert read_status(sock) == 400
     sock.close()
+    malformed = 'paygent_bridge_connections_closed_total{reason="malformed_request"}'
+    assert shared.metric(malformed) == 1
+    assert "answered 400 to a malformed request from 127.0.0.1:" in shared.child.output
     shared.well_behaved()
     shared.assert_books_balance(module_sandbox)
 

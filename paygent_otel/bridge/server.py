@@ -168,6 +168,19 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refused (bad framing, bad request line): counted, and logged
+        rate-limited here instead of once per request by uvicorn."""
+        self.app_ref.connections.closed["malformed_request"] += 1
+        self.app_ref.refusals_log.log(
+            logging.WARNING,
+            "malformed_request",
+            "bridge: answered 400 to a malformed request from %s (%s), connection closed",
+            _format_peer(self.client),
+            msg,
+        )
+        super().send_400_response(msg)
+
     # ---------------------------------------------------------------- timers
 
     def _arm(self, delay: float, callback: Any) -> None:
@@ -236,6 +249,8 @@ class _GuardedProtocol(HttpToolsProtocol):
     # ---------------------------------------------------------------- phases
 
     def data_received(self, data: bytes) -> None:
+        if self.flow is None:  # refused in connection_made; closing
+            return
         super().data_received(data)
         if not self._in_head or self.transport.is_closing():
             return
@@ -283,8 +298,14 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._body_done and not self.transport.is_closing() and not self.pipeline:
+        if self.transport.is_closing() or self.pipeline:
+            return
+        if self._body_done:
             self._idle()
+        else:
+            # Answered before its body ended (a refusal): the rest is discarded under the
+            # body rate, and nothing is in progress, so the connection may be evicted.
+            self.app_ref.connections.waiting(self)
 
     def _idle(self) -> None:
         self._in_head = False
@@ -356,7 +377,8 @@ class BridgeServer:
             ws="none",
             lifespan="on",
             log_config=None,
-            log_level="warning",
+            # uvicorn warns once per malformed request; the protocol logs those rate-limited.
+            log_level="error",
             access_log=False,
             timeout_keep_alive=max(1, round(self.app.config.limits.keep_alive_timeout)),
             timeout_graceful_shutdown=self.graceful_timeout,
