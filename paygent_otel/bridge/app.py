@@ -331,7 +331,7 @@ class BridgeApp:
         if self._closing:
             raise self._unavailable("the bridge is shutting down", "shutting_down")
         if not self.config.auth.required:
-            return grant  # loopback without tokens: one local sender, nobody to be fair to
+            return grant  # no tokens (loopback, or client certificates): none to be fair between
         limits = self.config.limits
         wait = self._rates.take(grant.name)
         if wait:
