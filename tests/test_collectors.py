@@ -148,7 +148,7 @@ def start_bridge(
     env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
     argv = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", str(port),
             "--spool", str(spool), "--endpoint", sandbox.url, "--flush-timeout", "2",
-            *flags]  # fmt: skip
+            "--drain-grace", "0", *flags]  # fmt: skip
     child = Child.start(argv, env)
     children.append(child)
     line = wait_for(
