@@ -24,6 +24,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -183,7 +184,7 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     # ---------------------------------------------------------------- timers
 
-    def _arm(self, delay: float, callback: Any) -> None:
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm()
         self._timer = self.loop.call_later(delay, callback)
 
