@@ -420,14 +420,15 @@ class DeliveryPipeline:
             self.spool.durable and worker.unreachable >= EXIT_CONNECT_ATTEMPTS
         )
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> int:
         """Deliver what is pending within ``timeout``, then stop. Idempotent.
 
         With the durable spool, what is left stays on disk for the next process; in memory
-        mode it is counted as ``dropped_at_shutdown`` and logged.
+        mode it is counted as ``dropped_at_shutdown`` and logged. Returns how many records
+        were left undelivered (0 on a repeated call).
         """
         if self._shutdown:
-            return
+            return 0
         self._shutdown = True
         worker = self._worker
         progress: DeliveryProgress | None = None
@@ -452,7 +453,7 @@ class DeliveryPipeline:
                     self.name,
                     self.config.spool_path,
                 )
-                return
+                return self.spool.pending(self._dest)
         left = self.spool.pending(self._dest)
         if progress is not None:
             progress.finish(left)
@@ -478,3 +479,4 @@ class DeliveryPipeline:
                 self.config.spool_path,
             )
         self.spool.close()
+        return left

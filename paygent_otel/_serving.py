@@ -11,8 +11,9 @@ from typing import Final
 __all__ = ["HTTP_IMPLEMENTATION", "LOOP_IMPLEMENTATION", "base_url", "bind_socket"]
 
 HTTP_IMPLEMENTATION: Final = "httptools" if importlib.util.find_spec("httptools") else "h11"
-"""uvicorn's HTTP parser: httptools (the ``server`` extra) when installed; h11 alone took
-about 60% of the sandbox's CPU per request."""
+"""The sandbox's uvicorn HTTP parser: httptools (the ``server`` extra) when installed; h11
+alone took about 60% of the sandbox's CPU per request. The bridge always uses httptools,
+through its own guarded protocol (``bridge/server.py``)."""
 
 LOOP_IMPLEMENTATION: Final = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """uvicorn's event loop: uvloop when installed."""

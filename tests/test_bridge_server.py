@@ -139,22 +139,37 @@ def test_a_full_spool_is_503_with_retry_after_and_nothing_acknowledged(bridge, s
 
 def test_more_requests_than_the_limit_are_429_with_retry_after(bridge, sandbox) -> None:
     server = bridge(limits=Limits(max_concurrent_requests=1))
-    body = spans(5)
-    slow = half_sent(server.url, body)
+    # A request still sending its body holds no processing slot.
+    bodies = [spans(5, customer="cust-1"), spans(5, customer="cust-2")]
+    slow = [half_sent(server.url, body) for body in bodies]
+    assert httpx.get(server.url + "/health").status_code == 200
     wait_for(
-        lambda: "paygent_bridge_in_flight_requests 1" in httpx.get(server.url + "/metrics").text,
-        message="the half-sent request is in progress",
+        lambda: server.app.memory.used == sum(map(len, bodies)),
+        message="both half-sent requests are reading their bodies",
     )
-    second = httpx.post(server.url + TRACES_PATH, content=spans(1), headers=PB)
+    third = spans(1, customer="cust-3")
+    assert httpx.post(server.url + TRACES_PATH, content=third, headers=PB).status_code == 200
+    assert [finish(sock, body) for sock, body in zip(slow, bodies, strict=True)] == [200, 200]
+    # A request being processed holds the one slot: metrics wait for their lock here.
+    with ThreadPoolExecutor(1) as pool:
+        with server.app._metrics_lock:
+            held = pool.submit(
+                httpx.post, server.url + "/v1/metrics", content=b"", headers=PB, timeout=10.0
+            )
+            wait_for(
+                lambda: server.app.metrics_text().count("in_flight_requests 1"),
+                message="the metrics request is being processed",
+            )
+            second = httpx.post(server.url + TRACES_PATH, content=spans(1), headers=PB)
+    assert held.result().status_code == 200
     assert second.status_code == 429
     assert second.headers["retry-after"] == "1"
     assert (
         "more than 1 export requests in progress"
         in status_pb2.Status.FromString(second.content).message
     )
-    assert finish(slow, body) == 200
     assert server.app.pipeline.force_flush(5.0)
-    assert sandbox.ledger.count() == 5
+    assert sandbox.ledger.count() == 11
 
 
 def test_concurrent_senders_are_all_billed_once(bridge, sandbox) -> None:
@@ -173,7 +188,8 @@ def test_concurrent_senders_are_all_billed_once(bridge, sandbox) -> None:
 def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path) -> None:
     env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
     command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
-               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url]  # fmt: skip
+               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
+               "--drain-grace", "0.5"]  # fmt: skip
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -185,10 +201,13 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
         body = spans(4)
         sock = half_sent(url, body)
         wait_for(
-            lambda: "paygent_bridge_in_flight_requests 1" in httpx.get(url + "/metrics").text,
-            message="the half-sent request is in progress",
+            lambda: (
+                f"paygent_bridge_memory_budget_used_bytes {len(body)}"
+                in httpx.get(url + "/metrics").text
+            ),
+            message="the half-sent request is reading its body",
         )
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # drains first (--drain-grace): /health 503
 
         def refusing() -> bool:
             try:
@@ -206,5 +225,7 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
             process.wait()
     assert process.returncode == 0, output
     assert "SIGTERM received, stopping" in output
-    assert output.rstrip().endswith("paygent-otel bridge stopped")
+    assert output.rstrip().endswith(
+        "0 left in " + str(tmp_path / "spool.sqlite3") + " for delivery"
+    )
     assert sandbox.ledger.count() == 4  # delivered during the shutdown flush

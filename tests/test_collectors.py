@@ -141,11 +141,14 @@ def children() -> Iterator[list[Child]]:
         child.stop()
 
 
-def start_bridge(children: list[Child], sandbox: SandboxServer, spool: Path, port: int) -> str:
-    """``paygent-otel serve`` in a child process; its URL once it listens."""
+def start_bridge(
+    children: list[Child], sandbox: SandboxServer, spool: Path, port: int, *flags: str
+) -> str:
+    """``paygent-otel serve`` (with ``flags``) in a child process; its URL once it listens."""
     env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
     argv = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", str(port),
-            "--spool", str(spool), "--endpoint", sandbox.url, "--flush-timeout", "2"]  # fmt: skip
+            "--spool", str(spool), "--endpoint", sandbox.url, "--flush-timeout", "2",
+            "--drain-grace", "0", *flags]  # fmt: skip
     child = Child.start(argv, env)
     children.append(child)
     line = wait_for(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +39,14 @@ from ..usage_page import USAGE_PAGE_PATH, bridge_page
 from .auth import Grant
 from .config import BridgeConfig
 from .cumulative import CumulativeStore, cumulative_state_path
+from .guard import (
+    BudgetExhausted,
+    BudgetHold,
+    ConnectionGuard,
+    MemoryBudget,
+    RateLimitedLog,
+    TokenBuckets,
+)
 from .otlp import (
     JSON_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
@@ -55,7 +64,13 @@ from .otlp import (
     encode_status,
 )
 
-__all__ = ["HEALTH_PATH", "METRICS_ENDPOINT_PATH", "BridgeApp"]
+__all__ = [
+    "CLIENT_CLOSED_STATUS",
+    "CONNECTION_EXTENSION",
+    "HEALTH_PATH",
+    "METRICS_ENDPOINT_PATH",
+    "BridgeApp",
+]
 
 _logger = logging.getLogger("paygent_otel.bridge")
 
@@ -64,8 +79,27 @@ HEALTH_PATH: Final = "/health"
 METRICS_ENDPOINT_PATH: Final = "/metrics"
 """The bridge's own counters, Prometheus text format."""
 
+CLIENT_CLOSED_STATUS: Final = 499
+"""The ``status`` label of a request whose sender went away before it was answered (nginx's
+convention); nothing is answered, nothing was acknowledged, and it is not a server error."""
+CONNECTION_EXTENSION: Final = "paygent.connection"
+"""ASGI scope extension the server sets to a dict; ``closed`` names why the server closed
+the connection under a request (``body_timeout``), so the app does not count it as the
+client's doing."""
+
 _PROTOBUF_TYPES: Final = frozenset({PROTOBUF_CONTENT_TYPE, "application/protobuf"})
 _GRPC_CODES: Final = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "an unknown peer"
+
+
+class _Gone(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refusal(Exception):
@@ -117,23 +151,25 @@ class BridgeApp:
             self.cumulative = CumulativeStore(cumulative_state_path(exporter.spool_path))
             self.cumulative.recover(self.pipeline.spool.known_keys)
             self.cumulative.prune()
-        self.extractor = UsageExtractor(
-            IdentityDefaults(
-                agent_id=exporter.agent_id,
-                customer_id=exporter.customer_id,
-                indicator=exporter.indicator,
-                trace_tags=exporter.trace_tags,
-            ),
-            genai=exporter.genai,
-            frameworks=parse_frameworks(exporter.frameworks),
-            max_attribute_length=config.limits.max_attribute_length,
-        )
+        self.extractor = self._extractor(exporter.agent_id)
+        self._extractors = {exporter.agent_id: self.extractor}
+        limits = config.limits
+        self.connections = ConnectionGuard(limits.max_connections)
+        """Open connections (the server's protocol registers them here)."""
+        self.memory = MemoryBudget(limits.memory_budget)
+        """Bytes request bodies being read and inflated hold, shared by all requests."""
+        self.refusals_log = RateLimitedLog(_logger)
+        """Refusals and attacks are logged at most every few seconds per kind."""
         self._counters = _Counters()
         self._metrics_lock = threading.Lock()
         self._active = 0
-        self._limiter = anyio.CapacityLimiter(config.limits.max_concurrent_requests)
+        self._per_token: Counter[str] = Counter()
+        self._rates = TokenBuckets(limits.rate_limit_per_token)
+        self._limiter = anyio.CapacityLimiter(limits.max_concurrent_requests)
         self._closing = False
         self._closed = False
+        self.left_in_spool = 0
+        """Records left undelivered at :meth:`close` (they stay in a durable spool)."""
         routes = [
             Route(path, self._handler(signal), methods=["POST"])
             for signal, path in SIGNAL_PATHS.items()
@@ -146,7 +182,40 @@ class BridgeApp:
         self.asgi = Starlette(routes=routes, lifespan=self._lifespan)
         """The Starlette application to serve."""
 
+    def _extractor(self, agent_id: str | None) -> UsageExtractor:
+        exporter = self.config.exporter
+        return UsageExtractor(
+            IdentityDefaults(
+                agent_id=agent_id,
+                customer_id=exporter.customer_id,
+                indicator=exporter.indicator,
+                trace_tags=exporter.trace_tags,
+            ),
+            genai=exporter.genai,
+            frameworks=parse_frameworks(exporter.frameworks),
+            max_attribute_length=self.config.limits.max_attribute_length,
+        )
+
+    def _extractor_for(self, grant: Grant) -> UsageExtractor:
+        """A token limited to exactly one agent supplies that agent id to records without one
+        (a Collector that drops a resource cannot then lose them)."""
+        agent = grant.single_agent or self.config.exporter.agent_id
+        extractor = self._extractors.get(agent)
+        if extractor is None:
+            extractor = self._extractors[agent] = self._extractor(agent)
+        return extractor
+
     # ------------------------------------------------------------------ lifecycle
+
+    def drain(self) -> None:
+        """Stop taking usage: exports are answered 503 + ``Retry-After`` and ``/health`` 503,
+        so load balancers send elsewhere. Requests in progress finish."""
+        self._closing = True
+
+    @property
+    def handed_to_spool(self) -> int:
+        """Usage records committed to the spool by this process."""
+        return self.pipeline.stats.snapshot().get("accepted", 0)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
@@ -162,7 +231,7 @@ class BridgeApp:
             return
         self._closing = self._closed = True
         with self._metrics_lock:
-            self.pipeline.shutdown(self.config.flush_timeout)
+            self.left_in_spool = self.pipeline.shutdown(self.config.flush_timeout)
             if self.cumulative is not None:
                 self.cumulative.close()
 
@@ -177,35 +246,23 @@ class BridgeApp:
     async def _export(self, request: Request, signal: Signal) -> Response:
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         json_encoded = media_type == JSON_CONTENT_TYPE
+        hold = self.memory.hold()
+        token: str | None = None
         try:
-            grant = self.config.auth.check(request.headers.get("authorization"))
-            if grant is None:
-                raise _Refusal(
-                    401,
-                    "unauthorized",
-                    "missing or invalid bearer token (send Authorization: Bearer <token>)",
-                    {"WWW-Authenticate": 'Bearer realm="paygent-otel"'},
-                )
-            if not json_encoded and media_type not in _PROTOBUF_TYPES:
-                raise _Refusal(
-                    415,
-                    "unsupported_media_type",
-                    f"Content-Type {media_type or 'none'!r} is not supported; send "
-                    f"{PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}",
-                )
-            if self._closing:
-                raise self._unavailable("the bridge is shutting down", "shutting_down")
+            grant = self._admit(request, media_type, json_encoded)
+            token = grant.name
+            self._per_token[token] += 1
+            body = await self._read_body(request, hold)
             if self._active >= self.config.limits.max_concurrent_requests:
                 raise _Refusal(
                     429,
                     "overloaded",
                     f"more than {self.config.limits.max_concurrent_requests} export requests "
-                    "in progress; retry later",
+                    "in progress (--max-concurrent-requests); retry later",
                     {"Retry-After": "1"},
                 )
             self._active += 1
             try:
-                body = await self._read_body(request)
                 extraction, refused = await anyio.to_thread.run_sync(
                     self._process,
                     signal,
@@ -213,6 +270,7 @@ class BridgeApp:
                     request.headers.get("content-encoding", ""),
                     json_encoded,
                     grant,
+                    hold,
                     limiter=self._limiter,
                 )
             finally:
@@ -224,14 +282,23 @@ class BridgeApp:
                     "spool_full",
                 )
         except _Refusal as refusal:
-            return self._refuse(signal, refusal, json_encoded)
+            return self._refuse(signal, refusal, json_encoded, request)
+        except _Gone as gone:
+            return self._gone(signal, gone.reason, request)
         except Exception:
             _logger.exception("bridge: unexpected error handling a %s export request", signal)
             return self._refuse(
                 signal,
                 self._unavailable("internal error in the bridge; retry later", "internal_error"),
                 json_encoded,
+                request,
             )
+        finally:
+            hold.release()
+            if token is not None:
+                self._per_token[token] -= 1
+                if not self._per_token[token]:
+                    del self._per_token[token]
         self._count(signal, 200)
         body = encode_response(
             signal, extraction.rejected_items, extraction.message(), json_encoded=json_encoded
@@ -240,10 +307,63 @@ class BridgeApp:
             body, 200, media_type=JSON_CONTENT_TYPE if json_encoded else PROTOBUF_CONTENT_TYPE
         )
 
+    def _admit(self, request: Request, media_type: str, json_encoded: bool) -> Grant:
+        """The checks made before the body is read, cheapest first; the caller's grant."""
+        headers = request.headers
+        grant = self.config.auth.check(headers.get("authorization"))
+        if grant is None:
+            raise _Refusal(
+                401,
+                "unauthorized",
+                "missing or invalid bearer token (send Authorization: Bearer <token>)",
+                {"WWW-Authenticate": 'Bearer realm="paygent-otel"'},
+            )
+        if not json_encoded and media_type not in _PROTOBUF_TYPES:
+            raise _Refusal(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {media_type or 'none'!r} is not supported; send "
+                f"{PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}",
+            )
+        if (
+            "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        ):
+            # HTTP/1.0 without Content-Length: the body would be read as empty and billed
+            # as nothing.
+            raise _Refusal(
+                411,
+                "length_required",
+                "a request body needs a Content-Length (or chunked transfer encoding)",
+            )
+        if self._closing:
+            raise self._unavailable("the bridge is shutting down", "shutting_down")
+        if not self.config.auth.required:
+            return grant  # no tokens (loopback, or client certificates): none to be fair between
+        limits = self.config.limits
+        wait = self._rates.take(grant.name)
+        if wait:
+            raise _Refusal(
+                429,
+                "rate_limited",
+                f"more than {limits.rate_limit_per_token:g} export requests per second for "
+                f"this token (--rate-limit-per-token); retry later",
+                {"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        if self._per_token[grant.name] >= limits.max_requests_per_token:
+            raise _Refusal(
+                429,
+                "token_busy",
+                f"this token already has {limits.max_requests_per_token} export requests in "
+                "progress (--max-requests-per-token); retry later",
+                {"Retry-After": "1"},
+            )
+        return grant
+
     def _unavailable(self, message: str, reason: str) -> _Refusal:
         return _Refusal(503, reason, message, {"Retry-After": str(self.config.retry_after_seconds)})
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, hold: BudgetHold) -> bytes:
         limit = self.config.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         too_large = _Refusal(
@@ -254,23 +374,45 @@ class BridgeApp:
         )
         if declared.isdigit() and int(declared) > limit:
             raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            if declared.isdigit():
+                hold.take(int(declared))
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    closed = request.scope.get("extensions", {}).get(CONNECTION_EXTENSION, {})
+                    raise _Gone(str(closed.get("closed", "client_disconnected")))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                if not declared.isdigit():
+                    hold.take(len(chunk))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        except BudgetExhausted as exc:
+            raise self._unavailable(str(exc), "memory_budget") from None
 
     def _process(
-        self, signal: Signal, body: bytes, encoding: str, json_encoded: bool, grant: Grant
+        self,
+        signal: Signal,
+        body: bytes,
+        encoding: str,
+        json_encoded: bool,
+        grant: Grant,
+        hold: BudgetHold,
     ) -> tuple[Extraction, int]:
         """Decode, map and commit one request (in a worker thread). Returns refused count."""
         limits = self.config.limits
         try:
-            raw = decompress(body, encoding, limits.max_decompressed_bytes)
+            raw = decompress(body, encoding, limits.max_decompressed_bytes, hold.take)
             request = decode_request(signal, raw, json_encoded=json_encoded)
+            del raw
+        except BudgetExhausted as exc:
+            raise self._unavailable(str(exc), "memory_budget") from None
         except BodyTooLarge as exc:
             raise _Refusal(413, "decompressed_too_large", str(exc)) from None
         except UnsupportedEncoding as exc:
@@ -287,21 +429,24 @@ class BridgeApp:
             )
         with self._counters.lock:
             self._counters.items[signal] += items
+        extractor = self._extractor_for(grant)
         if signal is Signal.METRICS:
             with self._metrics_lock:
-                return self._commit_metrics(request, grant)
+                return self._commit_metrics(extractor, request, grant)
         if signal is Signal.TRACES:
-            extraction = self.extractor.spans(request, grant.agents)
+            extraction = extractor.spans(request, grant.agents)
         else:
-            extraction = self.extractor.logs(request, grant.agents)
+            extraction = extractor.logs(request, grant.agents)
         return extraction, self._submit(extraction)
 
-    def _commit_metrics(self, request: Any, grant: Grant) -> tuple[Extraction, int]:
+    def _commit_metrics(
+        self, extractor: UsageExtractor, request: Any, grant: Grant
+    ) -> tuple[Extraction, int]:
         """Metrics under the lock: the cumulative positions move only with their records."""
         if self._closed:
             return Extraction(Signal.METRICS), 1
         cumulative = self.cumulative
-        extraction = self.extractor.metrics(request, cumulative, grant.agents)
+        extraction = extractor.metrics(request, cumulative, grant.agents)
         if cumulative is None or not extraction.updates:
             return extraction, self._submit(extraction)
         cumulative.journal(extraction.updates, [r.idempotency_key for r in extraction.records])
@@ -332,10 +477,19 @@ class BridgeApp:
             if reason is not None:
                 self._counters.refused[reason] += 1
 
-    def _refuse(self, signal: Signal, refusal: _Refusal, json_encoded: bool) -> Response:
+    def _refuse(
+        self, signal: Signal, refusal: _Refusal, json_encoded: bool, request: Request
+    ) -> Response:
         self._count(signal, refusal.status, refusal.reason)
-        log = _logger.info if refusal.status in (429, 503) else _logger.warning
-        log("bridge: %s request answered %d: %s", signal, refusal.status, refusal.message)
+        self.refusals_log.log(
+            logging.INFO if refusal.status in (429, 503) else logging.WARNING,
+            refusal.reason,
+            "bridge: %s request from %s answered %d: %s",
+            signal,
+            _peer(request),
+            refusal.status,
+            refusal.message,
+        )
         body = encode_status(
             _GRPC_CODES.get(refusal.status, 2), refusal.message, json_encoded=json_encoded
         )
@@ -346,6 +500,19 @@ class BridgeApp:
             media_type=JSON_CONTENT_TYPE if json_encoded else PROTOBUF_CONTENT_TYPE,
         )
 
+    def _gone(self, signal: Signal, reason: str, request: Request) -> Response:
+        """The connection closed under the request: nothing to answer, nothing acknowledged."""
+        self._count(signal, CLIENT_CLOSED_STATUS, reason)
+        self.refusals_log.log(
+            logging.INFO,
+            reason,
+            "bridge: %s request from %s ended before its body was read (%s); nothing acknowledged",
+            signal,
+            _peer(request),
+            reason,
+        )
+        return Response(b"", CLIENT_CLOSED_STATUS)
+
     # ------------------------------------------------------------------ health and metrics
 
     async def _health(self, _: Request) -> Response:
@@ -353,7 +520,21 @@ class BridgeApp:
             return JSONResponse({"status": "shutting down"}, 503)
         return JSONResponse({"status": "ok"})
 
-    async def _metrics(self, _: Request) -> Response:
+    async def _metrics(self, request: Request) -> Response:
+        # Counters say who sends how much: with tokens configured, a scraper presents one.
+        # /health stays open for load balancers and tells nothing but the state.
+        if self.config.auth.check(request.headers.get("authorization")) is None:
+            self.refusals_log.log(
+                logging.WARNING,
+                "metrics_unauthorized",
+                "bridge: GET /metrics from %s without a valid bearer token answered 401",
+                _peer(request),
+            )
+            return PlainTextResponse(
+                "GET /metrics needs a bearer token when the bridge has tokens\n",
+                401,
+                headers={"WWW-Authenticate": 'Bearer realm="paygent-otel"'},
+            )
         text = await anyio.to_thread.run_sync(self.metrics_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -407,6 +588,24 @@ class BridgeApp:
             "gauge",
             "Export requests being processed.",
             [("", self._active)],
+        )
+        family(
+            "paygent_bridge_open_connections",
+            "gauge",
+            "Connections open now.",
+            [("", self.connections.open)],
+        )
+        family(
+            "paygent_bridge_connections_closed_total",
+            "counter",
+            "Connections the bridge closed or refused, by reason.",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections.closed.items())],
+        )
+        family(
+            "paygent_bridge_memory_budget_used_bytes",
+            "gauge",
+            "Bytes of the shared memory budget held by request bodies now.",
+            [("", self.memory.used)],
         )
         if not self._closed:
             spool = self.pipeline.spool.stats()

@@ -45,12 +45,24 @@ class Grant:
 
     agents: frozenset[str] | None
     """The agent ids its records may bill; None for any agent."""
+    name: str = "anonymous"
+    """Where the token was configured (``FILE line N``), for logs and per-token limits;
+    never the token itself."""
+
+    @property
+    def single_agent(self) -> str | None:
+        """The agent id when the token may bill exactly one agent, else None."""
+        if self.agents is not None and len(self.agents) == 1:
+            return next(iter(self.agents))
+        return None
 
 
 _ANY_AGENT = Grant(None)
 
+_TokenEntry = tuple[str, frozenset[str] | None, str]
 
-def _parse_line(line: str, where: str) -> tuple[str, frozenset[str] | None]:
+
+def _parse_line(line: str, where: str) -> _TokenEntry:
     token, sep, agents_text = line.partition("=")
     token = token.strip()
     if not _TOKEN_RE.match(token):
@@ -61,11 +73,11 @@ def _parse_line(line: str, where: str) -> tuple[str, frozenset[str] | None]:
     if len(token) < MIN_TOKEN_LENGTH:
         raise TokenError(f"{where}: token shorter than {MIN_TOKEN_LENGTH} characters")
     if not sep:
-        return token, None
+        return token, None, where
     agents = frozenset(a.strip() for a in agents_text.split(",") if a.strip())
     if not agents:
         raise TokenError(f"{where}: `=` must be followed by at least one agent id")
-    return token, agents
+    return token, agents, where
 
 
 def _digest(token: str) -> bytes:
@@ -75,15 +87,15 @@ def _digest(token: str) -> bytes:
 class BearerAuth:
     """The configured tokens; :meth:`check` an ``Authorization`` header against them."""
 
-    def __init__(self, tokens: Iterable[tuple[str, frozenset[str] | None]] = ()) -> None:
+    def __init__(self, tokens: Iterable[_TokenEntry] = ()) -> None:
         self._tokens: list[tuple[bytes, Grant]] = []
         seen: set[bytes] = set()
-        for token, agents in tokens:
+        for token, agents, name in tokens:
             digest = _digest(token)
             if digest in seen:
                 raise TokenError("the same token is configured twice")
             seen.add(digest)
-            self._tokens.append((digest, Grant(agents)))
+            self._tokens.append((digest, Grant(agents, name)))
 
     @classmethod
     def parse(cls, lines: Iterable[str], source: str) -> BearerAuth:

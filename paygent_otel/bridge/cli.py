@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -21,14 +23,24 @@ from .._config import (
 from .._units import parse_duration, parse_size
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DRAIN_GRACE,
     DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
     DEFAULT_HOST,
+    DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_ATTRIBUTE_LENGTH,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_DECOMPRESSED_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_ITEMS,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_REQUESTS_PER_TOKEN,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_MIN_BODY_RATE,
     DEFAULT_PORT,
+    DEFAULT_RATE_LIMIT_PER_TOKEN,
     BridgeConfig,
     Limits,
 )
@@ -46,6 +58,8 @@ examples:
       listen on http://127.0.0.1:4319, spool in ~/.local/state/paygent-otel/
   paygent-otel serve --host 0.0.0.0 --token-file /etc/paygent/bridge-tokens
       listen on every interface; senders must send Authorization: Bearer <token>
+  paygent-otel serve --host 0.0.0.0 --token-file tokens --tls-cert crt.pem --tls-key key.pem
+      the same over HTTPS: tokens do not cross the network in clear text
   paygent-otel serve --endpoint http://127.0.0.1:8787 --spool /tmp/bridge.sqlite3
       deliver to a local sandbox (`paygent-otel sandbox`)
 
@@ -54,13 +68,65 @@ its records may bill; records for other agents are rejected (partial_success) an
 dead-lettered. Tokens: 16+ characters of A-Z a-z 0-9 . _ ~ + / -.
 
 endpoints: POST /v1/traces, /v1/metrics, /v1/logs (protobuf or JSON, gzip or
-plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C or SIGTERM:
-requests in progress finish, pending records are flushed or stay in the spool.
+plain); GET /health; GET /metrics (Prometheus text). Stop with Ctrl-C, or SIGTERM,
+which first drains for --drain-grace seconds (/health and exports answer 503):
+requests in progress finish, pending records are flushed or stay in the spool, and
+the bridge prints how many records it took and how many are left for delivery.
+
+Every limit and timeout, with its default: docs/bridge.md, "Limits and timeouts".
 """
 
 
 def _whole_seconds(text: str) -> int:
     return math.ceil(parse_duration(text))
+
+
+_PARSERS: Final[dict[str, Callable[[str], int | float]]] = {
+    "count": int,
+    "size": flag_type(parse_size),
+    "duration": flag_type(parse_duration),
+    "rate": float,
+}
+"""How a limit flag's value is read: sizes take units (64KiB; bare: bytes), durations too
+(10s, 500ms; bare: seconds)."""
+
+_LIMIT_FLAGS: Final[dict[str, tuple[tuple[str, str, int | float, str, str], ...]]] = {
+    "limits (each breach answered with its own status)": (
+        ("--max-request-bytes", "size", DEFAULT_MAX_REQUEST_BYTES, "SIZE",
+         "request body as received, 413 beyond"),
+        ("--max-decompressed-bytes", "size", DEFAULT_MAX_DECOMPRESSED_BYTES, "N",
+         "body after gzip, 413 beyond"),
+        ("--max-items", "count", DEFAULT_MAX_ITEMS, "N",
+         "spans/points/log records per request, 413 beyond"),
+        ("--max-attribute-length", "count", DEFAULT_MAX_ATTRIBUTE_LENGTH, "N",
+         "longest paygent.* attribute on a usage record; longer ones reject the record"),
+        ("--max-concurrent-requests", "count", DEFAULT_MAX_CONCURRENT_REQUESTS, "N",
+         "export requests processed at once, 429 + Retry-After beyond"),
+        ("--max-requests-per-token", "count", DEFAULT_MAX_REQUESTS_PER_TOKEN, "N",
+         "export requests one token may have in progress, 429 beyond"),
+        ("--rate-limit-per-token", "rate", DEFAULT_RATE_LIMIT_PER_TOKEN, "R",
+         "export requests per second per token (bursts of 2R), 429 beyond; 0: off"),
+        ("--memory-budget", "size", DEFAULT_MEMORY_BUDGET, "N",
+         "bytes all bodies being read and inflated may hold together, 503 beyond"),
+    ),
+    "connections": (
+        ("--max-connections", "count", DEFAULT_MAX_CONNECTIONS, "N",
+         "open connections; a new one evicts the longest-idle one, or is refused with 503 "
+         "when all are busy"),
+        ("--max-header-bytes", "size", DEFAULT_MAX_HEADER_BYTES, "N",
+         "request line and headers, 431 beyond"),
+        ("--header-timeout", "duration", DEFAULT_HEADER_TIMEOUT, "S",
+         "seconds to send a complete request head, 408 beyond"),
+        ("--body-timeout", "duration", DEFAULT_BODY_TIMEOUT, "S",
+         "seconds a body may take before --min-body-rate applies"),
+        ("--min-body-rate", "size", DEFAULT_MIN_BODY_RATE, "B",
+         "bytes/s a body must average after --body-timeout, 408 below"),
+        ("--keep-alive-timeout", "duration", DEFAULT_KEEP_ALIVE_TIMEOUT, "S",
+         "seconds an idle connection stays open"),
+    ),
+}  # fmt: skip
+"""``serve``'s limit flags by help group: flag, kind (:data:`_PARSERS`), default, metavar,
+help."""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,6 +160,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listen.add_argument(
         "--token-file", metavar="FILE", help="bearer tokens, one per line (see below)"
     )
+    listen.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    listen.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    listen.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS; then a bearer token "
+        "is optional off loopback)",
+    )
+    listen.add_argument(
+        "--drain-grace",
+        type=_PARSERS["duration"],
+        default=DEFAULT_DRAIN_GRACE,
+        metavar="DURATION",
+        help="on SIGTERM, how long /health and exports answer 503 before the listener "
+        f"closes, so load balancers stop sending (5s, 0; default {DEFAULT_DRAIN_GRACE:g}s)",
+    )
     listen.add_argument(
         "--graceful-timeout",
         type=flag_type(_whole_seconds),
@@ -113,45 +195,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="FILE",
         help="read the Paygent API key from FILE (default: $PAYGENT_API_KEY)",
     )
-    limits = serve.add_argument_group("limits (each breach answered with its own status)")
-    limits.add_argument(
-        "--max-request-bytes",
-        type=flag_type(parse_size),
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        metavar="SIZE",
-        help="request body as received, 413 beyond (8MiB, 1000000; bare: bytes; "
-        f"default {DEFAULT_MAX_REQUEST_BYTES})",
-    )
-    limits.add_argument(
-        "--max-decompressed-bytes",
-        type=flag_type(parse_size),
-        default=DEFAULT_MAX_DECOMPRESSED_BYTES,
-        metavar="SIZE",
-        help=f"body after gzip, 413 beyond (bare: bytes; default {DEFAULT_MAX_DECOMPRESSED_BYTES})",
-    )
-    limits.add_argument(
-        "--max-items",
-        type=int,
-        default=DEFAULT_MAX_ITEMS,
-        metavar="N",
-        help=f"spans/points/log records per request, 413 beyond (default {DEFAULT_MAX_ITEMS})",
-    )
-    limits.add_argument(
-        "--max-attribute-length",
-        type=int,
-        default=DEFAULT_MAX_ATTRIBUTE_LENGTH,
-        metavar="N",
-        help="longest paygent.* attribute on a usage record; longer ones reject the record "
-        f"(default {DEFAULT_MAX_ATTRIBUTE_LENGTH})",
-    )
-    limits.add_argument(
-        "--max-concurrent-requests",
-        type=int,
-        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
-        metavar="N",
-        help="export requests processed at once, 429 + Retry-After beyond "
-        f"(default {DEFAULT_MAX_CONCURRENT_REQUESTS})",
-    )
+    for title, flags in _LIMIT_FLAGS.items():
+        group = serve.add_argument_group(title)
+        for flag, kind, default, metavar, text in flags:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            group.add_argument(
+                flag,
+                type=_PARSERS[kind],
+                default=default,
+                metavar=metavar,
+                help=f"{text} (default {shown})",
+            )
     serve.set_defaults(handler=run_serve)
 
 
@@ -190,21 +244,46 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; returns the exit status."""
     # The server extra (uvicorn, starlette) is needed only here, not to build the parser.
     from .app import BridgeApp
-    from .server import BridgeServer, bind_socket, run_until_signalled
+    from .server import (
+        BridgeServer,
+        TlsFiles,
+        bind_socket,
+        keep_large_buffers_returnable,
+        raise_open_file_limit,
+        run_until_signalled,
+    )
 
     try:
         auth = _auth(args)
     except TokenError as exc:
         return _fail(str(exc))
-    if not is_loopback(args.host) and not auth.required:
+    if not is_loopback(args.host) and not auth.required and not args.tls_client_ca:
         return _fail(
             f"refusing to listen on {args.host} without a bearer token: anyone who can reach "
             "this port could bill usage to your Paygent account. Pass --token-file FILE (or "
-            f"set {PAYGENT_BRIDGE_TOKEN}), or listen on 127.0.0.1"
+            f"set {PAYGENT_BRIDGE_TOKEN}) or --tls-client-ca, or listen on 127.0.0.1"
         )
-    for name in ("max_request_bytes", "max_decompressed_bytes", "max_items"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        return _fail("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+    values = {}
+    for flags in _LIMIT_FLAGS.values():
+        for flag, kind, _, _, _ in flags:
+            value = values[flag] = getattr(args, flag[2:].replace("-", "_"))
+            if kind in ("count", "size") and value < 1:
+                return _fail(f"{flag} must be at least 1")
+            if (kind == "duration" and value <= 0) or (kind == "rate" and value < 0):
+                return _fail(f"{flag} must be more than 0")
+    tls = None
+    if args.tls_cert:
+        tls = TlsFiles(
+            cert=Path(args.tls_cert),
+            key=Path(args.tls_key),
+            client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        )
+        try:
+            tls.context()
+        except (OSError, ssl.SSLError) as exc:
+            return _fail(f"cannot use the TLS files: {exc}")
     try:
         api_key = _api_key(args)
     except ValueError as exc:
@@ -224,15 +303,18 @@ def run_serve(args: argparse.Namespace) -> int:
     config = BridgeConfig(
         exporter=exporter,
         auth=auth,
-        limits=Limits(
-            max_request_bytes=args.max_request_bytes,
-            max_decompressed_bytes=args.max_decompressed_bytes,
-            max_items=args.max_items,
-            max_attribute_length=args.max_attribute_length,
-            max_concurrent_requests=max(1, args.max_concurrent_requests),
-        ),
+        limits=Limits(**{flag[2:].replace("-", "_"): value for flag, value in values.items()}),
         flush_timeout=exporter.flush_timeout,
     )
+    keep_large_buffers_returnable()
+    files = raise_open_file_limit()
+    if files < args.max_connections + 64:
+        _logger.warning(
+            "bridge: the open-file limit (%d) is below --max-connections (%d) plus room for "
+            "the spool and delivery; raise `ulimit -n` or lower --max-connections",
+            files,
+            args.max_connections,
+        )
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -243,7 +325,13 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
         _logger.debug("bridge start failed", exc_info=True)
         return _fail(f"cannot open the spool {exporter.spool_path}: {exc}")
-    server = BridgeServer(app, args.host, graceful_timeout=args.graceful_timeout)
+    server = BridgeServer(
+        app,
+        args.host,
+        graceful_timeout=args.graceful_timeout,
+        drain_grace=args.drain_grace,
+        tls=tls,
+    )
     server.start(sock=sock)
     # Tests and scripts wait for this exact line (LISTENING_LINE_PREFIX + URL).
     print(f"{LISTENING_LINE_PREFIX}{server.url}", flush=True)
@@ -253,5 +341,9 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     signalled = run_until_signalled(server)
-    print("paygent-otel bridge stopped", flush=True)
+    print(
+        f"paygent-otel bridge stopped: {app.handed_to_spool} usage records handed to the "
+        f"spool by this run; {app.left_in_spool} left in {exporter.spool_path} for delivery",
+        flush=True,
+    )
     return 0 if signalled else 1

@@ -146,11 +146,24 @@ class UnsupportedEncoding(ValueError):
     """A ``Content-Encoding`` the bridge does not decode (answered 415)."""
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+_INPUT_STEP: Final = 16 << 10
+"""Compressed bytes fed to zlib at a time (each call's output is capped separately)."""
+_MEMBER_INPUT_STEP: Final = 512
+"""Input step once a body turned out to hold several gzip members: zlib copies the input it
+did not use at the end of a member, so a short step keeps tiny members linear in time."""
+_OUTPUT_STEP: Final = 256 << 10
+"""Most bytes inflated by one zlib call: memory is reserved from the budget step by step."""
+
+
+def decompress(
+    body: bytes, encoding: str, limit: int, reserve: Callable[[int], None] | None = None
+) -> bytes | bytearray:
     """Undo ``Content-Encoding`` (``gzip``, ``deflate`` or none), never past ``limit`` bytes.
 
-    The output is produced at most ``limit + 1`` bytes at a time, so a small gzip bomb
-    costs no more memory than the limit before it is refused.
+    The output grows at most :data:`_OUTPUT_STEP` bytes at a time and is not copied at the
+    end, so a gzip bomb costs at most ``limit`` plus one step before it is refused.
+    ``reserve(n)`` is called before the output grows by ``n`` bytes (a shared memory budget:
+    it raises to stop). Time is linear in the body for any number of gzip members.
     """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
@@ -164,26 +177,46 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)"
         )
     out = bytearray()
-    data = body
+    view = memoryview(body)
+    position, step = 0, _INPUT_STEP
+    inflater = zlib.decompressobj(wbits)
+    pending: bytes | memoryview = b""
+    in_member = False
     try:
-        # A gzip stream may hold several members; each needs a fresh decompressor.
-        while data:
-            inflater = zlib.decompressobj(wbits)
-            chunk = inflater.decompress(data, limit + 1 - len(out))
-            out += chunk
-            while inflater.unconsumed_tail and len(out) <= limit:
-                out += inflater.decompress(inflater.unconsumed_tail, limit + 1 - len(out))
-            if len(out) > limit:
-                raise BodyTooLarge(
-                    f"the decompressed body exceeds the limit of {limit} bytes "
-                    "(--max-decompressed-bytes)"
-                )
-            if not inflater.eof:
-                raise InvalidRequest(f"the {encoding} body is truncated")
-            data = inflater.unused_data
-    except zlib.error as exc:
-        raise InvalidRequest(f"the body is not valid {encoding}: {exc}") from None
-    return bytes(out)
+        while True:
+            if not pending:
+                if position >= len(view):
+                    break
+                pending = view[position : position + step]
+                position += len(pending)
+            in_member = True
+            chunk = inflater.decompress(pending, min(limit + 1 - len(out), _OUTPUT_STEP))
+            if chunk:
+                if reserve is not None:
+                    reserve(len(chunk))
+                out += chunk
+                if len(out) > limit:
+                    raise BodyTooLarge(
+                        f"the decompressed body exceeds the limit of {limit} bytes "
+                        "(--max-decompressed-bytes)"
+                    )
+            if inflater.eof:
+                # A gzip stream may hold several members; each needs a fresh decompressor.
+                pending, in_member = inflater.unused_data, False
+                inflater = zlib.decompressobj(wbits)
+                step = _MEMBER_INPUT_STEP
+            else:
+                pending = inflater.unconsumed_tail
+    except BaseException as exc:
+        # The traceback keeps this frame alive, and with it the buffer: free the bytes now,
+        # before the caller gives their share of the memory budget back.
+        out.clear()
+        if isinstance(exc, zlib.error):
+            raise InvalidRequest(f"the body is not valid {encoding}: {exc}") from None
+        raise
+    if in_member:
+        raise InvalidRequest(f"the {encoding} body is truncated")
+    return out
 
 
 _ID_FIELDS: Final = frozenset(
@@ -208,7 +241,7 @@ def _hex_ids_to_base64(node: Any) -> None:
             _hex_ids_to_base64(item)
 
 
-def decode_request(signal: Signal, body: bytes, *, json_encoded: bool) -> Any:
+def decode_request(signal: Signal, body: bytes | bytearray, *, json_encoded: bool) -> Any:
     """Parse an ``Export*ServiceRequest`` from protobuf or OTLP/JSON bytes."""
     message = _REQUESTS[signal]()
     if json_encoded:
