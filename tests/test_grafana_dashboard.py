@@ -19,6 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Sum
 
 import paygent_otel._delivery as delivery_module
+import paygent_otel._worker as worker_module
 from paygent_otel._config import ExporterConfig
 from paygent_otel._delivery import DeliveryPipeline
 from paygent_otel._selfmetrics import register_self_metrics
@@ -116,7 +117,9 @@ def test_the_dashboard_uses_exactly_the_metrics_the_code_exports(
 
 def test_the_outcomes_the_dashboard_counts_as_losses_exist() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    source = Path(delivery_module.__file__).read_text()
+    source = "".join(
+        Path(module.__file__).read_text() for module in (delivery_module, worker_module)
+    )
     for query in queries(dashboard):
         for alternatives in re.findall(r'outcome=~?"([^"]+)"', query):
             for outcome in alternatives.split("|"):

@@ -153,7 +153,7 @@ def test_off_loopback_the_bridge_page_needs_a_token_and_health_stays_open(
     tmp_path: Path,
 ) -> None:
     exporter = ExporterConfig.resolve(None, api_key=API_KEY, spool_path=tmp_path / "s.sqlite3")
-    guarded = BridgeApp(BridgeConfig(exporter=exporter, auth=BearerAuth([(TOKEN, None)])))
+    guarded = BridgeApp(BridgeConfig(exporter=exporter, auth=BearerAuth([(TOKEN, None, "page")])))
     client = OffLoopback(guarded.asgi)
     refused = client.get("/usage")
     assert refused.status_code == 401

@@ -124,6 +124,17 @@ class Evictable(Protocol):
         """Close the connection now (it has no request in progress)."""
 
 
+CLOSE_REASONS = (
+    "refused_max_connections",
+    "evicted_waiting",
+    "malformed_request",
+    "header_timeout",
+    "header_too_large",
+    "body_timeout",
+)
+"""Why the bridge closes a connection; each is exported from 0 so rates and alerts see it."""
+
+
 class ConnectionGuard:
     """Open connections, at most ``max_connections``; counts what was closed, by reason.
 
@@ -137,7 +148,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self._open: set[Evictable] = set()
         self._waiting: dict[Evictable, None] = {}  # insertion order: longest waiting first
-        self.closed: Counter[str] = Counter()
+        self.closed: Counter[str] = Counter(dict.fromkeys(CLOSE_REASONS, 0))
         """Connections closed or refused by the bridge, by reason."""
 
     @property
