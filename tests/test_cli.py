@@ -403,7 +403,7 @@ def test_the_bridge_reports_its_delivery_at_shutdown(
     env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
     command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
                "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
-               "--max-in-flight", "1", "--flush-timeout", "1m"]  # fmt: skip
+               "--max-in-flight", "1", "--flush-timeout", "1m", "--drain-grace", "0"]  # fmt: skip
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
