@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._spool_url import spool_location
+
 __all__ = [
     "DEFAULT_ENDPOINT",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -49,7 +51,8 @@ PAYGENT_CUSTOMER_ID = "PAYGENT_CUSTOMER_ID"
 PAYGENT_INDICATOR = "PAYGENT_INDICATOR"
 """Default indicator for records that carry none."""
 OTEL_EXPORTER_PAYGENT_SPOOL_PATH = "OTEL_EXPORTER_PAYGENT_SPOOL_PATH"
-"""Durable spool file (SQLite). ``:memory:`` selects in-memory mode. Default
+"""Durable spool file (SQLite), or a ``postgresql://`` URL for the spool many hosts share
+(password masked wherever it is shown). ``:memory:`` selects in-memory mode. Default
 :func:`default_spool_path`."""
 OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES = "OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES"
 """Spool size cap in bytes. Default :data:`DEFAULT_SPOOL_MAX_BYTES`."""
@@ -186,7 +189,7 @@ class ExporterConfig:
         def env(base: str) -> str | None:
             return _env(*_signal_names(base, signal))
 
-        resolved_spool = (
+        resolved_spool = spool_location(
             os.fspath(spool_path)
             if spool_path is not None
             else env(OTEL_EXPORTER_PAYGENT_SPOOL_PATH) or str(default_spool_path())

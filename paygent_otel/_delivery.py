@@ -29,7 +29,7 @@ import httpx
 from ._config import ExporterConfig
 from ._mapping import Rejection, RejectReason, UsageRecord
 from ._retry import Outcome, RetryPolicy, classify_status, parse_retry_after
-from ._spool import MemorySpool, SpooledItem, SqliteSpool, destination_id, open_spool
+from ._spool import MemorySpool, Spool, SpooledItem, SqliteSpool, destination_id, open_spool
 from ._version import __version__
 
 __all__ = ["USAGE_PATH", "DeliveryPipeline", "DeliveryStats"]
@@ -101,7 +101,7 @@ class DeliveryPipeline:
         name: str,
         retry_policy: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        spool: SqliteSpool | MemorySpool | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -143,7 +143,7 @@ class DeliveryPipeline:
                 else "counted as dropped (in-memory mode)",
             )
 
-    def _open_spool(self) -> SqliteSpool | MemorySpool:
+    def _open_spool(self) -> Spool:
         """The configured spool; if it cannot be opened, a stand-in that refuses everything.
 
         An unwritable path or a full disk must not stop the application: the error is

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._mapping import Rejection, UsageRecord
+from ._spool_url import SpoolUrl, is_pg_url
 
 __all__ = [
     "AddResult",
@@ -802,10 +803,19 @@ class MemorySpool:
         """Nothing to close."""
 
 
-def open_spool(
-    path: str, *, max_bytes: int, max_records: int = 100_000
-) -> SqliteSpool | MemorySpool:
-    """A :class:`SqliteSpool` at ``path``, or a :class:`MemorySpool` for ``:memory:``."""
+def open_spool(path: str, *, max_bytes: int, max_records: int = 100_000) -> Spool:
+    """A :class:`SqliteSpool` at ``path``, a :class:`MemorySpool` for ``:memory:``, or the
+    shared PostgreSQL spool for a ``postgresql://`` URL (``paygent-otel[postgres]``)."""
     if path == ":memory:":
         return MemorySpool(max_records=max_records)
+    if is_pg_url(path):
+        try:
+            from ._spool_pg import open_postgres_spool
+        except ImportError as exc:
+            # An OSError: the pipeline logs it and refuses records instead of failing.
+            raise OSError(
+                f"the spool {SpoolUrl(path)} needs psycopg: pip install 'paygent-otel[postgres]'"
+                f" ({exc})"
+            ) from None
+        return open_postgres_spool(path, max_bytes=max_bytes)
     return SqliteSpool(path, max_bytes=max_bytes)

@@ -1,21 +1,27 @@
 """The ``paygent-otel spool`` commands: look into the durable spool, replay, clean up.
 
 ``status`` (pending, in flight, dead letters, oldest age, size), ``dead`` (dead letters
-with their reasons), ``retry`` (dead letters back to pending) and ``purge`` (delete, after
-confirmation). They open the same SQLite file the exporters write, safely while they run.
+with their reasons), ``retry`` (dead letters back to pending), ``purge`` (delete, after
+confirmation) and ``migrate`` (a SQLite spool's records into a PostgreSQL spool). They open
+the same SQLite file or PostgreSQL database the exporters write, safely while they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._config import MEMORY_SPOOL, OTEL_EXPORTER_PAYGENT_SPOOL_PATH, ExporterConfig
 from ._spool import DeadLetter, SqliteSpool
+from ._spool_url import SpoolUrl, is_pg_url
+
+if TYPE_CHECKING:
+    from ._spool_pg import PostgresSpool
 
 __all__ = ["register"]
 
@@ -31,8 +37,13 @@ examples:
   paygent-otel spool dead                   the refused records, newest first, with reasons
   paygent-otel spool retry --status 400     send the 400s again (after fixing the cause)
   paygent-otel spool purge --yes            delete every dead letter, no question asked
+  paygent-otel spool status --spool postgresql://paygent@db.internal/billing
+                                            the same, for the spool replicas share
+  paygent-otel spool migrate --from ~/.local/state/paygent-otel/spool.sqlite3 \
+      --to postgresql://paygent@db.internal/billing
+                                            move a file's records into PostgreSQL
 
-every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
+every subcommand takes --spool PATH or URL; see `paygent-otel spool SUBCOMMAND --help`.
 """
 
 _DEAD_EPILOG = """\
@@ -51,10 +62,12 @@ def _default_spool() -> str:
 def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spool",
-        metavar="PATH",
+        metavar="PATH|URL",
         help=(
-            f"the spool file (default: ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH} if set, else the "
-            f"exporters' default, here {_default_spool()})"
+            "the spool file, or a postgresql:// URL (password masked in the output; prefer "
+            "PGPASSWORD or ~/.pgpass) (default: "
+            f"${OTEL_EXPORTER_PAYGENT_SPOOL_PATH} if set, else the exporters' default, here "
+            f"{_default_spool()})"
         ),
     )
 
@@ -139,10 +152,58 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(handler=_purge)
 
+    migrate = subcommands.add_parser(
+        "migrate",
+        help="move a SQLite spool's pending records and dead letters into a PostgreSQL spool",
+        description=(
+            "Move every pending record and dead letter of a SQLite spool file into the "
+            "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept, "
+            "then delete them from the file. Records whose key PostgreSQL already knows are "
+            "deleted from the file without a second copy: running it twice, or while replicas "
+            "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending "
+            "right now stay in the file: stop the exporters on the file first, or run it again."
+        ),
+        epilog=(
+            "example:\n  paygent-otel spool migrate --from ~/.local/state/paygent-otel/"
+            "spool.sqlite3 --to postgresql://paygent@db.internal/billing\n\n"
+            "Then point the exporters or `paygent-otel serve --spool` at the URL."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument(
+        "--from", dest="source", metavar="FILE", required=True, help="the SQLite spool file"
+    )
+    migrate.add_argument(
+        "--to",
+        dest="target",
+        metavar="URL",
+        required=True,
+        help="the PostgreSQL spool, postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+    )
+    migrate.set_defaults(handler=_migrate)
 
-def _open(args: argparse.Namespace) -> SqliteSpool | None:
+
+def _open_postgres(url: str) -> PostgresSpool | None:
+    """The PostgreSQL spool at ``url``; None, with the reason (password masked), if unusable."""
+    try:
+        from ._spool_pg import PostgresSpool
+    except ImportError as exc:
+        print(f"the PostgreSQL spool needs psycopg: pip install 'paygent-otel[postgres]' ({exc})",
+              file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        # No local fallback here: a person asked about this database, not about a stand-in.
+        return PostgresSpool(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+    except OSError as exc:
+        print(f"cannot use the spool {SpoolUrl(url)}: {exc}", file=sys.stderr)
+        return None
+
+
+def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
     path = args.spool or _default_spool()
+    if is_pg_url(path):
+        return _open_postgres(path)
     if path == MEMORY_SPOOL:
         print(
             f"{OTEL_EXPORTER_PAYGENT_SPOOL_PATH}={MEMORY_SPOOL}: the exporters keep records in "
@@ -191,10 +252,14 @@ def _status(args: argparse.Namespace) -> int:
         by_status = spool.dead_letter_counts()
     finally:
         spool.close()
-    on_disk = sum(
-        p.stat().st_size
-        for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
-        if p.exists()
+    on_disk = (
+        sum(
+            p.stat().st_size
+            for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
+            if p.exists()
+        )
+        if isinstance(spool, SqliteSpool)
+        else stats.size_bytes
     )
     if args.json:
         print(
@@ -321,4 +386,37 @@ def _purge(args: argparse.Namespace) -> int:
     finally:
         spool.close()
     print(f"deleted {deleted} {what} from {spool.path}")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    if not is_pg_url(args.target):
+        print(
+            f"--to must be a PostgreSQL URL (postgresql://...), not {args.target!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if not Path(args.source).is_file():
+        print(f"no spool file at {args.source} (pass the SQLite spool to --from)", file=sys.stderr)
+        return 1
+    target = _open_postgres(args.target)
+    if target is None:
+        return 1
+    from ._spool_pg import move_sqlite_records
+
+    try:
+        moved = move_sqlite_records(args.source, target)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        print(f"cannot migrate {args.source}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        target.close()
+    if not (moved.pending or moved.dead_letters or moved.duplicates):
+        print(f"nothing to move: {args.source} holds no pending records or dead letters")
+        return 0
+    print(
+        f"{moved.pending} pending records and {moved.dead_letters} dead letters moved from "
+        f"{args.source} to {target.url}; {moved.duplicates} were already in PostgreSQL "
+        "(deleted from the file, not sent twice). Replicas on the URL deliver them now."
+    )
     return 0

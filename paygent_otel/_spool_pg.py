@@ -1,0 +1,847 @@
+"""The PostgreSQL spool: one queue, one dead-letter table and one set of keys for many hosts.
+
+Selected by a ``postgresql://`` URL wherever a spool path is accepted. Any number of bridge
+replicas and exporters on any number of hosts share it:
+
+- a record is committed (key + JSON body) before ``export()`` or the bridge's ack returns;
+  its key is inserted into ``paygent_keys`` in the same transaction, so the same record
+  handed to two replicas is stored, and therefore sent, once;
+- :meth:`PostgresSpool.lease` reserves due records with ``FOR UPDATE SKIP LOCKED``: two
+  workers never hold one record;
+- a live worker renews its leases every ``lease_seconds / 4`` (a heartbeat carried by its
+  own spool calls); the leases of a replica that died expire after ``lease_seconds`` and
+  another replica sends those records, with the same key;
+- the schema is versioned (``paygent_schema_version``) and migrated under an advisory lock
+  by the first process that opens the database;
+- at most ``pool_size`` connections per process; each has a connect timeout and a statement
+  timeout, so a slow or unreachable server costs a bounded wait;
+- while PostgreSQL cannot be reached, :meth:`PostgresSpool.add` commits records to a local
+  SQLite file (the *fallback*) instead, and the worker moves them into PostgreSQL once it
+  answers again: ``export()`` neither stalls nor loses records during an outage;
+- the URL's password never appears in a log line or a repr (:class:`~._spool_url.SpoolUrl`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+
+from ._config import default_spool_path
+from ._mapping import Rejection, UsageRecord
+from ._spool import (
+    _BODY_EXCERPT,
+    DELIVERED_KEY_RETENTION,
+    LEASE_SECONDS,
+    AddResult,
+    DeadLetter,
+    SpooledItem,
+    SpoolStats,
+    SqliteSpool,
+    _owner_token,
+)
+from ._spool_url import SpoolUrl
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_SIZE",
+    "OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH",
+    "OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS",
+    "SCHEMA_VERSION",
+    "MoveResult",
+    "PostgresSpool",
+    "SpoolUnavailable",
+    "default_fallback_path",
+    "move_sqlite_records",
+]
+
+_logger = logging.getLogger("paygent_otel.spool")
+
+DEFAULT_POOL_SIZE: Final = 4
+"""Connections one process opens at most (the application's exports, the delivery worker,
+the bridge's cumulative-metric state); a caller past it waits up to the connect timeout."""
+DEFAULT_CONNECT_TIMEOUT: Final = 2.0
+"""Seconds a connection attempt may take before the server counts as unreachable."""
+STATEMENT_TIMEOUT_MS: Final = 5000
+"""Milliseconds one statement may run (``statement_timeout``) before it is cancelled."""
+OUTAGE_PAUSE_SECONDS: Final = 2.0
+"""After a failed connection, how long calls fail at once (or go to the fallback) before
+the server is tried again: an outage costs the application one connect timeout, not one
+per export."""
+FALLBACK_DRAIN_SECONDS: Final = 1.0
+"""How often the worker looks for records the fallback took during an outage."""
+PRUNE_SECONDS: Final = 600.0
+"""How often delivered keys past the retention window are deleted."""
+OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS"
+"""How long a replica that stopped renewing keeps its leases (PostgreSQL spool). Default
+:data:`~._spool.LEASE_SECONDS`; a live replica renews every quarter of it."""
+OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH"
+"""Local SQLite file that takes records while PostgreSQL is unreachable. Default
+:func:`default_fallback_path`."""
+SCHEMA_VERSION: Final = 1
+"""The newest schema this version creates and understands."""
+_MIGRATION_LOCK: Final = 0x7061_7967  # "payg": one advisory lock id for migrations
+_BATCH: Final = 500
+
+_MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
+    (
+        1,
+        """
+        CREATE TABLE paygent_keys (
+            key text PRIMARY KEY,
+            delivered double precision
+        );
+        CREATE INDEX paygent_keys_delivered ON paygent_keys (delivered)
+            WHERE delivered IS NOT NULL;
+        CREATE TABLE paygent_pending (
+            id bigserial PRIMARY KEY,
+            key text NOT NULL UNIQUE,
+            dest text NOT NULL,
+            body bytea NOT NULL,
+            origin text NOT NULL DEFAULT '',
+            created double precision NOT NULL,
+            attempts integer NOT NULL DEFAULT 0,
+            next_attempt double precision NOT NULL,
+            lease_owner text,
+            lease_until double precision,
+            last_error text
+        );
+        CREATE INDEX paygent_pending_due ON paygent_pending (dest, next_attempt);
+        CREATE INDEX paygent_pending_owner ON paygent_pending (lease_owner)
+            WHERE lease_owner IS NOT NULL;
+        CREATE TABLE paygent_dead (
+            id bigserial PRIMARY KEY,
+            key text NOT NULL UNIQUE,
+            dest text NOT NULL,
+            body bytea NOT NULL,
+            origin text NOT NULL DEFAULT '',
+            created double precision NOT NULL,
+            died double precision NOT NULL,
+            attempts integer NOT NULL DEFAULT 0,
+            status text NOT NULL,
+            reason text NOT NULL
+        );
+        CREATE TABLE paygent_streams (
+            stream text PRIMARY KEY,
+            start_ns bigint NOT NULL,
+            time_ns bigint NOT NULL,
+            int_value bigint,
+            float_value double precision,
+            updated double precision NOT NULL
+        );
+        CREATE TABLE paygent_stream_journal (
+            batch text NOT NULL,
+            stream text NOT NULL,
+            start_ns bigint NOT NULL,
+            time_ns bigint NOT NULL,
+            int_value bigint,
+            float_value double precision,
+            PRIMARY KEY (batch, stream)
+        );
+        CREATE TABLE paygent_stream_journal_keys (
+            batch text NOT NULL,
+            key text NOT NULL,
+            PRIMARY KEY (batch, key)
+        );
+        """,
+    ),
+)
+_TABLES: Final = ("paygent_pending", "paygent_dead", "paygent_keys")
+
+
+class SpoolUnavailable(OSError):
+    """The PostgreSQL server cannot be reached (or the URL cannot be used); the message says
+    why, with the password masked."""
+
+
+def default_fallback_path() -> Path:
+    """``$XDG_STATE_HOME/paygent-otel/pg-fallback.sqlite3`` (beside the default spool)."""
+    return default_spool_path().with_name("pg-fallback.sqlite3")
+
+
+def _lease_seconds() -> float:
+    raw = os.environ.get(OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS, "").strip()
+    try:
+        value = float(raw) if raw else LEASE_SECONDS
+    except ValueError:
+        value = 0.0
+    if value > 0 and value != float("inf"):
+        return value
+    _logger.error(
+        "%s=%r must be a positive number of seconds; using %s",
+        OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS,
+        raw,
+        LEASE_SECONDS,
+    )
+    return LEASE_SECONDS
+
+
+def _describe(exc: BaseException) -> str:
+    # libpq's messages name host, port, user and database, never the password.
+    return f"{type(exc).__name__}: {str(exc).strip()}"
+
+
+_live_pools: weakref.WeakSet[_ConnectionPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        pool._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ConnectionPool:
+    """At most ``size`` autocommit connections, reused; broken ones are dropped.
+
+    A forked child starts with no connection: the parent's sockets are not used (psycopg
+    does not close a connection garbage-collected in another process).
+    """
+
+    def __init__(self, url: SpoolUrl, size: int, connect_timeout: float) -> None:
+        self.url = url
+        self.size = size
+        self.connect_timeout = connect_timeout
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self.opened = 0
+        """Connections opened by this process (for tests and status)."""
+        _live_pools.add(self)
+
+    def _after_fork(self) -> None:
+        self._idle = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.size)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(
+                self.url.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
+            )
+        except psycopg.Error as exc:
+            raise SpoolUnavailable(f"cannot connect to {self.url}: {_describe(exc)}") from None
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        self.opened += 1
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for one unit of work; back to the pool afterwards unless broken."""
+        slots = self._slots
+        if not slots.acquire(timeout=self.connect_timeout):
+            raise SpoolUnavailable(
+                f"all {self.size} connections to {self.url} are busy (waited "
+                f"{self.connect_timeout:g} s)"
+            )
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                if not conn.closed and not conn.broken:
+                    with self._lock:
+                        self._idle.append(conn)
+        finally:
+            slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    """What :func:`move_sqlite_records` moved from a SQLite spool into PostgreSQL."""
+
+    pending: int = 0
+    """Pending records now pending in PostgreSQL."""
+    dead_letters: int = 0
+    """Dead letters now dead letters in PostgreSQL."""
+    duplicates: int = 0
+    """Records whose key PostgreSQL already knew (removed from the file, not sent twice)."""
+
+
+class PostgresSpool:
+    """The shared durable spool in a PostgreSQL database (same contract as ``SqliteSpool``)."""
+
+    durable = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        fallback_path: str | os.PathLike[str] | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        lease_seconds: float | None = None,
+    ) -> None:
+        """Connect and migrate the schema.
+
+        With ``fallback_path``, an unreachable server is logged and records go to that
+        SQLite file until it answers; without it (the ``spool`` commands) the error is
+        raised as :class:`SpoolUnavailable`.
+        """
+        self.url = SpoolUrl(url)
+        self.path = self.url
+        """What status output and log lines show: the URL, password masked."""
+        self.max_bytes = max_bytes
+        self.lease_seconds = lease_seconds if lease_seconds is not None else _lease_seconds()
+        self.pool = _ConnectionPool(self.url, pool_size, connect_timeout)
+        """The process's connections to the server (shared with the cumulative-metric state)."""
+        self.fallback_path = Path(fallback_path) if fallback_path is not None else None
+        self._fallback: SqliteSpool | None = None
+        self._fallback_lock = threading.Lock()
+        self._owner = _owner_token()
+        self._pid = os.getpid()
+        self._schema_ready = False
+        self._down_until = 0.0
+        self._outage: str | None = None
+        self._last_beat = 0.0
+        self._last_prune = 0.0
+        self._last_drain = 0.0
+        self._size_cache = (0.0, 0)
+        self._last_pending = 0
+        try:
+            with self.pool.connection() as conn:
+                self._ensure_schema(conn)
+        except SpoolUnavailable as exc:
+            if self.fallback_path is None:
+                raise
+            self._went_down(exc)
+        if self.fallback_path is not None and self.fallback_path.exists():
+            self._open_fallback()  # records an earlier outage left go to PostgreSQL first
+
+    def __repr__(self) -> str:
+        return f"PostgresSpool({str(self.url)!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        if self._schema_ready:
+            return
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS paygent_schema_version ("
+                " version integer PRIMARY KEY, applied double precision NOT NULL,"
+                " applied_by text NOT NULL)"
+            )
+            row = conn.execute("SELECT max(version) FROM paygent_schema_version").fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > SCHEMA_VERSION:
+                raise SpoolUnavailable(
+                    f"the spool schema in {self.url} is version {current}, newer than this "
+                    f"paygent-otel understands ({SCHEMA_VERSION}): upgrade paygent-otel"
+                )
+            for version, sql in _MIGRATIONS:
+                if version > current:
+                    conn.execute(sql.encode())
+                    conn.execute(
+                        "INSERT INTO paygent_schema_version VALUES (%s, %s, %s)",
+                        (version, time.time(), self._owner),
+                    )
+                    _logger.info("spool %s: schema migrated to version %d", self.url, version)
+        self._schema_ready = True
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + OUTAGE_PAUSE_SECONDS
+        reason = _describe(exc)
+        if self._outage is None:
+            where = (
+                f"records go to the local fallback {self.fallback_path} and move to PostgreSQL "
+                "once it answers"
+                if self.fallback_path is not None
+                else "nothing can be stored"
+            )
+            _logger.error("PostgreSQL spool %s is unreachable (%s); %s", self.url, reason, where)
+        self._outage = reason
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection with the schema in place; :class:`SpoolUnavailable` during an outage."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._owner = _owner_token()  # a forked child holds no lease of its parent's
+        if time.monotonic() < self._down_until:
+            raise SpoolUnavailable(f"PostgreSQL spool {self.url} is unreachable: {self._outage}")
+        try:
+            with self.pool.connection() as conn:
+                self._ensure_schema(conn)
+                yield conn
+        except SpoolUnavailable as exc:
+            self._went_down(exc)
+            raise
+        except psycopg.OperationalError as exc:
+            # A dropped connection or a cancelled statement: the server is gone or stuck.
+            self._went_down(exc)
+            raise SpoolUnavailable(f"PostgreSQL spool {self.url}: {_describe(exc)}") from None
+        if self._outage is not None:
+            _logger.warning("PostgreSQL spool %s answers again", self.url)
+            self._outage = None
+
+    def _open_fallback(self) -> SqliteSpool:
+        with self._fallback_lock:
+            if self._fallback is None:
+                assert self.fallback_path is not None
+                self._fallback = SqliteSpool(self.fallback_path, max_bytes=self.max_bytes)
+            return self._fallback
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """Renew this process's leases: only a replica that stopped lets them expire."""
+        now = time.time()
+        if now - self._last_beat < self.lease_seconds / 4:
+            return
+        self._last_beat = now
+        conn.execute(
+            "UPDATE paygent_pending SET lease_until = %s WHERE lease_owner = %s",
+            (now + self.lease_seconds, self._owner),
+        )
+
+    def _housekeeping(self) -> None:
+        """Prune old keys and move the fallback's records in, each when it is time."""
+        now = time.time()
+        if now - self._last_prune >= PRUNE_SECONDS:
+            self._last_prune = now
+            self.prune_delivered(now)
+        if self.fallback_path is None or now - self._last_drain < FALLBACK_DRAIN_SECONDS:
+            return
+        self._last_drain = now
+        fallback = self._fallback
+        if fallback is not None and (fallback.pending() or fallback.dead_letter_counts()):
+            moved = move_sqlite_records(fallback.path, self)
+            if moved.pending or moved.dead_letters or moved.duplicates:
+                _logger.warning(
+                    "PostgreSQL spool %s: moved %d records and %d dead letters in from the "
+                    "fallback %s (%d were already there)",
+                    self.url,
+                    moved.pending,
+                    moved.dead_letters,
+                    self.fallback_path,
+                    moved.duplicates,
+                )
+
+    def size_bytes(self) -> int:
+        """Bytes the spool's tables take (with indexes and TOAST); cached for a second."""
+        at, size = self._size_cache
+        if time.monotonic() - at < 1.0:
+            return size
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT " + " + ".join(f"pg_total_relation_size('{t}')" for t in _TABLES)
+            ).fetchone()
+        size = int(row[0]) if row else 0
+        self._size_cache = (time.monotonic(), size)
+        return size
+
+    # ------------------------------------------------------------------ producer side
+
+    def add(self, dest: str, records: Sequence[UsageRecord]) -> AddResult:
+        """Commit valid records (each key once, ever, across every replica)."""
+        if not records:
+            return AddResult()
+        unique = {r.idempotency_key: r for r in records}
+        try:
+            if self.size_bytes() >= self.max_bytes:
+                return AddResult(refused=len(records))
+            now = time.time()
+            with self._connection() as conn:
+                cursor = conn.execute(
+                    "WITH incoming AS ("
+                    " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(key, body,"
+                    " origin)),"
+                    " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
+                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                    " INSERT INTO paygent_pending (key, dest, body, origin, created, next_attempt)"
+                    " SELECT i.key, %s, i.body, i.origin, %s, %s FROM incoming i JOIN fresh"
+                    " USING (key)",
+                    (
+                        list(unique),
+                        [
+                            json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
+                            for r in unique.values()
+                        ],
+                        [r.origin for r in unique.values()],
+                        dest,
+                        now,
+                        now,
+                    ),
+                )
+                accepted = max(cursor.rowcount, 0)
+        except SpoolUnavailable:
+            if self.fallback_path is None:
+                raise
+            return self._open_fallback().add(dest, records)
+        return AddResult(accepted=accepted, duplicates=len(records) - accepted)
+
+    def add_rejected(self, rejections: Sequence[Rejection]) -> None:
+        """Keep invalid records (their attributes) as dead letters with status ``invalid``."""
+        if not rejections:
+            return
+        now = time.time()
+        unique = {r.idempotency_key: r for r in rejections}
+        try:
+            with self._connection() as conn:
+                conn.execute(
+                    "WITH incoming AS ("
+                    " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::text[],"
+                    " %s::text[]) AS t(key, body, origin, status, reason)),"
+                    " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
+                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                    " INSERT INTO paygent_dead (key, dest, body, origin, created, died, status,"
+                    " reason) SELECT i.key, '', i.body, i.origin, %s, %s, i.status, i.reason"
+                    " FROM incoming i JOIN fresh USING (key)",
+                    (
+                        list(unique),
+                        [
+                            json.dumps(r.attributes, default=repr, separators=(",", ":")).encode()
+                            for r in unique.values()
+                        ],
+                        [r.origin for r in unique.values()],
+                        [r.reason.value for r in unique.values()],
+                        [r.message for r in unique.values()],
+                        now,
+                        now,
+                    ),
+                )
+        except SpoolUnavailable:
+            if self.fallback_path is None:
+                raise
+            self._open_fallback().add_rejected(rejections)
+
+    def import_records(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert pending records moved from a SQLite spool, attempts and schedule kept.
+
+        ``rows``: (key, dest, body, origin, created, attempts, next_attempt, last_error).
+        Returns how many were new (the others' keys were already known here).
+        """
+        if not rows:
+            return 0
+        columns = list(zip(*rows, strict=True))
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "WITH incoming AS ("
+                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
+                " %s::float8[], %s::int[], %s::float8[], %s::text[]) AS t(key, dest, body,"
+                " origin, created, attempts, next_attempt, last_error)),"
+                " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
+                " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                " INSERT INTO paygent_pending (key, dest, body, origin, created, attempts,"
+                " next_attempt, last_error) SELECT i.key, i.dest, i.body, i.origin, i.created,"
+                " i.attempts, i.next_attempt, i.last_error FROM incoming i JOIN fresh USING (key)",
+                [list(c) for c in columns],
+            )
+            return max(cursor.rowcount, 0)
+
+    def import_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert dead letters moved from a SQLite spool; returns how many were new.
+
+        ``rows``: (key, dest, body, origin, created, died, attempts, status, reason).
+        """
+        if not rows:
+            return 0
+        columns = list(zip(*rows, strict=True))
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "WITH incoming AS ("
+                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
+                " %s::float8[], %s::float8[], %s::int[], %s::text[], %s::text[]) AS t(key, dest,"
+                " body, origin, created, died, attempts, status, reason)),"
+                " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
+                " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                " INSERT INTO paygent_dead (key, dest, body, origin, created, died, attempts,"
+                " status, reason) SELECT i.key, i.dest, i.body, i.origin, i.created, i.died,"
+                " i.attempts, i.status, i.reason FROM incoming i JOIN fresh USING (key)",
+                [list(c) for c in columns],
+            )
+            return max(cursor.rowcount, 0)
+
+    # ------------------------------------------------------------------ worker side
+
+    def lease(self, dest: str, limit: int, now: float) -> list[SpooledItem]:
+        """Reserve up to ``limit`` due records nobody holds (or whose holder stopped)."""
+        if limit <= 0:
+            return []
+        self._housekeeping()
+        with self._connection() as conn:
+            self._beat(conn)
+            rows = conn.execute(
+                "UPDATE paygent_pending p SET lease_owner = %s, lease_until = %s FROM ("
+                " SELECT id FROM paygent_pending WHERE dest = %s AND next_attempt <= %s"
+                " AND (lease_until IS NULL OR lease_until < %s) ORDER BY next_attempt LIMIT %s"
+                " FOR UPDATE SKIP LOCKED) due WHERE p.id = due.id"
+                " RETURNING p.id, p.key, p.body, p.attempts, p.created, p.origin",
+                (self._owner, now + self.lease_seconds, dest, now, now, limit),
+            ).fetchall()
+        return [SpooledItem(i, k, bytes(b), a, c, o) for i, k, b, a, c, o in rows]
+
+    def next_due(self, dest: str) -> float | None:
+        """Earliest next-attempt time of a record nobody holds."""
+        with self._connection() as conn:
+            self._beat(conn)
+            row = conn.execute(
+                "SELECT min(next_attempt) FROM paygent_pending WHERE dest = %s"
+                " AND (lease_until IS NULL OR lease_until < %s)",
+                (dest, time.time()),
+            ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def complete(self, rowids: Sequence[int], keys: Sequence[str], now: float) -> None:
+        """Delete delivered records; their keys stay (marked delivered) for the window."""
+        if not rowids:
+            return
+        with self._connection() as conn, conn.transaction():
+            conn.execute("DELETE FROM paygent_pending WHERE id = ANY(%s)", (list(rowids),))
+            conn.execute(
+                "UPDATE paygent_keys SET delivered = %s WHERE key = ANY(%s)", (now, list(keys))
+            )
+
+    def prune_delivered(self, now: float) -> None:
+        """Forget keys delivered before the retention window."""
+        with self._connection() as conn:
+            conn.execute(
+                "DELETE FROM paygent_keys WHERE delivered < %s", (now - DELIVERED_KEY_RETENTION,)
+            )
+
+    def reschedule(self, items: Sequence[tuple[int, float, str]]) -> None:
+        """Count a failed attempt and release the lease, for records this worker holds."""
+        if not items:
+            return
+        with self._connection() as conn:
+            conn.execute(
+                "UPDATE paygent_pending p SET attempts = p.attempts + 1, next_attempt = u.due,"
+                " last_error = u.error, lease_owner = NULL, lease_until = NULL"
+                " FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, due, error)"
+                " WHERE p.id = u.id AND p.lease_owner = %s",
+                (
+                    [rowid for rowid, _, _ in items],
+                    [when for _, when, _ in items],
+                    [error[:_BODY_EXCERPT] for _, _, error in items],
+                    self._owner,
+                ),
+            )
+
+    def dead_letter(self, items: Sequence[tuple[int, str, str]], now: float) -> None:
+        """Move records this worker holds to the dead letters, with status and reason."""
+        if not items:
+            return
+        with self._connection() as conn:
+            conn.execute(
+                "WITH moved AS (DELETE FROM paygent_pending p"
+                " USING unnest(%s::bigint[], %s::text[], %s::text[]) AS u(id, status, reason)"
+                " WHERE p.id = u.id AND p.lease_owner = %s"
+                " RETURNING p.key, p.dest, p.body, p.origin, p.created, p.attempts, u.status,"
+                " u.reason)"
+                " INSERT INTO paygent_dead (key, dest, body, origin, created, died, attempts,"
+                " status, reason) SELECT key, dest, body, origin, created, %s, attempts + 1,"
+                " status, reason FROM moved ON CONFLICT (key) DO NOTHING",
+                (
+                    [rowid for rowid, _, _ in items],
+                    [status for _, status, _ in items],
+                    [reason[:_BODY_EXCERPT] for _, _, reason in items],
+                    self._owner,
+                    now,
+                ),
+            )
+
+    def release(self) -> None:
+        """Hand this process's leases back (shutdown); during an outage they expire instead."""
+        with contextlib.suppress(SpoolUnavailable), self._connection() as conn:
+            conn.execute(
+                "UPDATE paygent_pending SET lease_owner = NULL, lease_until = NULL"
+                " WHERE lease_owner = %s",
+                (self._owner,),
+            )
+
+    # ------------------------------------------------------------------ inspection
+
+    def pending(self, dest: str | None = None) -> int:
+        """Records waiting, the fallback's included. Never raises: during an outage, the
+        last count PostgreSQL gave plus the fallback's."""
+        local = self._fallback.pending(dest) if self._fallback is not None else 0
+        try:
+            with self._connection() as conn:
+                if dest is None:
+                    row = conn.execute("SELECT count(*) FROM paygent_pending").fetchone()
+                else:
+                    row = conn.execute(
+                        "SELECT count(*) FROM paygent_pending WHERE dest = %s", (dest,)
+                    ).fetchone()
+            self._last_pending = int(row[0]) if row else 0
+        except SpoolUnavailable:
+            pass
+        return self._last_pending + local
+
+    def known_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` are pending, dead, or delivered within the retention window."""
+        found: set[str] = set()
+        with self._connection() as conn:
+            for start in range(0, len(keys), _BATCH):
+                rows = conn.execute(
+                    "SELECT key FROM paygent_keys WHERE key = ANY(%s)",
+                    (list(keys[start : start + _BATCH]),),
+                )
+                found.update(key for (key,) in rows)
+        return found
+
+    def stats(self) -> SpoolStats:
+        """Counts for ``spool status`` and the self-metrics (PostgreSQL only)."""
+        now = time.time()
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE lease_until >= %s), min(created),"
+                " (SELECT count(*) FROM paygent_dead) FROM paygent_pending",
+                (now,),
+            ).fetchone()
+        assert row is not None
+        pending, in_flight, oldest, dead = row
+        return SpoolStats(
+            pending=int(pending),
+            in_flight=int(in_flight),
+            dead_letters=int(dead),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            size_bytes=self.size_bytes(),
+        )
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters there are of each status."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT status, count(*) FROM paygent_dead GROUP BY status ORDER BY status"
+            ).fetchall()
+        return {status: int(n) for status, n in rows}
+
+    def dead_letters(self, limit: int = 100, status: str | None = None) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally only those with one status."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT id, key, status, reason, died, attempts, origin, body FROM paygent_dead"
+                " WHERE %s::text IS NULL OR status = %s ORDER BY died DESC, id DESC LIMIT %s",
+                (status, status, limit),
+            ).fetchall()
+        return [
+            DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]).decode()) for r in rows
+        ]
+
+    def retry_dead(self, status: str | None = None, keys: Iterable[str] = ()) -> int:
+        """Move dead letters back to pending (not invalid ones: they have no payload)."""
+        key_list = list(keys)
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "WITH moved AS (DELETE FROM paygent_dead WHERE status != 'invalid'"
+                " AND (%s::text IS NULL OR status = %s) AND (%s OR key = ANY(%s))"
+                " RETURNING key, dest, body, origin, created)"
+                " INSERT INTO paygent_pending (key, dest, body, origin, created, next_attempt)"
+                " SELECT key, dest, body, origin, created, %s FROM moved"
+                " ON CONFLICT (key) DO NOTHING",
+                (status, status, not key_list, key_list, time.time()),
+            )
+            return max(cursor.rowcount, 0)
+
+    def purge(self, what: str) -> int:
+        """Delete ``dead`` letters or ``pending`` records (and their keys); returns how many."""
+        table = {"dead": "paygent_dead", "pending": "paygent_pending"}[what]
+        with self._connection() as conn:
+            row = conn.execute(
+                f"WITH gone AS (DELETE FROM {table} RETURNING key),"
+                " forgotten AS (DELETE FROM paygent_keys WHERE key IN (SELECT key FROM gone))"
+                " SELECT count(*) FROM gone"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Release leases and close the connections and the fallback file."""
+        try:
+            self.release()
+        finally:
+            self.pool.close()
+            if self._fallback is not None:
+                self._fallback.close()
+
+
+def move_sqlite_records(
+    path: str | os.PathLike[str], target: PostgresSpool, *, batch: int = _BATCH
+) -> MoveResult:
+    """Move the pending records and dead letters of a SQLite spool file into PostgreSQL.
+
+    Records leased by a live worker are left where they are (run it again once that worker
+    stopped). Each batch is committed to PostgreSQL, then deleted from the file: a crash in
+    between leaves copies in both, and the next run finds their keys in PostgreSQL and only
+    deletes them. Keys PostgreSQL already knows are counted as duplicates, never sent twice.
+    """
+    conn = sqlite3.connect(os.fspath(path), timeout=30.0, isolation_level=None)
+    pending = dead = duplicates = 0
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if not {"pending", "dead"} <= tables:
+            raise ValueError(f"{path} is not a paygent-otel spool (no pending/dead tables)")
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT id, key, dest, body, origin, created, attempts, next_attempt,"
+                    " last_error FROM pending WHERE lease_until IS NULL OR lease_until < ?"
+                    " ORDER BY id LIMIT ?",
+                    (time.time(), batch),
+                ).fetchall()
+                if rows:
+                    new = target.import_records([r[1:] for r in rows])
+                    conn.executemany("DELETE FROM pending WHERE id = ?", [(r[0],) for r in rows])
+                    pending += new
+                    duplicates += len(rows) - new
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if len(rows) < batch:
+                break
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT id, key, dest, body, origin, created, died, attempts, status, reason"
+                    " FROM dead ORDER BY id LIMIT ?",
+                    (batch,),
+                ).fetchall()
+                if rows:
+                    new = target.import_dead_letters([r[1:] for r in rows])
+                    conn.executemany("DELETE FROM dead WHERE id = ?", [(r[0],) for r in rows])
+                    dead += new
+                    duplicates += len(rows) - new
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if len(rows) < batch:
+                break
+    finally:
+        conn.close()
+    return MoveResult(pending=pending, dead_letters=dead, duplicates=duplicates)
+
+
+def open_postgres_spool(url: str, *, max_bytes: int) -> PostgresSpool:
+    """The spool the exporters and the bridge use: with the local fallback for outages."""
+    fallback = os.environ.get(OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH, "").strip()
+    return PostgresSpool(
+        url, max_bytes=max_bytes, fallback_path=fallback or default_fallback_path()
+    )

