@@ -378,8 +378,9 @@ class PostgresSpool:
         self._outage = reason
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection with the schema in place; :class:`SpoolUnavailable` during an outage."""
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection with the schema in place (also for the bridge's cumulative
+        state); :class:`SpoolUnavailable` during an outage."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._owner = _owner_token()  # a forked child holds no lease of its parent's
@@ -446,7 +447,7 @@ class PostgresSpool:
         at, size = self._size_cache
         if time.monotonic() - at < 1.0:
             return size
-        with self._connection() as conn:
+        with self.connection() as conn:
             row = conn.execute(
                 "SELECT " + " + ".join(f"pg_total_relation_size('{t}')" for t in _TABLES)
             ).fetchone()
@@ -465,7 +466,7 @@ class PostgresSpool:
             if self.size_bytes() >= self.max_bytes:
                 return AddResult(refused=len(records))
             now = time.time()
-            with self._connection() as conn:
+            with self.connection() as conn:
                 cursor = conn.execute(
                     "WITH incoming AS ("
                     " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(key, body,"
@@ -501,7 +502,7 @@ class PostgresSpool:
         now = time.time()
         unique = {r.idempotency_key: r for r in rejections}
         try:
-            with self._connection() as conn:
+            with self.connection() as conn:
                 conn.execute(
                     "WITH incoming AS ("
                     " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::text[],"
@@ -538,7 +539,7 @@ class PostgresSpool:
         if not rows:
             return 0
         columns = list(zip(*rows, strict=True))
-        with self._connection() as conn:
+        with self.connection() as conn:
             cursor = conn.execute(
                 "WITH incoming AS ("
                 " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
@@ -561,7 +562,7 @@ class PostgresSpool:
         if not rows:
             return 0
         columns = list(zip(*rows, strict=True))
-        with self._connection() as conn:
+        with self.connection() as conn:
             cursor = conn.execute(
                 "WITH incoming AS ("
                 " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
@@ -583,7 +584,7 @@ class PostgresSpool:
         if limit <= 0:
             return []
         self._housekeeping()
-        with self._connection() as conn:
+        with self.connection() as conn:
             self._beat(conn)
             rows = conn.execute(
                 "UPDATE paygent_pending p SET lease_owner = %s, lease_until = %s FROM ("
@@ -597,7 +598,7 @@ class PostgresSpool:
 
     def next_due(self, dest: str) -> float | None:
         """Earliest next-attempt time of a record nobody holds."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             self._beat(conn)
             row = conn.execute(
                 "SELECT min(next_attempt) FROM paygent_pending WHERE dest = %s"
@@ -610,7 +611,7 @@ class PostgresSpool:
         """Delete delivered records; their keys stay (marked delivered) for the window."""
         if not rowids:
             return
-        with self._connection() as conn, conn.transaction():
+        with self.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM paygent_pending WHERE id = ANY(%s)", (list(rowids),))
             conn.execute(
                 "UPDATE paygent_keys SET delivered = %s WHERE key = ANY(%s)", (now, list(keys))
@@ -618,7 +619,7 @@ class PostgresSpool:
 
     def prune_delivered(self, now: float) -> None:
         """Forget keys delivered before the retention window."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             conn.execute(
                 "DELETE FROM paygent_keys WHERE delivered < %s", (now - DELIVERED_KEY_RETENTION,)
             )
@@ -627,7 +628,7 @@ class PostgresSpool:
         """Count a failed attempt and release the lease, for records this worker holds."""
         if not items:
             return
-        with self._connection() as conn:
+        with self.connection() as conn:
             conn.execute(
                 "UPDATE paygent_pending p SET attempts = p.attempts + 1, next_attempt = u.due,"
                 " last_error = u.error, lease_owner = NULL, lease_until = NULL"
@@ -645,7 +646,7 @@ class PostgresSpool:
         """Move records this worker holds to the dead letters, with status and reason."""
         if not items:
             return
-        with self._connection() as conn:
+        with self.connection() as conn:
             conn.execute(
                 "WITH moved AS (DELETE FROM paygent_pending p"
                 " USING unnest(%s::bigint[], %s::text[], %s::text[]) AS u(id, status, reason)"
@@ -666,7 +667,7 @@ class PostgresSpool:
 
     def release(self) -> None:
         """Hand this process's leases back (shutdown); during an outage they expire instead."""
-        with contextlib.suppress(SpoolUnavailable), self._connection() as conn:
+        with contextlib.suppress(SpoolUnavailable), self.connection() as conn:
             conn.execute(
                 "UPDATE paygent_pending SET lease_owner = NULL, lease_until = NULL"
                 " WHERE lease_owner = %s",
@@ -680,7 +681,7 @@ class PostgresSpool:
         last count PostgreSQL gave plus the fallback's."""
         local = self._fallback.pending(dest) if self._fallback is not None else 0
         try:
-            with self._connection() as conn:
+            with self.connection() as conn:
                 if dest is None:
                     row = conn.execute("SELECT count(*) FROM paygent_pending").fetchone()
                 else:
@@ -695,7 +696,7 @@ class PostgresSpool:
     def known_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are pending, dead, or delivered within the retention window."""
         found: set[str] = set()
-        with self._connection() as conn:
+        with self.connection() as conn:
             for start in range(0, len(keys), _BATCH):
                 rows = conn.execute(
                     "SELECT key FROM paygent_keys WHERE key = ANY(%s)",
@@ -707,7 +708,7 @@ class PostgresSpool:
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and the self-metrics (PostgreSQL only)."""
         now = time.time()
-        with self._connection() as conn:
+        with self.connection() as conn:
             row = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE lease_until >= %s), min(created),"
                 " (SELECT count(*) FROM paygent_dead) FROM paygent_pending",
@@ -725,7 +726,7 @@ class PostgresSpool:
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 "SELECT status, count(*) FROM paygent_dead GROUP BY status ORDER BY status"
             ).fetchall()
@@ -733,7 +734,7 @@ class PostgresSpool:
 
     def dead_letters(self, limit: int = 100, status: str | None = None) -> list[DeadLetter]:
         """Dead letters, newest first, optionally only those with one status."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 "SELECT id, key, status, reason, died, attempts, origin, body FROM paygent_dead"
                 " WHERE %s::text IS NULL OR status = %s ORDER BY died DESC, id DESC LIMIT %s",
@@ -746,7 +747,7 @@ class PostgresSpool:
     def retry_dead(self, status: str | None = None, keys: Iterable[str] = ()) -> int:
         """Move dead letters back to pending (not invalid ones: they have no payload)."""
         key_list = list(keys)
-        with self._connection() as conn:
+        with self.connection() as conn:
             cursor = conn.execute(
                 "WITH moved AS (DELETE FROM paygent_dead WHERE status != 'invalid'"
                 " AND (%s::text IS NULL OR status = %s) AND (%s OR key = ANY(%s))"
@@ -761,7 +762,7 @@ class PostgresSpool:
     def purge(self, what: str) -> int:
         """Delete ``dead`` letters or ``pending`` records (and their keys); returns how many."""
         table = {"dead": "paygent_dead", "pending": "paygent_pending"}[what]
-        with self._connection() as conn:
+        with self.connection() as conn:
             row = conn.execute(
                 f"WITH gone AS (DELETE FROM {table} RETURNING key),"
                 " forgotten AS (DELETE FROM paygent_keys WHERE key IN (SELECT key FROM gone))"

@@ -31,9 +31,11 @@ from paygent_otel import PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
 from paygent_otel._delivery import DeliveryPipeline
 from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel._metrics import UsagePoint
 from paygent_otel._spool import DELIVERED_KEY_RETENTION, LEASE_SECONDS, SqliteSpool, open_spool
 from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
 from paygent_otel._spool_url import SpoolUrl, mask_password
+from paygent_otel.bridge.cumulative import CumulativePoint, PostgresCumulativeStore
 from paygent_otel.cli import main
 from paygent_otel.recording import record_stt
 from paygent_otel.sandbox import SandboxServer
@@ -315,6 +317,29 @@ def test_one_record_handed_to_two_replicas_at_once_is_stored_once(pg_url: str) -
         spool.close()
 
 
+def test_replicas_leasing_at_the_same_moment_never_get_one_record_twice(pg_url: str) -> None:
+    replicas = [PostgresSpool(pg_url, max_bytes=1 << 30) for _ in range(6)]
+    replicas[0].add(DEST, records(600))
+    start = threading.Barrier(len(replicas))
+    leased: list[str] = []
+
+    def drain(spool: PostgresSpool) -> None:
+        start.wait()
+        while items := spool.lease(DEST, 3, time.time()):
+            leased.extend(i.key for i in items)
+
+    threads = [threading.Thread(target=drain, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    twice = [key for key, n in Counter(leased).items() if n > 1]
+    assert twice == [] and len(leased) == 600
+    for spool in replicas:
+        spool.close()
+
+
 def test_leases_of_a_stopped_replica_expire_and_a_live_one_renews_its_own(pg_url: str) -> None:
     dead = PostgresSpool(pg_url, max_bytes=1 << 30, lease_seconds=1.0)
     live = PostgresSpool(pg_url, max_bytes=1 << 30, lease_seconds=1.0)
@@ -491,3 +516,75 @@ def test_spool_status_reads_a_postgres_spool(
     out = capsys.readouterr().out
     assert "pending         3" in out and SECRET not in out and "****" in out
     spool.close()
+
+
+# ---------------------------------------------------------------- cumulative metrics, shared
+
+
+def cumulative(stream: str, time_ns: int, value: int) -> CumulativePoint:
+    point = UsagePoint({}, "paygent.tts.characters", {}, 1, time_ns, value)
+    return CumulativePoint(stream, point)
+
+
+def bill_points(
+    store: PostgresCumulativeStore, lock: threading.Lock, points: list[CumulativePoint]
+) -> list[int | float]:
+    """What the bridge does per request: deltas -> journal -> spool -> commit, under its lock."""
+    with lock:
+        out, updates = store.deltas(points)
+        if not updates:
+            return []
+        keys = [f"{p.stream}@{p.point.end_ns}" for p in points]
+        store.journal(updates, keys)
+        store.spool.add(DEST, [UsageRecord(k, {"n": 1}, "test") for k in keys])
+        store.commit()
+        return [p.value for p in out]
+
+
+def test_replicas_sharing_cumulative_state_bill_each_increment_once(pg_url: str) -> None:
+    replicas = [
+        (PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30)), threading.Lock())
+        for _ in range(3)
+    ]
+    points = [cumulative(f"stream-{i % 2}", 1000 + i, 3 * i) for i in range(1, 121)]
+    billed: list[int | float] = []
+
+    def sender(n: int) -> None:
+        for i, point in enumerate(points[n::4]):
+            store, lock = replicas[(n + i) % len(replicas)]  # spread over the replicas
+            billed.extend(bill_points(store, lock, [point]))
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    # Each stream's last value, billed once in total, however the points were spread.
+    assert sum(billed) == 3 * 120 + 3 * 119
+    for store, _ in replicas:
+        store.close()
+        store.spool.close()
+
+
+def test_a_journal_left_by_a_dead_replica_is_settled_by_the_next_one(pg_url: str) -> None:
+    dead = PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30))
+    live = PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30))
+    lock = threading.Lock()
+    assert bill_points(live, lock, [cumulative("stored", 10, 100)]) == [100]
+    assert bill_points(live, lock, [cumulative("lost", 10, 100)]) == [100]
+
+    for stream, stored in (("stored", True), ("lost", False)):
+        _, updates = dead.deltas([cumulative(stream, 20, 130)])
+        dead.journal(updates, [f"{stream}@20"])
+        if stored:
+            dead.spool.add(DEST, [UsageRecord(f"{stream}@20", {"n": 1}, "test")])
+        dead._locked_connection().close()  # the replica dies: its session and locks go
+        dead._release()
+
+    # Stored: the dead replica's delta (30) was billed; only 150 - 130 is new.
+    assert bill_points(live, lock, [cumulative("stored", 30, 150)]) == [20]
+    # Not stored: the sender retries; the position stayed at 100.
+    assert bill_points(live, lock, [cumulative("lost", 30, 150)]) == [50]
+    assert pg_rows(pg_url, "SELECT count(*) FROM paygent_stream_journal") == [(0,)]
+    live.close()
