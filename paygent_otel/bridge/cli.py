@@ -41,6 +41,8 @@ examples:
       listen on every interface; senders must send Authorization: Bearer <token>
   paygent-otel serve --endpoint http://127.0.0.1:8787 --spool /tmp/bridge.sqlite3
       deliver to a local sandbox (`paygent-otel sandbox`)
+  PGPASSWORD=... paygent-otel serve --spool postgresql://paygent@db.internal/billing
+      one of several replicas sharing a queue, dead letters and delivered keys
 
 token file: one token per line, optionally `=agent1,agent2` to limit the agent ids
 its records may bill; records for other agents are rejected (partial_success) and
@@ -94,8 +96,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     delivery.add_argument("--endpoint", help="Paygent API base URL")
     delivery.add_argument(
         "--spool",
-        metavar="FILE",
-        help="durable spool (SQLite); cumulative-metric state goes beside it. "
+        metavar="FILE|URL",
+        help="durable spool (SQLite); cumulative-metric state goes beside it. A postgresql:// "
+        "URL: one spool every replica shares (pip install 'paygent-otel[postgres]'; password "
+        "masked in logs, prefer PGPASSWORD). "
         f"{MEMORY_SPOOL!r} keeps records in memory (lost on a crash; cumulative metrics refused)",
     )
     delivery.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool size cap")
