@@ -93,6 +93,20 @@ class SpoolStats:
     oldest_pending_age: float | None
     size_bytes: int
 
+    @classmethod
+    def at(
+        cls, now: float, counts: Sequence[Any], dead_letters: int, size_bytes: int
+    ) -> SpoolStats:
+        """The snapshot at ``now`` from (pending, in flight, oldest ``created`` or None)."""
+        pending, in_flight, oldest = counts
+        return cls(
+            pending=int(pending),
+            in_flight=int(in_flight),
+            dead_letters=int(dead_letters),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            size_bytes=size_bytes,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -199,6 +213,13 @@ CREATE TABLE IF NOT EXISTS meta (
 _nonces: dict[int, str] = {}
 _live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
 _held_across_fork: list[SqliteSpool | MemorySpool] = []
+
+
+def rejected_row(r: Rejection, now: float) -> tuple[Any, ...]:
+    """An invalid record as a dead letter: (key, dest, body, origin, created, died, status,
+    reason); the body is its attributes, as JSON."""
+    body = json.dumps(r.attributes, default=repr, separators=(",", ":")).encode()
+    return (r.idempotency_key, "", body, r.origin, now, now, r.reason.value, r.message)
 
 
 def _process_nonce() -> str:
@@ -416,19 +437,7 @@ class SqliteSpool:
         if not rejections:
             return
         now = time.time()
-        rows = [
-            (
-                r.idempotency_key,
-                "",
-                json.dumps(r.attributes, default=repr, separators=(",", ":")).encode(),
-                r.origin,
-                now,
-                now,
-                r.reason.value,
-                r.message,
-            )
-            for r in rejections
-        ]
+        rows = [rejected_row(r, now) for r in rejections]
         self._write(
             lambda conn: conn.executemany(
                 "INSERT INTO dead (key, dest, body, origin, created, died, status, reason) "
@@ -558,18 +567,12 @@ class SqliteSpool:
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and self-metrics."""
         now = time.time()
-        pending, in_flight, oldest = self._read(
+        counts = self._read(
             "SELECT count(*), coalesce(sum(lease_until >= ?), 0), min(created) FROM pending",
             (now,),
         )[0]
         dead = self._read("SELECT count(*) FROM dead")[0][0]
-        return SpoolStats(
-            pending=int(pending),
-            in_flight=int(in_flight),
-            dead_letters=int(dead),
-            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-            size_bytes=self.size_bytes(),
-        )
+        return SpoolStats.at(now, counts, dead, self.size_bytes())
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status (``400``, ``invalid``, ...)."""

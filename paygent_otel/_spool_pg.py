@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +50,7 @@ from ._spool import (
     SpoolStats,
     SqliteSpool,
     _owner_token,
+    rejected_row,
 )
 from ._spool_url import SpoolUrl
 
@@ -158,6 +159,13 @@ _MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
     ),
 )
 _TABLES: Final = ("paygent_pending", "paygent_dead", "paygent_keys")
+_RECORD: Final = (("key", "text"), ("dest", "text"), ("body", "bytea"), ("origin", "text"),
+                  ("created", "float8"))  # fmt: skip
+_ADD_COLUMNS: Final = (*_RECORD, ("next_attempt", "float8"))
+_IMPORT_COLUMNS: Final = (*_ADD_COLUMNS, ("attempts", "int"), ("last_error", "text"))
+_REJECTED_COLUMNS: Final = (*_RECORD, ("died", "float8"), ("status", "text"), ("reason", "text"))
+"""The columns of :func:`~._spool.rejected_row`."""
+_DEAD_COLUMNS: Final = (*_REJECTED_COLUMNS, ("attempts", "int"))
 
 
 class SpoolUnavailable(OSError):
@@ -185,6 +193,12 @@ def _lease_seconds() -> float:
         LEASE_SECONDS,
     )
     return LEASE_SECONDS
+
+
+def _columns(items: Sequence[tuple[int, Any, str]]) -> list[list[Any]]:
+    """(rowid, value, text) items as three arrays for ``unnest``, the text cut to an excerpt."""
+    rowids, values, texts = ([*column] for column in zip(*items, strict=True))
+    return [rowids, values, [text[:_BODY_EXCERPT] for text in texts]]
 
 
 def _describe(exc: BaseException) -> str:
@@ -466,29 +480,21 @@ class PostgresSpool:
             if self.size_bytes() >= self.max_bytes:
                 return AddResult(refused=len(records))
             now = time.time()
-            with self.connection() as conn:
-                cursor = conn.execute(
-                    "WITH incoming AS ("
-                    " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(key, body,"
-                    " origin)),"
-                    " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
-                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                    " INSERT INTO paygent_pending (key, dest, body, origin, created, next_attempt)"
-                    " SELECT i.key, %s, i.body, i.origin, %s, %s FROM incoming i JOIN fresh"
-                    " USING (key)",
+            accepted = self._insert_new(
+                "paygent_pending",
+                _ADD_COLUMNS,
+                [
                     (
-                        list(unique),
-                        [
-                            json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode()
-                            for r in unique.values()
-                        ],
-                        [r.origin for r in unique.values()],
+                        r.idempotency_key,
                         dest,
+                        json.dumps(r.payload, separators=(",", ":"), allow_nan=False).encode(),
+                        r.origin,
                         now,
                         now,
-                    ),
-                )
-                accepted = max(cursor.rowcount, 0)
+                    )
+                    for r in unique.values()
+                ],
+            )
         except SpoolUnavailable:
             if self.fallback_path is None:
                 raise
@@ -502,80 +508,50 @@ class PostgresSpool:
         now = time.time()
         unique = {r.idempotency_key: r for r in rejections}
         try:
-            with self.connection() as conn:
-                conn.execute(
-                    "WITH incoming AS ("
-                    " SELECT * FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::text[],"
-                    " %s::text[]) AS t(key, body, origin, status, reason)),"
-                    " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
-                    " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                    " INSERT INTO paygent_dead (key, dest, body, origin, created, died, status,"
-                    " reason) SELECT i.key, '', i.body, i.origin, %s, %s, i.status, i.reason"
-                    " FROM incoming i JOIN fresh USING (key)",
-                    (
-                        list(unique),
-                        [
-                            json.dumps(r.attributes, default=repr, separators=(",", ":")).encode()
-                            for r in unique.values()
-                        ],
-                        [r.origin for r in unique.values()],
-                        [r.reason.value for r in unique.values()],
-                        [r.message for r in unique.values()],
-                        now,
-                        now,
-                    ),
-                )
+            self._insert_new(
+                "paygent_dead",
+                _REJECTED_COLUMNS,
+                [rejected_row(r, now) for r in unique.values()],
+            )
         except SpoolUnavailable:
             if self.fallback_path is None:
                 raise
             self._open_fallback().add_rejected(rejections)
 
+    def _insert_new(
+        self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]]
+    ) -> int:
+        """Insert the ``rows`` whose key is new to ``paygent_keys`` (claiming the key in the
+        same statement); how many were new. ``columns``: (name, PostgreSQL type), key first."""
+        if not rows:
+            return 0
+        names = ", ".join(name for name, _ in columns)
+        arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+        with self.connection() as conn:
+            cursor = conn.execute(
+                f"WITH incoming AS (SELECT * FROM unnest({arrays}) AS t({names})),"
+                " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
+                " ON CONFLICT (key) DO NOTHING RETURNING key)"
+                f" INSERT INTO {table} ({names}) SELECT {names} FROM incoming JOIN fresh"
+                " USING (key)",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+            return max(cursor.rowcount, 0)
+
     def import_records(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Insert pending records moved from a SQLite spool, attempts and schedule kept.
 
-        ``rows``: (key, dest, body, origin, created, attempts, next_attempt, last_error).
+        ``rows``: (key, dest, body, origin, created, next_attempt, attempts, last_error).
         Returns how many were new (the others' keys were already known here).
         """
-        if not rows:
-            return 0
-        columns = list(zip(*rows, strict=True))
-        with self.connection() as conn:
-            cursor = conn.execute(
-                "WITH incoming AS ("
-                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
-                " %s::float8[], %s::int[], %s::float8[], %s::text[]) AS t(key, dest, body,"
-                " origin, created, attempts, next_attempt, last_error)),"
-                " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
-                " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                " INSERT INTO paygent_pending (key, dest, body, origin, created, attempts,"
-                " next_attempt, last_error) SELECT i.key, i.dest, i.body, i.origin, i.created,"
-                " i.attempts, i.next_attempt, i.last_error FROM incoming i JOIN fresh USING (key)",
-                [list(c) for c in columns],
-            )
-            return max(cursor.rowcount, 0)
+        return self._insert_new("paygent_pending", _IMPORT_COLUMNS, rows)
 
     def import_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Insert dead letters moved from a SQLite spool; returns how many were new.
 
-        ``rows``: (key, dest, body, origin, created, died, attempts, status, reason).
+        ``rows``: (key, dest, body, origin, created, died, status, reason, attempts).
         """
-        if not rows:
-            return 0
-        columns = list(zip(*rows, strict=True))
-        with self.connection() as conn:
-            cursor = conn.execute(
-                "WITH incoming AS ("
-                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[],"
-                " %s::float8[], %s::float8[], %s::int[], %s::text[], %s::text[]) AS t(key, dest,"
-                " body, origin, created, died, attempts, status, reason)),"
-                " fresh AS (INSERT INTO paygent_keys (key) SELECT key FROM incoming"
-                " ON CONFLICT (key) DO NOTHING RETURNING key)"
-                " INSERT INTO paygent_dead (key, dest, body, origin, created, died, attempts,"
-                " status, reason) SELECT i.key, i.dest, i.body, i.origin, i.created, i.died,"
-                " i.attempts, i.status, i.reason FROM incoming i JOIN fresh USING (key)",
-                [list(c) for c in columns],
-            )
-            return max(cursor.rowcount, 0)
+        return self._insert_new("paygent_dead", _DEAD_COLUMNS, rows)
 
     # ------------------------------------------------------------------ worker side
 
@@ -634,12 +610,7 @@ class PostgresSpool:
                 " last_error = u.error, lease_owner = NULL, lease_until = NULL"
                 " FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, due, error)"
                 " WHERE p.id = u.id AND p.lease_owner = %s",
-                (
-                    [rowid for rowid, _, _ in items],
-                    [when for _, when, _ in items],
-                    [error[:_BODY_EXCERPT] for _, _, error in items],
-                    self._owner,
-                ),
+                (*_columns(items), self._owner),
             )
 
     def dead_letter(self, items: Sequence[tuple[int, str, str]], now: float) -> None:
@@ -656,13 +627,7 @@ class PostgresSpool:
                 " INSERT INTO paygent_dead (key, dest, body, origin, created, died, attempts,"
                 " status, reason) SELECT key, dest, body, origin, created, %s, attempts + 1,"
                 " status, reason FROM moved ON CONFLICT (key) DO NOTHING",
-                (
-                    [rowid for rowid, _, _ in items],
-                    [status for _, status, _ in items],
-                    [reason[:_BODY_EXCERPT] for _, _, reason in items],
-                    self._owner,
-                    now,
-                ),
+                (*_columns(items), self._owner, now),
             )
 
     def release(self) -> None:
@@ -715,14 +680,7 @@ class PostgresSpool:
                 (now,),
             ).fetchone()
         assert row is not None
-        pending, in_flight, oldest, dead = row
-        return SpoolStats(
-            pending=int(pending),
-            in_flight=int(in_flight),
-            dead_letters=int(dead),
-            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-            size_bytes=self.size_bytes(),
-        )
+        return SpoolStats.at(now, row[:3], row[3], self.size_bytes())
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status."""
@@ -791,53 +749,60 @@ def move_sqlite_records(
     deletes them. Keys PostgreSQL already knows are counted as duplicates, never sent twice.
     """
     conn = sqlite3.connect(os.fspath(path), timeout=30.0, isolation_level=None)
-    pending = dead = duplicates = 0
     try:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         if not {"pending", "dead"} <= tables:
             raise ValueError(f"{path} is not a paygent-otel spool (no pending/dead tables)")
-        while True:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = conn.execute(
-                    "SELECT id, key, dest, body, origin, created, attempts, next_attempt,"
-                    " last_error FROM pending WHERE lease_until IS NULL OR lease_until < ?"
-                    " ORDER BY id LIMIT ?",
-                    (time.time(), batch),
-                ).fetchall()
-                if rows:
-                    new = target.import_records([r[1:] for r in rows])
-                    conn.executemany("DELETE FROM pending WHERE id = ?", [(r[0],) for r in rows])
-                    pending += new
-                    duplicates += len(rows) - new
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            if len(rows) < batch:
-                break
-        while True:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = conn.execute(
-                    "SELECT id, key, dest, body, origin, created, died, attempts, status, reason"
-                    " FROM dead ORDER BY id LIMIT ?",
-                    (batch,),
-                ).fetchall()
-                if rows:
-                    new = target.import_dead_letters([r[1:] for r in rows])
-                    conn.executemany("DELETE FROM dead WHERE id = ?", [(r[0],) for r in rows])
-                    dead += new
-                    duplicates += len(rows) - new
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            if len(rows) < batch:
-                break
+        pending, seen_pending = _move_batches(
+            conn,
+            "pending",
+            "key, dest, body, origin, created, next_attempt, attempts, last_error",
+            "lease_until IS NULL OR lease_until < ?",
+            (time.time(),),
+            target.import_records,
+            batch,
+        )
+        dead, seen_dead = _move_batches(
+            conn,
+            "dead",
+            "key, dest, body, origin, created, died, status, reason, attempts",
+            "1",
+            (),
+            target.import_dead_letters,
+            batch,
+        )
     finally:
         conn.close()
-    return MoveResult(pending=pending, dead_letters=dead, duplicates=duplicates)
+    return MoveResult(pending, dead, seen_pending - pending + seen_dead - dead)
+
+
+def _move_batches(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: str,
+    where: str,
+    params: tuple[Any, ...],
+    insert: Callable[[Sequence[tuple[Any, ...]]], int],
+    batch: int,
+) -> tuple[int, int]:
+    """Insert ``table``'s rows batch by batch, deleting each batch once inserted; (new, seen)."""
+    new = seen = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                f"SELECT id, {columns} FROM {table} WHERE {where} ORDER BY id LIMIT ?",
+                (*params, batch),
+            ).fetchall()
+            new += insert([row[1:] for row in rows])
+            conn.executemany(f"DELETE FROM {table} WHERE id = ?", [(row[0],) for row in rows])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        seen += len(rows)
+        if len(rows) < batch:
+            return new, seen
 
 
 def open_postgres_spool(url: str, *, max_bytes: int) -> PostgresSpool:

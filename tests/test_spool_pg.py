@@ -23,6 +23,7 @@ from conftest import API_KEY, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures used by name)
+from test_spool import record, records
 
 from paygent_otel import PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
@@ -40,22 +41,6 @@ from paygent_otel.sandbox import SandboxServer
 DEST = "dest-a"
 FAULT_APPS = Path(__file__).parent / "fault_apps"
 SECRET = "s3cr3t-Pa55word"
-
-
-def record(i: int) -> UsageRecord:
-    payload = {
-        "agentId": "agent-voice",
-        "customerId": f"cust-{i % 3}",
-        "indicator": "voice-minutes",
-        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
-                     "audioDuration": 0.5 + i},
-        "metaTags": {"seq": str(i)},
-    }  # fmt: skip
-    return UsageRecord(f"key-{i:05d}", payload, f"span transcribe #{i}")
-
-
-def records(n: int, start: int = 0) -> list[UsageRecord]:
-    return [record(i) for i in range(start, start + n)]
 
 
 def with_password(url: str, password: str = SECRET) -> str:
