@@ -336,6 +336,7 @@ class PostgresSpool:
         self._last_drain = 0.0
         self._size_cache = (0.0, 0)
         self._last_pending = 0
+        self._last_stats = SpoolStats(0, 0, 0, None, 0)
         try:
             with self.pool.connection() as conn:
                 self._ensure_schema(conn)
@@ -671,16 +672,33 @@ class PostgresSpool:
         return found
 
     def stats(self) -> SpoolStats:
-        """Counts for ``spool status`` and the self-metrics (PostgreSQL only)."""
+        """Counts for ``spool status`` and the self-metrics, the fallback's included. With a
+        fallback it never raises: during an outage, the last counts PostgreSQL gave."""
         now = time.time()
-        with self.connection() as conn:
-            row = conn.execute(
-                "SELECT count(*), count(*) FILTER (WHERE lease_until >= %s), min(created),"
-                " (SELECT count(*) FROM paygent_dead) FROM paygent_pending",
-                (now,),
-            ).fetchone()
-        assert row is not None
-        return SpoolStats.at(now, row[:3], row[3], self.size_bytes())
+        try:
+            with self.connection() as conn:
+                row = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE lease_until >= %s), min(created),"
+                    " (SELECT count(*) FROM paygent_dead) FROM paygent_pending",
+                    (now,),
+                ).fetchone()
+            assert row is not None
+            self._last_stats = SpoolStats.at(now, row[:3], row[3], self.size_bytes())
+        except SpoolUnavailable:
+            if self.fallback_path is None:
+                raise
+        shared, fallback = self._last_stats, self._fallback
+        if fallback is None:
+            return shared
+        local = fallback.stats()
+        ages = [a for a in (shared.oldest_pending_age, local.oldest_pending_age) if a is not None]
+        return SpoolStats(
+            pending=shared.pending + local.pending,
+            in_flight=shared.in_flight,
+            dead_letters=shared.dead_letters + local.dead_letters,
+            oldest_pending_age=max(ages, default=None),
+            size_bytes=shared.size_bytes + local.size_bytes,
+        )
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many dead letters there are of each status."""
