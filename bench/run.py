@@ -24,7 +24,9 @@ from bench import workload
 from bench._child import dead_endpoint
 from bench._parent import API_KEY, ROOT, Child, sandbox, wait_for_ledger
 
-ALL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8)
+ALL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+BSP_SETTINGS = (("default (5 s)", None), ("tuned (100 ms)", 100), ("recommended (200 ms)", 200))
+"""Row 9's BatchSpanProcessor schedule delays; docs/delivery.md recommends 200 ms."""
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Settings:
     ingest_requests: int = 120
     ack_rate: float = 5_000.0
     ack_seconds: float = 10.0
+    delay_records: int = 1_000
+    delay_rate: float = 100.0
+    """Row 9: records per second, under the SDK's ~180/s at 50 ms so neither side backs up."""
+    exit_records: int = 50
     workdir: Path = field(default_factory=lambda: ROOT / "bench" / "out" / "work")
 
 
@@ -257,6 +263,81 @@ def backlog(settings: Settings) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- rows 9, 10
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def recording_delay(settings: Settings, client: str, bsp_delay_ms: int | None) -> dict[str, Any]:
+    """Records at a steady rate; for each, the time from its recording to the ledger row."""
+    n, rate, work = settings.delay_records, settings.delay_rate, settings.workdir
+    name = f"delay-{client}-{bsp_delay_ms or 'default'}"
+    log(f"recording delay: {name}, {n} records at {rate:g}/s, 50 ms latency")
+    with sandbox(work, name, 50) as sb:
+        child = Child(
+            "latency_app",
+            {"mode": "steady", "client": client, "n": n, "rate": rate, "url": sb.url,
+             "api_key": API_KEY, "spool": _fresh(work / f"{name}.spool.sqlite3"),
+             "bsp_delay_ms": bsp_delay_ms},
+            work / f"{name}.log",
+        )  # fmt: skip
+        try:
+            times = child.expect("recorded")["times"]
+            done = wait_for_ledger(sb.ledger, n, timeout=60.0 + n / rate)
+            child.say("done")
+            child.expect("result")
+        finally:
+            child.finish()
+        rows = sb.ledger.rows()
+    delays = sorted(r["received_at"] - times[r["characters"] - 1] for r in rows)
+    problems = [] if done and len(delays) == n else [f"{len(delays)} of {n} delivered"]
+    out = {
+        "client": client,
+        "bsp_delay_ms": bsp_delay_ms,
+        "records": n,
+        "rate": rate,
+        "delay_p50_ms": _percentile(delays, 0.5) * 1e3 if delays else None,
+        "delay_p99_ms": _percentile(delays, 0.99) * 1e3 if delays else None,
+        "problems": problems,
+    }
+    log(f"  p50 {out['delay_p50_ms']:.0f} ms, p99 {out['delay_p99_ms']:.0f} ms {problems or ''}")
+    return out
+
+
+def script_exit(settings: Settings, client: str) -> dict[str, Any]:
+    """A short script records, then exits; how long after its last record, and what arrived."""
+    n, work = settings.exit_records, settings.workdir
+    name = f"exit-{client}"
+    log(f"short script: {name}, {n} records to a localhost endpoint")
+    with sandbox(work, name, 0) as sb:
+        url = sb.url.replace("127.0.0.1", "localhost")  # name resolution at exit is the trap
+        child = Child(
+            "latency_app",
+            {"mode": "exit", "client": client, "n": n, "url": url, "api_key": API_KEY,
+             "spool": _fresh(work / f"{name}.spool.sqlite3")},
+            work / f"{name}.log",
+        )  # fmt: skip
+        try:
+            recorded = child.expect("recorded")["t"]
+            child.process.wait(120)
+            ended = time.time()
+        finally:
+            child.finish()
+        delivered = sb.ledger.count()  # what arrived before the process was gone
+    out = {
+        "client": client,
+        "records": n,
+        "delivered": delivered,
+        "exit_s": ended - recorded,
+        "exit_status": child.process.returncode,
+        "problems": [] if delivered == n else [f"{delivered} of {n} delivered by exit"],
+    }
+    log(f"  exit {out['exit_s']:.2f} s after the last record, {delivered}/{n} delivered")
+    return out
+
+
 _pg_servers: list[Any] = []
 
 
@@ -404,6 +485,46 @@ def delivery_rows(runs: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def user_rows(runs: dict[str, Any]) -> list[Row]:
+    """Rows 9 and 10: how long a record takes to reach Paygent, and a script to exit."""
+    rows: list[Row] = []
+    sdk = runs.get("delay-sdk")
+    for label, delay in BSP_SETTINGS:
+        run = runs.get(f"delay-otel-{delay}")
+        if not run:
+            continue
+        recommended = delay == 200
+        for name in ("p50", "p99"):
+            value = run[f"delay_{name}_ms"]
+            met = value is not None and value < 1000 and not run["problems"]
+            rows.append(
+                Row(
+                    "9",
+                    f"recording -> Paygent delay {name}, BatchSpanProcessor {label}, 50 ms",
+                    value,
+                    sdk[f"delay_{name}_ms"] if sdk else None,
+                    "ms",
+                    "< 1000 ms" if recommended and name == "p99" else "",
+                    met if recommended and name == "p99" else None,
+                )
+            )
+    otel, sdk_exit = runs.get("exit-otel"), runs.get("exit-sdk")
+    if otel:
+        rows.append(
+            Row(
+                "10",
+                f"short script: exit after its last record, {otel['records']} records to "
+                "http://localhost, all delivered",
+                otel["exit_s"],
+                sdk_exit["exit_s"] if sdk_exit else None,
+                "s",
+                "<= 1 s, delivered",
+                otel["exit_s"] <= 1.0 and not otel["problems"] and otel["exit_status"] == 0,
+            )
+        )
+    return rows
+
+
 def spool_rows(runs: dict[str, Any]) -> list[Row]:
     """Row 8: the PostgreSQL spool against the SQLite one (its peer column), same workload."""
     pg, sqlite = runs.get("helper-0ms-postgres"), runs.get("helper-0ms-durable")
@@ -540,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         settings = Settings(
             records=2_000, backlog=50_000, metric_interval_s=5.0, ingest_requests=40,
-            ack_seconds=3.0,
+            ack_seconds=3.0, delay_records=300,
         )  # fmt: skip
     if args.records:
         settings.records = args.records
@@ -574,6 +695,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{client}-{latency}ms-{spool}"
         attempt(name, lambda c=client, s=spool, lat=latency: delivery(settings, c, lat, s))
 
+    if 9 in rows_wanted:
+        for _, delay in BSP_SETTINGS:
+            attempt(f"delay-otel-{delay}", lambda d=delay: recording_delay(settings, "otel", d))
+        attempt("delay-sdk", lambda: recording_delay(settings, "sdk", None))
+    if 10 in rows_wanted:
+        for client in ("otel", "sdk"):
+            attempt(f"exit-{client}", lambda c=client: script_exit(settings, c))
     if 4 in rows_wanted:
         attempt("metric", lambda: metric_route(settings))
     if 5 in rows_wanted:
@@ -581,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     if 6 in rows_wanted:
         attempt("backlog", lambda: backlog(settings))
 
-    rows = delivery_rows(runs) + other_rows(runs, settings) + spool_rows(runs)
+    rows = delivery_rows(runs) + other_rows(runs, settings) + spool_rows(runs) + user_rows(runs)
     info["loadavg_after"] = os.getloadavg()
     info["runtime_s"] = time.monotonic() - began
     print(table(rows))
