@@ -165,8 +165,15 @@ def metric_route(settings: Settings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- row 5
 
 
-def bridge_ingest(settings: Settings) -> dict[str, Any]:
-    """The OTLP bridge in its own process, fed by a Collector stand-in in another."""
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of another process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bridge_ingest(settings: Settings, usage: bool = True) -> dict[str, Any]:
+    """The OTLP bridge in its own process, fed by a Collector stand-in in another; spans
+    with usage, or (``usage=False``) plain spans with nothing to bill."""
     import signal
     import subprocess
 
@@ -175,7 +182,8 @@ def bridge_ingest(settings: Settings) -> dict[str, Any]:
     work = settings.workdir
     spool = _fresh(work / "bridge.spool.sqlite3")
     _fresh(work / "bridge.spool.sqlite3.cumulative.sqlite3")
-    log(f"bridge ingest: {settings.ingest_requests} requests of 512 usage spans, then paced")
+    kind = "usage" if usage else "plain (no usage)"
+    log(f"bridge ingest: {settings.ingest_requests} requests of 512 {kind} spans, then paced")
     with (work / "bridge.log").open("wb") as bridge_log:
         bridge = subprocess.Popen(
             [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
@@ -200,12 +208,19 @@ def bridge_ingest(settings: Settings) -> dict[str, Any]:
                     "concurrency": 4,
                     "rate": settings.ack_rate,
                     "seconds": settings.ack_seconds,
+                    "usage": usage,
                 },
                 work / "ingest.log",
             )
             try:
                 built = child.expect("built")
+                child.expect("fast")
+                cpu0 = _process_cpu_s(bridge.pid)
                 result = child.expect("result")
+                # The bridge's CPU during the open-loop phase, as a share of one core.
+                result["paced"]["bridge_cpu_share"] = (
+                    _process_cpu_s(bridge.pid) - cpu0
+                ) / result["paced"]["elapsed_s"]
             finally:
                 child.finish()
         finally:
@@ -215,14 +230,15 @@ def bridge_ingest(settings: Settings) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 bridge.kill()
                 bridge.wait()
-    sent = result["throughput"]["spans"] + result["paced"]["spans"]
+    sent = (result["throughput"]["spans"] + result["paced"]["spans"]) if usage else 0
     pending = _spool_pending(spool)
     problems = [] if pending == sent else [f"spool holds {pending} records, {sent} spans sent"]
     out = {**result, "built": built, "spool_pending": pending, "problems": problems}
     log(
         f"  {result['throughput']['spans_per_s']:.0f} spans/s; at {settings.ack_rate:.0f}/s "
         f"ack p50 {result['paced']['ack_p50_ms']:.1f} ms, p99 "
-        f"{result['paced']['ack_p99_ms']:.1f} ms; spool holds {pending} of {sent}"
+        f"{result['paced']['ack_p99_ms']:.1f} ms, bridge CPU "
+        f"{result['paced']['bridge_cpu_share']:.0%} of a core; spool holds {pending} of {sent}"
     )
     return out
 
@@ -433,7 +449,7 @@ def _ok(run: dict[str, Any] | None) -> bool:
 def delivery_rows(runs: dict[str, Any]) -> list[Row]:
     """Rows 1, 2 and 3 from the delivery runs."""
     rows: list[Row] = []
-    for latency, need in ((50, 5.0), (0, 2.0)):
+    for latency, need in ((50, 8.0), (0, 3.0)):
         b, s = runs.get(f"helper-{latency}ms-durable"), runs.get(f"sdk-{latency}ms-durable")
         if b and s:
             ratio = b["records_per_s"] / s["records_per_s"]
@@ -458,8 +474,8 @@ def delivery_rows(runs: dict[str, Any]) -> list[Row]:
                     b["cpu_ms_per_record"],
                     s["cpu_ms_per_record"],
                     "ms",
-                    "<= 0.5x",
-                    b["cpu_ms_per_record"] <= 0.5 * s["cpu_ms_per_record"],
+                    "<= 0.3x",
+                    b["cpu_ms_per_record"] <= 0.3 * s["cpu_ms_per_record"],
                 )
             )
     for latency in (0, 50):
@@ -467,19 +483,30 @@ def delivery_rows(runs: dict[str, Any]) -> list[Row]:
         sdk_us = s["calls"]["thread_mean_us"] if s else None
         for client, label in (("attributes", "span.set_attributes"), ("helper", "record_* helper")):
             b = runs.get(f"{client}-{latency}ms-durable")
-            if not b:
-                continue
-            us = b["calls"]["thread_mean_us"]
-            target = client == "helper"
+            if b:
+                rows.append(
+                    Row(
+                        "3",
+                        f"app-thread time per record, {label}, {latency} ms",
+                        b["calls"]["thread_mean_us"],
+                        sdk_us,
+                        "us",
+                    )
+                )
+        helper, attrs = runs.get(f"helper-{latency}ms-durable"), runs.get(
+            f"attributes-{latency}ms-durable"
+        )
+        if helper and attrs:
+            us, peer = helper["calls"]["thread_mean_us"], attrs["calls"]["thread_mean_us"]
             rows.append(
                 Row(
                     "3",
-                    f"app-thread time per record, {label}, {latency} ms",
+                    f"record_* helper (peer column: span.set_attributes), {latency} ms",
                     us,
-                    sdk_us,
+                    peer,
                     "us",
-                    "<= 0.25x" if target else "",
-                    (sdk_us is not None and us <= 0.25 * sdk_us) if target else None,
+                    "<= 2x",
+                    us <= 2 * peer,
                 )
             )
     return rows
@@ -568,35 +595,50 @@ def other_rows(runs: dict[str, Any], settings: Settings) -> list[Row]:
                 note="1 (one POST per call)",
             )
         )
-    ingest = runs.get("ingest")
-    if ingest:
+    for name, what, need in (("ingest", "usage spans", 20_000),
+                             ("ingest-plain", "spans without usage", 100_000)):  # fmt: skip
+        ingest = runs.get(name)
+        if not ingest:
+            continue
+        paced = ingest["paced"]
         rows.append(
             Row(
                 "5",
-                "bridge ingest: usage spans/s accepted and spooled (512-span requests)",
+                f"bridge ingest: {what}/s accepted (512-span requests, 4 senders)",
                 ingest["throughput"]["spans_per_s"],
                 None,
                 "/s",
-                ">= 20000",
-                ingest["throughput"]["spans_per_s"] >= 20_000 and not ingest["problems"],
+                f">= {need:,}",
+                ingest["throughput"]["spans_per_s"] >= need and not ingest["problems"],
                 note="n/a (no OTLP receiver)",
             )
         )
-        for name in ("p50", "p99"):
-            value = ingest["paced"][f"ack_{name}_ms"]
+        for stat in ("p50", "p99"):
+            value = paced[f"ack_{stat}_ms"]
+            target = name == "ingest" and stat == "p99"
             rows.append(
                 Row(
                     "5",
-                    f"bridge ingest: {name} time to acknowledge at "
+                    f"bridge ingest: {stat} ack, {what}, open loop at "
                     f"{settings.ack_rate:,.0f} spans/s",
                     value,
                     None,
                     "ms",
-                    "< 100 ms" if name == "p99" else "",
-                    value < 100 and not ingest["problems"] if name == "p99" else None,
+                    "< 100 ms" if target else "",
+                    value < 100 and not ingest["problems"] if target else None,
                     note="n/a",
                 )
             )
+        rows.append(
+            Row(
+                "5",
+                f"bridge ingest: CPU, {what}, open loop at {settings.ack_rate:,.0f} spans/s",
+                paced["bridge_cpu_share"] * 100,
+                None,
+                "% of a core",
+                note="n/a",
+            )
+        )
     held = runs.get("backlog")
     if held:
         rows.append(
@@ -706,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         attempt("metric", lambda: metric_route(settings))
     if 5 in rows_wanted:
         attempt("ingest", lambda: bridge_ingest(settings))
+        attempt("ingest-plain", lambda: bridge_ingest(settings, usage=False))
     if 6 in rows_wanted:
         attempt("backlog", lambda: backlog(settings))
 
