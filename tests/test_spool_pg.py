@@ -30,10 +30,15 @@ from paygent_otel._config import ExporterConfig
 from paygent_otel._delivery import DeliveryPipeline
 from paygent_otel._mapping import UsageRecord
 from paygent_otel._metrics import UsagePoint
-from paygent_otel._spool import SqliteSpool, open_spool
+from paygent_otel._spool import MemorySpool, SqliteSpool, open_spool
 from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
 from paygent_otel._spool_url import SpoolUrl, mask_password
-from paygent_otel.bridge.cumulative import CumulativePoint, PostgresCumulativeStore
+from paygent_otel.bridge.cumulative import (
+    CumulativePoint,
+    CumulativeStore,
+    PostgresCumulativeStore,
+    open_cumulative_store,
+)
 from paygent_otel.cli import main
 from paygent_otel.recording import record_stt
 from paygent_otel.sandbox import SandboxServer
@@ -407,3 +412,19 @@ def test_a_forked_child_uses_its_own_connections_and_leases(pg_url: str) -> None
     spool.complete([i.rowid for i in held], [i.key for i in held], time.time())
     assert spool.pending() == 0 and spool.pool.opened == 1
     spool.close()
+
+
+def test_the_bridge_gets_the_cumulative_state_its_spool_calls_for(
+    pg_url: str, tmp_path: Path
+) -> None:
+    pg = PostgresSpool(pg_url, max_bytes=1 << 30)
+    sqlite = SqliteSpool(tmp_path / "s.sqlite3", max_bytes=1 << 30)
+
+    shared = open_cumulative_store(pg, pg.url)
+    beside = open_cumulative_store(sqlite, str(sqlite.path))
+
+    assert isinstance(shared, PostgresCumulativeStore) and shared.spool is pg
+    assert type(beside) is CumulativeStore and beside.path == tmp_path / "s.cumulative.sqlite3"
+    assert open_cumulative_store(MemorySpool(), ":memory:") is None
+    for store in (shared, beside, pg, sqlite):
+        store.close()

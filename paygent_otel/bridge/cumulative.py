@@ -455,14 +455,20 @@ class PostgresCumulativeStore(CumulativeStore):
 
 
 def open_cumulative_store(spool: object, spool_path: str) -> CumulativeStore | None:
-    """The cumulative state for ``spool``: a SQLite file beside a SQLite spool, the spool's
-    database for the PostgreSQL spool, None for the in-memory queue (cumulative refused)."""
+    """The cumulative state for the bridge's ``spool``, recovered and pruned: a SQLite file
+    beside a SQLite spool, the spool's own database for the PostgreSQL spool, None for the
+    in-memory queue (cumulative points are then refused)."""
+    store: CumulativeStore
     if isinstance(spool, SqliteSpool):
-        return CumulativeStore(cumulative_state_path(spool_path))
-    try:
-        from .._spool_pg import PostgresSpool
-    except ImportError:
-        return None
-    if isinstance(spool, PostgresSpool):
-        return PostgresCumulativeStore(spool)
-    return None
+        store = CumulativeStore(cumulative_state_path(spool_path))
+        store.recover(spool.known_keys)
+    else:
+        try:
+            from .._spool_pg import PostgresSpool
+        except ImportError:
+            return None
+        if not isinstance(spool, PostgresSpool):
+            return None
+        store = PostgresCumulativeStore(spool)
+    store.prune()
+    return store
