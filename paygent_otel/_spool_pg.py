@@ -52,7 +52,7 @@ from ._spool import (
     _owner_token,
     rejected_row,
 )
-from ._spool_url import SpoolUrl
+from ._spool_url import SpoolUrl, redact
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -79,7 +79,9 @@ STATEMENT_TIMEOUT_MS: Final = 5000
 OUTAGE_PAUSE_SECONDS: Final = 2.0
 """After a failed connection, how long calls fail at once (or go to the fallback) before
 the server is tried again: an outage costs the application one connect timeout, not one
-per export."""
+per export. Doubles with each failed try, up to :data:`OUTAGE_PAUSE_MAX_SECONDS`."""
+OUTAGE_PAUSE_MAX_SECONDS: Final = 30.0
+"""The longest pause between two tries during an outage."""
 FALLBACK_DRAIN_SECONDS: Final = 1.0
 """How often the worker looks for records the fallback took during an outage."""
 PRUNE_SECONDS: Final = 600.0
@@ -246,7 +248,8 @@ class _ConnectionPool:
                 self.url.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
             )
         except psycopg.Error as exc:
-            raise SpoolUnavailable(f"cannot connect to {self.url}: {_describe(exc)}") from None
+            reason = redact(_describe(exc), self.url.dsn)
+            raise SpoolUnavailable(f"cannot connect to {self.url}: {reason}") from None
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
         self.opened += 1
         return conn
@@ -330,6 +333,7 @@ class PostgresSpool:
         self._pid = os.getpid()
         self._schema_ready = False
         self._down_until = 0.0
+        self._pause = OUTAGE_PAUSE_SECONDS
         self._outage: str | None = None
         self._last_beat = 0.0
         self._last_prune = 0.0
@@ -338,12 +342,18 @@ class PostgresSpool:
         self._last_pending = 0
         self._last_stats = SpoolStats(0, 0, 0, None, 0)
         try:
-            with self.pool.connection() as conn:
-                self._ensure_schema(conn)
-        except SpoolUnavailable as exc:
+            with self.connection():
+                pass
+        except (SpoolUnavailable, psycopg.Error) as exc:
+            # Not only an outage: a user without CREATE rights, a database that is missing.
+            error = (
+                exc
+                if isinstance(exc, SpoolUnavailable)
+                else SpoolUnavailable(f"PostgreSQL spool {self.url}: {self._reason(exc)}")
+            )
             if self.fallback_path is None:
-                raise
-            self._went_down(exc)
+                raise error from None
+            self._went_down(error)
         if self.fallback_path is not None and self.fallback_path.exists():
             self._open_fallback()  # records an earlier outage left go to PostgreSQL first
 
@@ -379,9 +389,16 @@ class PostgresSpool:
                     _logger.info("spool %s: schema migrated to version %d", self.url, version)
         self._schema_ready = True
 
+    def _reason(self, exc: BaseException) -> str:
+        return redact(_describe(exc), self.url.dsn)
+
     def _went_down(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + OUTAGE_PAUSE_SECONDS
-        reason = _describe(exc)
+        # A server that drops packets costs a whole connect timeout per try: try less often.
+        self._pause = min(self._pause * 2, OUTAGE_PAUSE_MAX_SECONDS) if self._outage else (
+            OUTAGE_PAUSE_SECONDS
+        )
+        self._down_until = time.monotonic() + self._pause
+        reason = self._reason(exc)
         if self._outage is None:
             where = (
                 f"records go to the local fallback {self.fallback_path} and move to PostgreSQL "
@@ -411,7 +428,7 @@ class PostgresSpool:
         except psycopg.OperationalError as exc:
             # A dropped connection or a cancelled statement: the server is gone or stuck.
             self._went_down(exc)
-            raise SpoolUnavailable(f"PostgreSQL spool {self.url}: {_describe(exc)}") from None
+            raise SpoolUnavailable(f"PostgreSQL spool {self.url}: {self._reason(exc)}") from None
         if self._outage is not None:
             _logger.warning("PostgreSQL spool %s answers again", self.url)
             self._outage = None

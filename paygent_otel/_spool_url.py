@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["PG_URL_SCHEMES", "SpoolUrl", "is_pg_url", "mask_password", "spool_location"]
+__all__ = [
+    "PG_URL_SCHEMES",
+    "SpoolUrl",
+    "is_pg_url",
+    "mask_password",
+    "redact",
+    "spool_location",
+]
 
 PG_URL_SCHEMES = ("postgresql://", "postgres://")
 """A spool location starting with one of these selects the PostgreSQL spool."""
@@ -41,6 +48,20 @@ def mask_password(url: str) -> str:
                 safe="/*",
             )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _passwords(url: str) -> list[str]:
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [v for name, v in parse_qsl(parts.query, keep_blank_values=True) if name == "password"]
+    return [p for p in found if p]
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (a driver's error message) with any password of ``url`` replaced by ``****``."""
+    for password in _passwords(url):
+        text = text.replace(password, _MASK)
+    return text
 
 
 class SpoolUrl(str):

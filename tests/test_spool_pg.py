@@ -32,7 +32,7 @@ from paygent_otel._mapping import UsageRecord
 from paygent_otel._metrics import UsagePoint
 from paygent_otel._spool import MemorySpool, SqliteSpool, open_spool
 from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
-from paygent_otel._spool_url import SpoolUrl, mask_password
+from paygent_otel._spool_url import SpoolUrl, mask_password, redact
 from paygent_otel.bridge.cumulative import (
     CumulativePoint,
     CumulativeStore,
@@ -208,6 +208,7 @@ def test_the_password_never_appears_in_reprs_or_log_lines(
 
     assert "unreachable" in caplog.text and "****" in caplog.text
     assert mask_password(url).count("****") == 2
+    assert redact(f'FATAL: password "{SECRET}" rejected', url) == 'FATAL: password "****" rejected'
     for text in shown:
         assert SECRET not in text, text
     assert spool.add(DEST, [record(1)]).accepted == 1  # the real URL still connects
@@ -428,3 +429,14 @@ def test_the_bridge_gets_the_cumulative_state_its_spool_calls_for(
     assert open_cumulative_store(MemorySpool(), ":memory:") is None
     for store in (shared, beside, pg, sqlite):
         store.close()
+
+
+def test_a_database_that_cannot_be_used_is_one_clear_error(pg_url: str, tmp_path: Path) -> None:
+    missing = pg_url.replace("/t_", "/missing_", 1)
+
+    with pytest.raises(SpoolUnavailable, match='database "missing_'):
+        PostgresSpool(missing, max_bytes=1 << 30)  # the spool commands: say so and stop
+    # An exporter or a bridge: keep the records locally, try again later.
+    spool = PostgresSpool(missing, max_bytes=1 << 30, fallback_path=tmp_path / "fb.sqlite3")
+    assert spool.add(DEST, records(2)).accepted == 2 and spool.pending() == 2
+    spool.close()
