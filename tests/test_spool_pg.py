@@ -332,33 +332,53 @@ def cumulative(stream: str, time_ns: int, value: int) -> CumulativePoint:
     return CumulativePoint(stream, point)
 
 
-def bill_points(
-    store: PostgresCumulativeStore, lock: threading.Lock, points: list[CumulativePoint]
-) -> list[int | float]:
+Replica = tuple[CumulativeStore, SqliteSpool | PostgresSpool, threading.Lock]
+
+
+def bill_points(replica: Replica, points: list[CumulativePoint]) -> list[int | float]:
     """What the bridge does per request: deltas -> journal -> spool -> commit, under its lock."""
+    store, spool, lock = replica
     with lock:
         out, updates = store.deltas(points)
         if not updates:
             return []
         keys = [f"{p.stream}@{p.point.end_ns}" for p in points]
         store.journal(updates, keys)
-        store.spool.add(DEST, [UsageRecord(k, {"n": 1}, "test") for k in keys])
+        spool.add(DEST, [UsageRecord(k, {"n": 1}, "test") for k in keys])
         store.commit()
         return [p.value for p in out]
 
 
-def test_replicas_sharing_cumulative_state_bill_each_increment_once(pg_url: str) -> None:
-    replicas = [
-        (PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30)), threading.Lock())
-        for _ in range(3)
-    ]
+def pg_replica(url: str) -> Replica:
+    spool = PostgresSpool(url, max_bytes=1 << 30)
+    return PostgresCumulativeStore(spool), spool, threading.Lock()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_replicas_sharing_cumulative_state_bill_each_increment_once(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Three bridge processes on one PostgreSQL spool, or three `serve --workers` processes
+    # on one SQLite file (each store has its own connection and its own lock file handle).
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_url")
+        replicas = [pg_replica(url) for _ in range(3)]
+    else:
+        path = tmp_path / "spool.sqlite3"
+        replicas = [
+            (
+                CumulativeStore(tmp_path / "spool.cumulative.sqlite3"),
+                SqliteSpool(path, max_bytes=1 << 30),
+                threading.Lock(),
+            )
+            for _ in range(3)
+        ]
     points = [cumulative(f"stream-{i % 2}", 1000 + i, 3 * i) for i in range(1, 121)]
     billed: list[int | float] = []
 
     def sender(n: int) -> None:
         for i, point in enumerate(points[n::4]):
-            store, lock = replicas[(n + i) % len(replicas)]  # spread over the replicas
-            billed.extend(bill_points(store, lock, [point]))
+            billed.extend(bill_points(replicas[(n + i) % 3], [point]))  # spread over them
 
     threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
     for thread in threads:
@@ -368,32 +388,32 @@ def test_replicas_sharing_cumulative_state_bill_each_increment_once(pg_url: str)
 
     # Each stream's last value, billed once in total, however the points were spread.
     assert sum(billed) == 3 * 120 + 3 * 119
-    for store, _ in replicas:
+    for store, spool, _ in replicas:
         store.close()
-        store.spool.close()
+        spool.close()
 
 
 def test_a_journal_left_by_a_dead_replica_is_settled_by_the_next_one(pg_url: str) -> None:
-    dead = PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30))
-    live = PostgresCumulativeStore(PostgresSpool(pg_url, max_bytes=1 << 30))
-    lock = threading.Lock()
-    assert bill_points(live, lock, [cumulative("stored", 10, 100)]) == [100]
-    assert bill_points(live, lock, [cumulative("lost", 10, 100)]) == [100]
+    dead_store, dead_spool, _ = pg_replica(pg_url)
+    assert isinstance(dead_store, PostgresCumulativeStore)
+    live = pg_replica(pg_url)
+    assert bill_points(live, [cumulative("stored", 10, 100)]) == [100]
+    assert bill_points(live, [cumulative("lost", 10, 100)]) == [100]
 
     for stream, stored in (("stored", True), ("lost", False)):
-        _, updates = dead.deltas([cumulative(stream, 20, 130)])
-        dead.journal(updates, [f"{stream}@20"])
+        _, updates = dead_store.deltas([cumulative(stream, 20, 130)])
+        dead_store.journal(updates, [f"{stream}@20"])
         if stored:
-            dead.spool.add(DEST, [UsageRecord(f"{stream}@20", {"n": 1}, "test")])
-        dead._locked_connection().close()  # the replica dies: its session and locks go
-        dead._release()
+            dead_spool.add(DEST, [UsageRecord(f"{stream}@20", {"n": 1}, "test")])
+        dead_store._locked_connection().close()  # the replica dies: its session and locks go
+        dead_store._release()
 
     # Stored: the dead replica's delta (30) was billed; only 150 - 130 is new.
-    assert bill_points(live, lock, [cumulative("stored", 30, 150)]) == [20]
+    assert bill_points(live, [cumulative("stored", 30, 150)]) == [20]
     # Not stored: the sender retries; the position stayed at 100.
-    assert bill_points(live, lock, [cumulative("lost", 30, 150)]) == [50]
+    assert bill_points(live, [cumulative("lost", 30, 150)]) == [50]
     assert pg_rows(pg_url, "SELECT count(*) FROM paygent_stream_journal") == [(0,)]
-    live.close()
+    live[0].close()
 
 
 def test_a_forked_child_uses_its_own_connections_and_leases(pg_url: str) -> None:

@@ -29,6 +29,7 @@ and the next one to lock the stream settles the journal it left, by the same rul
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -112,7 +113,10 @@ class CumulativeStore:
     """Last committed position of every cumulative stream, in a SQLite file.
 
     Callers serialize :meth:`deltas` -> :meth:`journal` -> spool -> :meth:`commit` (the
-    bridge holds one lock around the sequence); the store itself is thread-safe.
+    bridge holds one lock around the sequence); the store itself is thread-safe. Processes
+    sharing the file (``serve --workers``) are serialized too: each holds an exclusive
+    ``flock`` on ``<file>.lock`` from :meth:`deltas` to :meth:`commit` or :meth:`discard`,
+    and settles a journal a dead holder left before reading positions.
     """
 
     def __init__(
@@ -133,6 +137,21 @@ class CumulativeStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
         os.chmod(self.path, 0o600)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._flock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._holding = False
+        self._known_keys: Callable[[Sequence[str]], set[str]] | None = None
+
+    def _hold(self) -> None:
+        """Take the cross-process lock (released by the kernel if this process dies)."""
+        if not self._holding:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+            self._holding = True
+
+    def _let_go(self) -> None:
+        if self._holding:
+            self._holding = False
+            fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
 
     def _transaction(self, statements: Callable[[sqlite3.Connection], None]) -> None:
         with self._lock:
@@ -164,8 +183,24 @@ class CumulativeStore:
         """Delta points for ``points`` and the positions their streams move to.
 
         Nothing is written: pass the updates to :meth:`journal` and :meth:`commit` once the
-        records made from the deltas are stored.
+        records made from the deltas are stored. Holds the file's lock until then (or
+        returns without it when there is nothing to commit).
         """
+        self._hold()
+        try:
+            self._settle_journal()
+            out, updates = self._compute(points)
+        except BaseException:
+            self._let_go()
+            raise
+        if not updates:
+            self._let_go()
+        return out, updates
+
+    def _compute(
+        self, points: Iterable[CumulativePoint]
+    ) -> tuple[list[UsagePoint], list[StreamUpdate]]:
+        """The rules of the module docstring, against :meth:`_positions`."""
         ordered = sorted(points, key=lambda p: (p.stream, p.point.end_ns))
         state = self._positions(list(dict.fromkeys(p.stream for p in ordered)))
         out: list[UsagePoint] = []
@@ -214,10 +249,27 @@ class CumulativeStore:
             )
             conn.executemany("INSERT OR IGNORE INTO journal_keys VALUES (?)", [(k,) for k in keys])
 
-        self._transaction(write)
+        try:
+            self._transaction(write)
+        except BaseException:
+            self._let_go()
+            raise
 
     def commit(self) -> None:
-        """Apply the journal: the batch's records are in the spool."""
+        """Apply the journal (the batch's records are in the spool); release the lock."""
+        try:
+            self._apply_journal()
+        finally:
+            self._let_go()
+
+    def discard(self) -> None:
+        """Forget the journal (the records were refused, the sender retries); release."""
+        try:
+            self._clear_journal()
+        finally:
+            self._let_go()
+
+    def _apply_journal(self) -> None:
         now = time.time()
 
         def apply(conn: sqlite3.Connection) -> None:
@@ -231,9 +283,7 @@ class CumulativeStore:
 
         self._transaction(apply)
 
-    def discard(self) -> None:
-        """Forget the journal: the batch's records were refused, the sender will retry."""
-
+    def _clear_journal(self) -> None:
         def clear(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM journal_positions")
             conn.execute("DELETE FROM journal_keys")
@@ -241,22 +291,37 @@ class CumulativeStore:
         self._transaction(clear)
 
     def recover(self, known_keys: Callable[[Sequence[str]], set[str]]) -> None:
-        """Settle a journal a crash left: apply it if all its records reached the spool."""
+        """Settle a journal a crash left: apply it if all its records reached the spool.
+
+        ``known_keys`` is kept: a process sharing the file settles what a sibling that
+        died mid-batch left, the next time it takes the lock.
+        """
+        self._known_keys = known_keys
+        self._hold()
+        try:
+            self._settle_journal()
+        finally:
+            self._let_go()
+
+    def _settle_journal(self) -> None:
+        """Under the lock, a journal is one its holder left when it died: settle it."""
+        if self._known_keys is None:
+            return
         with self._lock:
             pending = self._conn.execute("SELECT count(*) FROM journal_positions").fetchone()[0]
             keys = [k for (k,) in self._conn.execute("SELECT key FROM journal_keys")]
         if not pending:
             return
-        if set(keys) <= known_keys(keys):
+        if set(keys) <= self._known_keys(keys):
             _logger.warning("applying %d cumulative positions left by a crash", pending)
-            self.commit()
+            self._apply_journal()
         else:
             _logger.warning(
                 "discarding %d cumulative positions left by a crash (their records were not "
                 "stored; the sender retries them)",
                 pending,
             )
-            self.discard()
+            self._clear_journal()
 
     def prune(self, now: float | None = None) -> int:
         """Forget streams not updated within the retention window; how many."""
@@ -276,7 +341,9 @@ class CumulativeStore:
             return int(self._conn.execute("SELECT count(*) FROM streams").fetchone()[0])
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the files (and release the lock, if a batch still holds it)."""
+        self._let_go()
+        os.close(self._flock_fd)
         with self._lock:
             self._conn.close()
 
@@ -372,7 +439,7 @@ class PostgresCumulativeStore(CumulativeStore):
             )
             self._held, self._conn = held, conn
             self._settle_left_journals(conn, streams)
-            out, updates = super().deltas(ordered)
+            out, updates = self._compute(ordered)
         except BaseException:
             self._release()
             held.close()
