@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from typing import Final
 
@@ -84,6 +85,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     listen.add_argument(
         "--token-file", metavar="FILE", help="bearer tokens, one per line (see below)"
+    )
+    listen.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="bridge processes accepting on the port and sharing the spool (default 1); "
+        "one process spools about 8,000 usage spans/s, bound by Python's GIL",
     )
     listen.add_argument(
         "--graceful-timeout",
@@ -216,6 +225,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    if args.workers > 1:
+        return _run_workers(config, sock, args)
     try:
         app = BridgeApp(config)
     except Exception as exc:
@@ -234,3 +245,23 @@ def run_serve(args: argparse.Namespace) -> int:
     signalled = run_until_signalled(server)
     print("paygent-otel bridge stopped", flush=True)
     return 0 if signalled else 1
+
+
+def _run_workers(config: BridgeConfig, sock: socket.socket, args: argparse.Namespace) -> int:
+    """``--workers N``: the spool is checked here, then N processes serve (workers.py)."""
+    from .._serving import base_url
+    from .._spool import open_spool
+    from .workers import run_workers
+
+    exporter = config.exporter
+    try:
+        open_spool(exporter.spool_path, max_bytes=exporter.spool_max_bytes).close()
+    except Exception as exc:
+        sock.close()
+        return _fail(f"cannot open the spool {exporter.spool_path}: {exc}")
+    print(f"{LISTENING_LINE_PREFIX}{base_url(args.host, sock.getsockname()[1])}", flush=True)
+    print(f"spool: {exporter.spool_path}; delivering to {exporter.endpoint}; "
+          f"{args.workers} worker processes", flush=True)  # fmt: skip
+    status = run_workers(config, sock, args.host, args.graceful_timeout, args.workers)
+    print("paygent-otel bridge stopped", flush=True)
+    return status
