@@ -493,16 +493,17 @@ def test_a_forked_child_writes_through_its_own_connection_while_the_parent_write
     assert raw_rows(spool_path, "SELECT count(*) FROM pending WHERE key LIKE 'key-001%'") == [(40,)]
 
 
-def test_a_forked_child_does_not_reuse_the_parents_leases_or_lock(spool: SqliteSpool) -> None:
+def test_a_forked_child_does_not_reuse_the_parents_leases_or_lock(store: Store) -> None:
+    spool = store
     spool.add(DEST, records(4))
-    held = spool.lease(DEST, 2, time.time())
+    held = spool.lease(DEST, 2, time.time())  # PostgreSQL: the pooled connection is idle now
 
     def child() -> None:
         mine = spool.lease(DEST, 10, time.time())
         # Only the two free records: the parent's leases belong to a live process.
         assert sorted(i.key for i in mine) == ["key-00002", "key-00003"]
         spool.complete([i.rowid for i in mine], [i.key for i in mine], time.time())
-        spool.close()
+        spool.close()  # closes nothing of the parent's (its connection, its file)
 
     assert _fork(child) == 0
     assert spool.pending() == 2

@@ -23,7 +23,7 @@ from conftest import API_KEY, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures used by name)
-from test_spool import _fork, record, records
+from test_spool import record, records
 
 from paygent_otel import PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
@@ -414,25 +414,6 @@ def test_a_journal_left_by_a_dead_replica_is_settled_by_the_next_one(pg_url: str
     assert bill_points(live, [cumulative("lost", 30, 150)]) == [50]
     assert pg_rows(pg_url, "SELECT count(*) FROM paygent_stream_journal") == [(0,)]
     live[0].close()
-
-
-def test_a_forked_child_uses_its_own_connections_and_leases(pg_url: str) -> None:
-    spool = PostgresSpool(pg_url, max_bytes=1 << 30)
-    spool.add(DEST, records(4))
-    held = spool.lease(DEST, 2, time.time())  # the parent's pooled connection is idle now
-
-    def child() -> None:
-        mine = spool.lease(DEST, 10, time.time())
-        # Only the free records: the parent's leases belong to a live process.
-        assert sorted(i.key for i in mine) == ["key-00002", "key-00003"]
-        spool.complete([i.rowid for i in mine], [i.key for i in mine], time.time())
-        spool.close()
-
-    assert _fork(child) == 0
-    # The parent's connection still works (the child neither used nor closed it).
-    spool.complete([i.rowid for i in held], [i.key for i in held], time.time())
-    assert spool.pending() == 0 and spool.pool.opened == 1
-    spool.close()
 
 
 def test_the_bridge_gets_the_cumulative_state_its_spool_calls_for(
