@@ -606,6 +606,7 @@ class PostgresSpool:
         if not rowids:
             return
         with self.connection() as conn, conn.transaction():
+            self._beat(conn)  # a worker whose every slot is busy still says it lives
             conn.execute("DELETE FROM paygent_pending WHERE id = ANY(%s)", (list(rowids),))
             conn.execute(
                 "UPDATE paygent_keys SET delivered = %s WHERE key = ANY(%s)", (now, list(keys))
