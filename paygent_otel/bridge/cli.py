@@ -196,7 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "this port could bill usage to your Paygent account. Pass --token-file FILE (or "
             f"set {PAYGENT_BRIDGE_TOKEN}), or listen on 127.0.0.1"
         )
-    for name in ("max_request_bytes", "max_decompressed_bytes", "max_items"):
+    for name in ("max_request_bytes", "max_decompressed_bytes", "max_items", "workers"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     exporter = ExporterConfig.resolve(
