@@ -1,4 +1,7 @@
-"""The sender of row 5: OTLP/HTTP protobuf requests of 512 usage spans to the bridge.
+"""The sender of row 5: OTLP/HTTP protobuf requests of 512 spans to the bridge.
+
+``usage`` true: every span carries the workload's usage attributes; false: plain HTTP
+server spans with no ``paygent.*`` attribute, most of what a Collector forwards.
 
 It stands in for a Collector's ``otlphttp`` exporter: requests are built before the clock
 starts (one ``ExportTraceServiceRequest`` of 512 spans carrying the workload's usage
@@ -11,7 +14,7 @@ then sent over keep-alive connections. Two phases:
   schedule whether or not the previous one was answered) for ``seconds``; each request's
   time from send to the 200 answer.
 
-Protocol: prints ``result``.
+Protocol: prints ``built``, ``fast`` (after the throughput phase) and ``result``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,15 @@ def _any_value(value: Any) -> Any:
     return AnyValue(string_value=str(value))
 
 
-def build_requests(count: int, first: int = 0) -> list[bytes]:
-    """``count`` serialized requests of 512 usage spans each, all span ids distinct."""
+def _plain_attributes(seq: int) -> dict[str, Any]:
+    """An HTTP server span's attributes: nothing to bill."""
+    return {"http.request.method": "GET", "url.path": f"/api/items/{seq % 100}",
+            "http.response.status_code": 200, "server.address": "api.internal"}  # fmt: skip
+
+
+def build_requests(count: int, first: int = 0, usage: bool = True) -> list[bytes]:
+    """``count`` serialized requests of 512 spans each (usage spans, or plain ones), all span
+    ids distinct."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
@@ -60,9 +70,8 @@ def build_requests(count: int, first: int = 0) -> list[bytes]:
         span.kind = Span.SPAN_KIND_INTERNAL
         span.start_time_unix_nano = start
         span.end_time_unix_nano = start + 1_000_000
-        span.attributes.extend(
-            KeyValue(key=k, value=_any_value(v)) for k, v in workload.attributes(r).items()
-        )
+        attributes = workload.attributes(r) if usage else _plain_attributes(r.seq)
+        span.attributes.extend(KeyValue(key=k, value=_any_value(v)) for k, v in attributes.items())
     resource.scope_spans.append(scope)
     request = ExportTraceServiceRequest(resource_spans=[resource])
     spans = request.resource_spans[0].scope_spans[0].spans
@@ -141,6 +150,7 @@ async def paced(url: str, bodies: list[bytes], rate: float) -> dict[str, Any]:
         "requests": len(bodies),
         "spans": len(bodies) * SPANS_PER_REQUEST,
         "rate_spans_per_s": rate,
+        "elapsed_s": elapsed,
         "achieved_spans_per_s": len(bodies) * SPANS_PER_REQUEST / elapsed,
         **_percentiles(list(times)),
     }
@@ -160,9 +170,10 @@ def main() -> None:
     s = spec()
     url = s["url"] + "/v1/traces"
     paced_count = max(1, round(s["seconds"] * s["rate"] / SPANS_PER_REQUEST))
-    bodies = build_requests(s["requests"] + paced_count)
+    bodies = build_requests(s["requests"] + paced_count, usage=s.get("usage", True))
     emit("built", requests=len(bodies), bytes_per_request=len(bodies[0]))
     fast = asyncio.run(throughput(url, bodies[: s["requests"]], s["concurrency"]))
+    emit("fast")
     slow = asyncio.run(paced(url, bodies[s["requests"] :], s["rate"]))
     emit("result", throughput=fast, paced=slow)
 

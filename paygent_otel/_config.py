@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import urlsplit
 
+from ._spool_url import spool_location
 from ._units import flag_type, parse_duration, parse_size
 
 __all__ = [
@@ -91,6 +92,10 @@ OTEL_EXPORTER_PAYGENT_TRACE_TAGS: Final = "OTEL_EXPORTER_PAYGENT_TRACE_TAGS"
 OTEL_EXPORTER_PAYGENT_FRAMEWORKS: Final = "OTEL_EXPORTER_PAYGENT_FRAMEWORKS"
 """Voice-agent frameworks whose own spans/metrics are billed, ``pipecat,livekit`` (each may
 end in ``:indicator``). Default none. See ``docs/frameworks.md``."""
+OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS"
+"""PostgreSQL spool: seconds a leased record is reserved for one replica. Default 60."""
+OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH: Final = "OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH"
+"""PostgreSQL spool: the local SQLite file used while PostgreSQL does not answer."""
 OTEL_EXPORTER_PAYGENT_GENAI: Final = "OTEL_EXPORTER_PAYGENT_GENAI"
 OTEL_EXPORTER_PAYGENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CERTIFICATE"
 OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE: Final = "OTEL_EXPORTER_PAYGENT_CLIENT_CERTIFICATE"
@@ -255,14 +260,20 @@ def _headers(value: object) -> dict[str, str]:
     return headers
 
 
-def _spool_path(value: object) -> str | None:
+def _path(value: object) -> str | None:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     return _text(value)
 
 
+def _spool_path(value: object) -> str | None:
+    """A file path, ``:memory:``, or a ``postgresql://`` URL (kept, but shown masked)."""
+    path = _path(value)
+    return None if path is None else spool_location(path)
+
+
 def _readable_file(value: object) -> str | None:
-    path = _spool_path(value)
+    path = _path(value)
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -378,8 +389,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         name="spool_path", env=OTEL_EXPORTER_PAYGENT_SPOOL_PATH, read=_spool_path,
         default=lambda _: str(default_spool_path()), kind="path", flag="--spool",
         default_doc="`$XDG_STATE_HOME/paygent-otel/spool.sqlite3` (`~/.local/state/...`)",
-        doc=f"Durable spool file (SQLite); `{MEMORY_SPOOL}` keeps records in memory (lost "
-        "on a crash).",
+        doc=f"Durable spool file (SQLite), or a `postgresql://` URL for one spool many hosts "
+        f"share (its password is masked wherever it is shown); `{MEMORY_SPOOL}` keeps records "
+        "in memory (lost on a crash).",
     ),
     Setting(
         name="spool_max_bytes", env=OTEL_EXPORTER_PAYGENT_SPOOL_MAX_BYTES, read=_size,
@@ -444,6 +456,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         per_signal=False, kind="bool", default_doc="`true`",
         doc="Read customer and agent ids from baggage (`PaygentBaggageSpanProcessor`, "
         "`UsageInstruments(baggage=True)`); `false` turns both off.",
+    ),
+    Setting(
+        name="", env=OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS, read=_positive_duration,
+        default=60.0, per_signal=False, kind="duration", default_doc="`60s`",
+        doc="PostgreSQL spool: how long a leased record is reserved for one replica; a "
+        "dead replica's leases are taken back after it.",
+    ),
+    Setting(
+        name="", env=OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH, read=_path, per_signal=False,
+        kind="path", default_doc="`pg-fallback.sqlite3` beside the default spool",
+        doc="PostgreSQL spool: the local SQLite file records go to while PostgreSQL does not "
+        "answer; they move to PostgreSQL when it does.",
     ),
     Setting(
         name="", env=PAYGENT_BRIDGE_TOKEN, read=_text, per_signal=False, secret=True,

@@ -29,7 +29,7 @@ from ._forking import register_at_fork_once
 from ._mapping import Rejection, RejectReason, UsageRecord
 from ._reporting import DeliveryProgress, FailureReport
 from ._retry import RetryPolicy
-from ._spool import MemorySpool, SqliteSpool, destination_id, open_spool
+from ._spool import MemorySpool, Spool, destination_id, open_spool
 from ._transport import AiohttpSender, HttpxSender, Route, Sender, route_for
 from ._version import __version__
 from ._worker import DeliveryWorker, WorkerSettings
@@ -84,7 +84,7 @@ class DeliveryPipeline:
         name: str,
         retry_policy: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        spool: SqliteSpool | MemorySpool | None = None,
+        spool: Spool | None = None,
         api_key_hint: str = "set PAYGENT_API_KEY",
     ) -> None:
         self.config = config
@@ -177,7 +177,7 @@ class DeliveryPipeline:
             return route, f"no Paygent API key ({api_key_hint})"
         return route, None
 
-    def _open_spool(self) -> SqliteSpool | MemorySpool:
+    def _open_spool(self) -> Spool:
         """The configured spool; if it cannot be opened, a stand-in that refuses everything.
 
         An unwritable path or a full disk must not stop the application: the error is

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from . import _journal
 from ._forking import register_at_fork_once
 from ._mapping import Rejection, UsageRecord, conflict_rejection
+from ._spool_url import SpoolUrl, is_pg_url
 
 __all__ = [
     "AddResult",
@@ -107,6 +108,20 @@ class SpoolStats:
     dead_letters: int
     oldest_pending_age: float | None
     size_bytes: int
+
+    @classmethod
+    def at(
+        cls, now: float, counts: Sequence[Any], dead_letters: int, size_bytes: int
+    ) -> SpoolStats:
+        """The snapshot at ``now`` from (pending, in flight, oldest ``created`` or None)."""
+        pending, in_flight, oldest = counts
+        return cls(
+            pending=int(pending),
+            in_flight=int(in_flight),
+            dead_letters=int(dead_letters),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            size_bytes=size_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +201,18 @@ class Spool(Protocol):
         """Counts for status output and self-metrics."""
         ...
 
+    def remember_endpoint(self, dest: str, url: str) -> None:
+        """Record which URL ``dest`` stands for."""
+        ...
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """Pending and dead records per destination."""
+        ...
+
+    def prune_delivered(self, now: float) -> None:
+        """Forget delivered keys past the retention window."""
+        ...
+
     def close(self) -> None:
         """Release leases and close files."""
         ...
@@ -262,6 +289,39 @@ def _held(found: Iterable[tuple[str, str]], record: UsageRecord) -> str | None:
 _nonces: dict[int, str] = {}
 _live_spools: weakref.WeakSet[SqliteSpool | MemorySpool] = weakref.WeakSet()
 _held_across_fork: list[SqliteSpool | MemorySpool] = []
+
+
+def endpoint_statuses(
+    urls: dict[str, str],
+    pending: dict[str, tuple[Any, ...]],
+    dead: dict[str, int],
+    now: float,
+) -> list[EndpointStatus]:
+    """Per-destination status from the spool's counts: ``pending`` maps a destination to
+    (count, in flight, oldest created, earliest next attempt, last error)."""
+    out = []
+    for dest in sorted(pending.keys() | dead.keys(), key=lambda d: urls.get(d) or d):
+        count, in_flight, oldest, due, error = pending.get(dest, (0, 0, None, None, None))
+        out.append(
+            EndpointStatus(
+                dest,
+                urls.get(dest),
+                int(count),
+                int(in_flight),
+                int(dead.get(dest, 0)),
+                None if oldest is None else max(0.0, now - oldest),
+                due,
+                error,
+            )
+        )
+    return out
+
+
+def rejected_row(r: Rejection, now: float) -> tuple[Any, ...]:
+    """An invalid record as a dead letter: (key, dest, body, origin, created, died, status,
+    reason); the body is its attributes, as JSON."""
+    body = json.dumps(r.attributes, default=repr, separators=(",", ":")).encode()
+    return (r.idempotency_key, "", body, r.origin, now, now, r.reason.value, r.message)
 
 
 def _process_nonce() -> str:
@@ -549,19 +609,7 @@ class SqliteSpool:
         if not rejections:
             return
         now = time.time()
-        rows = [
-            (
-                r.idempotency_key,
-                "",
-                json.dumps(r.attributes, default=repr, separators=(",", ":")).encode(),
-                r.origin,
-                now,
-                now,
-                r.reason.value,
-                r.message,
-            )
-            for r in rejections
-        ]
+        rows = [rejected_row(r, now) for r in rejections]
 
         def insert(conn: sqlite3.Connection) -> None:
             before = conn.total_changes
@@ -706,18 +754,12 @@ class SqliteSpool:
     def stats(self) -> SpoolStats:
         """Counts for ``spool status`` and self-metrics."""
         now = time.time()
-        pending, in_flight, oldest = self._read(
+        counts = self._read(
             "SELECT count(*), coalesce(sum(lease_until >= ?), 0), min(created) FROM pending",
             (now,),
         )[0]
         dead = self._read("SELECT count(*) FROM dead")[0][0]
-        return SpoolStats(
-            pending=int(pending),
-            in_flight=int(in_flight),
-            dead_letters=int(dead),
-            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-            size_bytes=self.size_bytes(),
-        )
+        return SpoolStats.at(now, counts, dead, self.size_bytes())
 
     def remember_endpoint(self, dest: str, url: str) -> None:
         """Record which URL ``dest`` stands for (status output, ``spool retarget``)."""
@@ -745,22 +787,7 @@ class SqliteSpool:
                 (now,),
             )
         }
-        out = []
-        for dest in sorted(pending.keys() | dead.keys(), key=lambda d: urls.get(d) or d):
-            count, in_flight, oldest, due, error = pending.get(dest, (0, 0, None, None, None))
-            out.append(
-                EndpointStatus(
-                    dest,
-                    urls.get(dest),
-                    int(count),
-                    int(in_flight),
-                    int(dead.get(dest, 0)),
-                    None if oldest is None else max(0.0, now - oldest),
-                    due,
-                    error,
-                )
-            )
-        return out
+        return endpoint_statuses(urls, pending, dead, now)
 
     def retarget(self, from_dest: str, to_dest: str, to_url: str) -> tuple[int, int]:
         """File the pending records and dead letters of ``from_dest`` under ``to_dest``;
@@ -1098,6 +1125,9 @@ class MemorySpool:
     def release(self) -> None:
         """Nothing to release across processes."""
 
+    def prune_delivered(self, now: float) -> None:
+        """Nothing to prune here: :meth:`complete` bounds the delivered keys kept."""
+
     def remember_endpoint(self, dest: str, url: str) -> None:
         """Nothing to remember: a memory spool serves one destination."""
 
@@ -1145,10 +1175,19 @@ def check_spool_file(path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{path} is not a spool (it has no pending table{hint})")
 
 
-def open_spool(
-    path: str, *, max_bytes: int, max_records: int = 100_000
-) -> SqliteSpool | MemorySpool:
-    """A :class:`SqliteSpool` at ``path``, or a :class:`MemorySpool` for ``:memory:``."""
+def open_spool(path: str, *, max_bytes: int, max_records: int = 100_000) -> Spool:
+    """A :class:`SqliteSpool` at ``path``, a :class:`MemorySpool` for ``:memory:``, or the
+    shared PostgreSQL spool for a ``postgresql://`` URL (``paygent-otel[postgres]``)."""
     if path == ":memory:":
         return MemorySpool(max_records=max_records)
+    if is_pg_url(path):
+        try:
+            from ._spool_pg import open_postgres_spool
+        except ImportError as exc:
+            # An OSError: the pipeline logs it and refuses records instead of failing.
+            raise OSError(
+                f"the spool {SpoolUrl(path)} needs psycopg: pip install 'paygent-otel[postgres]'"
+                f" ({exc})"
+            ) from None
+        return open_postgres_spool(path, max_bytes=max_bytes)
     return SqliteSpool(path, max_bytes=max_bytes)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ._decision import Answer, Decision, EndpointState, Failure, Verdict, decide
 from ._reporting import FailureReport
 from ._retry import RetryPolicy
-from ._spool import MemorySpool, SpooledItem, SqliteSpool
+from ._spool import Spool, SpooledItem
 from ._transport import Route, Sender, describe_error, is_connect_failure
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class DeliveryWorker:
         self,
         settings: WorkerSettings,
         *,
-        spool: Callable[[], SqliteSpool | MemorySpool],
+        spool: Callable[[], Spool],
         sender: Callable[[], Sender],
         stats: DeliveryStats,
         report: FailureReport,
@@ -204,7 +204,7 @@ class DeliveryWorker:
             return []
         spool = self._spool()
         try:
-            if now - self._last_prune > PRUNE_INTERVAL_SECONDS and isinstance(spool, SqliteSpool):
+            if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
                 spool.prune_delivered(now)
                 self._last_prune = now
             items = spool.lease(self.settings.dest, free, now)

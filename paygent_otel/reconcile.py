@@ -268,6 +268,11 @@ def _journal_rows(
     rows: list[JournalRow] = []
     invalid = 0
     for path in spools:
+        if str(path).lower().startswith(("postgresql:", "postgres:")):
+            raise ValueError(
+                "the delivered-usage journal is kept by SQLite spools; a PostgreSQL spool "
+                "keeps none yet, so it cannot be reconciled here"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"no spool at {path} (pass --spool PATH)")
         check_spool_file(path)
@@ -422,7 +427,7 @@ def _reconcile(args: argparse.Namespace) -> int:
             tz=args.tz,
             ledger=args.ledger,
         )
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"paygent-otel reconcile: {exc}", file=sys.stderr)
         return 1
     rows = [r.as_dict() for r in report.rows]

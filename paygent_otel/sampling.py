@@ -140,9 +140,7 @@ class UsageSpanProcessor(BatchSpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         """Queue ``span`` when it carries usage, whatever its sampled flag."""
         events = (e.name for e in span.events)
-        if has_usage(
-            span.attributes or {}, events, self._genai, dropped=span.dropped_attributes
-        ):
+        if has_usage(span.attributes or {}, events, self._genai, dropped=span.dropped_attributes):
             self._batch_processor.emit(span)
 
 

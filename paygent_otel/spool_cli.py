@@ -3,18 +3,20 @@
 ``status`` (pending, in flight, dead letters, oldest age, size; per endpoint with the last
 error and the next attempt), ``dead`` (dead letters with their reasons), ``retry`` (dead
 letters back to pending), ``retarget`` (records of one endpoint filed under another),
-``purge`` (delete, after confirmation) and ``audit`` (who retried, re-targeted or purged
-what, and when). They open the same SQLite file the exporters write, safely while they run.
+``purge`` (delete, after confirmation), ``audit`` (who retried, re-targeted or purged what,
+and when) and ``migrate`` (a SQLite spool's records into a PostgreSQL spool). They open the
+same SQLite file or PostgreSQL database the exporters write, safely while they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._config import MEMORY_SPOOL, OTEL_EXPORTER_PAYGENT_SPOOL_PATH, ExporterConfig
 from ._output import (
@@ -28,7 +30,11 @@ from ._output import (
     print_rows,
 )
 from ._spool import DeadLetter, EndpointStatus, SqliteSpool, check_spool_file, destination_id
+from ._spool_url import SpoolUrl, is_pg_url
 from ._units import duration_type
+
+if TYPE_CHECKING:
+    from ._spool_pg import PostgresSpool
 
 __all__ = ["default_spool", "register"]
 
@@ -48,8 +54,13 @@ examples:
                                             send records spooled under a wrong endpoint
   paygent-otel spool purge --yes            delete every dead letter, no question asked
   paygent-otel spool audit                  who retried or purged what, and when
+  paygent-otel spool status --spool postgresql://paygent@db.internal/billing
+                                            the same, for the spool replicas share
+  paygent-otel spool migrate --from ~/.local/state/paygent-otel/spool.sqlite3 \
+      --to postgresql://paygent@db.internal/billing
+                                            move a file's records into PostgreSQL
 
-every subcommand takes --spool PATH; see `paygent-otel spool SUBCOMMAND --help`.
+every subcommand takes --spool PATH or URL; see `paygent-otel spool SUBCOMMAND --help`.
 """
 
 _DEAD_EPILOG = """\
@@ -82,9 +93,10 @@ def _other_spools() -> list[str]:
 def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spool",
-        metavar="PATH",
+        metavar="PATH|URL",
         help=(
-            f"the spool file (default: what the span exporter reads, "
+            "the spool file, or a postgresql:// URL (password masked in the output; prefer "
+            "PGPASSWORD or ~/.pgpass) (default: what the span exporter reads, "
             f"$OTEL_EXPORTER_PAYGENT_TRACES_SPOOL_PATH or ${OTEL_EXPORTER_PAYGENT_SPOOL_PATH}, "
             f"else its default; here {default_spool()})"
         ),
@@ -218,8 +230,54 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_format_arguments(audit)
     audit.set_defaults(handler=_audit)
 
+    migrate = subcommands.add_parser(
+        "migrate",
+        help="move a SQLite spool's pending records and dead letters into a PostgreSQL spool",
+        description=(
+            "Move every pending record and dead letter of a SQLite spool file into the "
+            "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept, "
+            "then delete them from the file. Records whose key PostgreSQL already knows are "
+            "deleted from the file without a second copy: running it twice, or while replicas "
+            "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending "
+            "right now stay in the file: stop the exporters on the file first, or run it again."
+        ),
+        epilog=(
+            "example:\n  paygent-otel spool migrate --from ~/.local/state/paygent-otel/"
+            "spool.sqlite3 --to postgresql://paygent@db.internal/billing\n\n"
+            "Then point the exporters or `paygent-otel serve --spool` at the URL."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument(
+        "--from", dest="source", metavar="FILE", required=True, help="the SQLite spool file"
+    )
+    migrate.add_argument(
+        "--to",
+        dest="target",
+        metavar="URL",
+        required=True,
+        help="the PostgreSQL spool, postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+    )
+    migrate.set_defaults(handler=_migrate)
 
-def _open(args: argparse.Namespace) -> SqliteSpool | None:
+
+def _open_postgres(url: str) -> PostgresSpool | None:
+    """The PostgreSQL spool at ``url``; None, with the reason (password masked), if unusable."""
+    try:
+        from ._spool_pg import PostgresSpool
+    except ImportError as exc:
+        print(f"the PostgreSQL spool needs psycopg: pip install 'paygent-otel[postgres]' ({exc})",
+              file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        # No local fallback here: a person asked about this database, not about a stand-in.
+        return PostgresSpool(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+    except OSError as exc:
+        print(f"cannot use the spool {SpoolUrl(url)}: {exc}", file=sys.stderr)
+        return None
+
+
+def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
     path = args.spool or default_spool()
     others = [] if args.spool else _other_spools()
@@ -229,6 +287,8 @@ def _open(args: argparse.Namespace) -> SqliteSpool | None:
             f"{', '.join(others)} (pass --spool PATH to look there)",
             file=sys.stderr,
         )
+    if is_pg_url(path):
+        return _open_postgres(path)
     if path == MEMORY_SPOOL:
         print(
             f"{OTEL_EXPORTER_PAYGENT_SPOOL_PATH}={MEMORY_SPOOL}: the exporters keep records in "
@@ -257,10 +317,14 @@ def _status(args: argparse.Namespace) -> int:
         endpoints = spool.endpoints()
     finally:
         spool.close()
-    on_disk = sum(
-        p.stat().st_size
-        for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
-        if p.exists()
+    on_disk = (
+        sum(
+            p.stat().st_size
+            for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
+            if p.exists()
+        )
+        if isinstance(spool, SqliteSpool)
+        else stats.size_bytes
     )
     if args.json:
         print(
@@ -435,7 +499,7 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_who_sends(path: Path, endpoints: list[EndpointStatus]) -> None:
+def _say_who_sends(path: Path | str, endpoints: list[EndpointStatus]) -> None:
     """Which process will send the pending records: one aimed at their endpoint."""
     configured = ExporterConfig.resolve().endpoint
     for endpoint in (e for e in endpoints if e.pending):
@@ -504,7 +568,7 @@ def _endpoint_problem(url: str) -> str | None:
 _PROGRESS_SECONDS = 2.0
 
 
-def _watch(spool: SqliteSpool, keys: list[str], timeout: float) -> int:
+def _watch(spool: SqliteSpool | PostgresSpool, keys: list[str], timeout: float) -> int:
     """Report every few seconds how many of ``keys`` were delivered; a summary at the end."""
     started = time.monotonic()
     deadline = started + timeout
@@ -564,6 +628,14 @@ def _audit(args: argparse.Namespace) -> int:
     spool = _open(args)
     if spool is None:
         return 1
+    if not isinstance(spool, SqliteSpool):
+        spool.close()
+        print(
+            "the audit lines are kept by SQLite spools; a PostgreSQL spool's changes are in "
+            "the database's own log",
+            file=sys.stderr,
+        )
+        return 1
     try:
         lines = spool.audit_lines(limit=args.limit if args.limit > 0 else -1)
     finally:
@@ -592,4 +664,37 @@ def _audit(args: argparse.Namespace) -> int:
         numbers={3},
     )
     print_rows(rows, columns, args.format, text=table)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    if not is_pg_url(args.target):
+        print(
+            f"--to must be a PostgreSQL URL (postgresql://...), not {args.target!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if not Path(args.source).is_file():
+        print(f"no spool file at {args.source} (pass the SQLite spool to --from)", file=sys.stderr)
+        return 1
+    target = _open_postgres(args.target)
+    if target is None:
+        return 1
+    from ._spool_pg import move_sqlite_records
+
+    try:
+        moved = move_sqlite_records(args.source, target)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        print(f"cannot migrate {args.source}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        target.close()
+    if not (moved.pending or moved.dead_letters or moved.duplicates):
+        print(f"nothing to move: {args.source} holds no pending records or dead letters")
+        return 0
+    print(
+        f"{moved.pending} pending records and {moved.dead_letters} dead letters moved from "
+        f"{args.source} to {target.url}; {moved.duplicates} were already in PostgreSQL "
+        "(deleted from the file, not sent twice). Replicas on the URL deliver them now."
+    )
     return 0

@@ -1,7 +1,10 @@
 """The spool on real SQLite files: leases, outcomes, dead letters, limits, fork and sharing.
 
 Every test reads the outcome back from the file (a fresh connection or a fresh
-``SqliteSpool``), the way the next process or ``paygent-otel spool`` would see it.
+``SqliteSpool``), the way the next process or ``paygent-otel spool`` would see it. The
+tests that take ``store`` or ``open_store`` run twice: on a SQLite file and on a real
+PostgreSQL database (``tests/postgres.py``); what only PostgreSQL adds is in
+``test_spool_pg.py``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import API_KEY
+from postgres import pg_server, pg_url  # noqa: F401 (fixtures used by name)
 
 from paygent_otel import PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
@@ -35,6 +41,7 @@ from paygent_otel._spool import (
     SqliteSpool,
     open_spool,
 )
+from paygent_otel._spool_pg import PostgresSpool
 from paygent_otel.sandbox import SandboxServer
 
 DEST = "dest-a"
@@ -75,6 +82,47 @@ def spool(spool_path: Path) -> SqliteSpool:
     opened.close()
 
 
+Store = SqliteSpool | PostgresSpool
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, spool_path: Path) -> Callable[..., Store]:
+    """Factory of spools on one shared store (a file, or a database): call it twice for two
+    processes' views. Each test that takes it runs on both backends."""
+    opened: list[Store] = []
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+
+    def make(max_bytes: int = 1 << 30) -> Store:
+        if url is None:
+            opened.append(SqliteSpool(spool_path, max_bytes=max_bytes))
+        else:
+            fallback = spool_path.with_name("fallback.sqlite3")
+            opened.append(PostgresSpool(url, max_bytes=max_bytes, fallback_path=fallback))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[..., Store]) -> Store:
+    return open_store()
+
+
+def pending_rows(store: Store, columns: str) -> list[Any]:
+    """``columns`` of every pending record, read with a connection of its own."""
+    if isinstance(store, SqliteSpool):
+        return raw_rows(store.path, f"SELECT {columns} FROM pending ORDER BY id")
+    with psycopg.connect(store.url.dsn) as conn:
+        return conn.execute(f"SELECT {columns} FROM paygent_pending ORDER BY id").fetchall()
+
+
+def location(store: Store) -> str:
+    """What another process opens the same store with."""
+    return store.url.dsn if isinstance(store, PostgresSpool) else str(store.path)
+
+
 # ---------------------------------------------------------------- add, lease, outcomes
 
 
@@ -91,18 +139,21 @@ def test_add_commits_key_and_exact_payload_before_returning(
     assert [json.loads(body) for _, _, body, _ in rows] == [r.payload for r in records(3)]
 
 
-def test_a_record_already_pending_is_a_duplicate_not_a_second_row(spool: SqliteSpool) -> None:
-    spool.add(DEST, records(2))
+def test_a_record_already_pending_is_a_duplicate_not_a_second_row(store: Store) -> None:
+    store.add(DEST, records(2))
 
-    result = spool.add(DEST, records(3))
+    result = store.add(DEST, [*records(3), record(2)])  # and one twice in the batch
 
-    assert (result.accepted, result.duplicates) == (1, 2)
-    assert spool.pending(DEST) == 3
+    assert (result.accepted, result.duplicates) == (1, 3)
+    assert store.pending(DEST) == 3
+    keys = sorted(k for (k,) in pending_rows(store, "key"))
+    assert keys == [r.idempotency_key for r in records(3)]
 
 
-def test_lease_takes_due_records_once_and_only_up_to_the_limit(spool_path: Path) -> None:
-    first = SqliteSpool(spool_path, max_bytes=1 << 30)
-    second = SqliteSpool(spool_path, max_bytes=1 << 30)
+def test_lease_takes_due_records_once_and_only_up_to_the_limit(
+    open_store: Callable[..., Store],
+) -> None:
+    first, second = open_store(), open_store()
     first.add(DEST, records(5))
     first.add("dest-b", [record(99)])
     now = time.time()
@@ -114,49 +165,45 @@ def test_lease_takes_due_records_once_and_only_up_to_the_limit(spool_path: Path)
     assert {i.key for i in leased}.isdisjoint(i.key for i in rest)
     assert second.lease(DEST, 10, now) == []  # everything is held; dest-b is not ours
     assert first.stats().in_flight == 5
-    first.close()
-    second.close()
 
 
-def test_complete_deletes_and_keeps_the_key_for_the_dedup_window(
-    spool: SqliteSpool, spool_path: Path
-) -> None:
-    spool.add(DEST, records(2))
-    items = spool.lease(DEST, 10, time.time())
+def test_complete_deletes_and_keeps_the_key_for_the_dedup_window(store: Store) -> None:
+    store.add(DEST, records(2))
+    items = store.lease(DEST, 10, time.time())
 
-    spool.complete([i.rowid for i in items], [i.key for i in items], time.time())
+    store.complete([i.rowid for i in items], [i.key for i in items], time.time())
 
-    assert spool.pending() == 0
+    assert store.pending() == 0 and pending_rows(store, "key") == []
+    assert store.known_keys(["key-00000", "unknown"]) == {"key-00000"}
     # The same records handed over again (a Collector retrying its request) are not re-sent.
-    again = spool.add(DEST, records(2))
+    again = store.add(DEST, records(2))
     assert (again.accepted, again.duplicates) == (0, 2)
     # After the retention window the keys are forgotten.
-    spool.prune_delivered(time.time() + DELIVERED_KEY_RETENTION + 1)
-    assert raw_rows(spool_path, "SELECT count(*) FROM delivered") == [(0,)]
-    assert spool.add(DEST, records(2)).accepted == 2
+    store.prune_delivered(time.time() + DELIVERED_KEY_RETENTION + 1)
+    assert store.known_keys(["key-00000"]) == set()
+    assert store.add(DEST, records(2)).accepted == 2
 
 
 def test_reschedule_counts_the_attempt_and_holds_the_record_until_its_time(
-    spool: SqliteSpool, spool_path: Path
+    store: Store,
 ) -> None:
-    spool.add(DEST, [record(0)])
+    store.add(DEST, [record(0)])
     now = time.time()
-    (item,) = spool.lease(DEST, 1, now)
+    (item,) = store.lease(DEST, 1, now)
 
-    spool.reschedule([(item.rowid, now + 30, "HTTP 503: busy")])
+    store.reschedule([(item.rowid, now + 30, "HTTP 503: busy")])
 
-    assert spool.lease(DEST, 1, now + 29) == []
-    assert spool.next_due(DEST) == pytest.approx(now + 30)
-    (again,) = spool.lease(DEST, 1, now + 31)
+    assert store.lease(DEST, 1, now + 29) == []
+    assert store.next_due(DEST) == pytest.approx(now + 30)
+    (again,) = store.lease(DEST, 1, now + 31)
     assert (again.key, again.attempts, again.body) == (item.key, 1, item.body)
-    assert raw_rows(spool_path, "SELECT last_error FROM pending") == [("HTTP 503: busy",)]
+    assert pending_rows(store, "last_error") == [("HTTP 503: busy",)]
 
 
 def test_outcomes_of_a_worker_whose_lease_expired_do_not_touch_the_new_holder(
-    spool_path: Path,
+    open_store: Callable[..., Store],
 ) -> None:
-    slow = SqliteSpool(spool_path, max_bytes=1 << 30)
-    other = SqliteSpool(spool_path, max_bytes=1 << 30)
+    slow, other = open_store(), open_store()
     slow.add(DEST, records(2))
     now = time.time()
     stale = slow.lease(DEST, 2, now)
@@ -167,30 +214,28 @@ def test_outcomes_of_a_worker_whose_lease_expired_do_not_touch_the_new_holder(
 
     assert len(taken) == 2
     assert other.stats().in_flight == 2 and other.stats().dead_letters == 0
-    assert raw_rows(spool_path, "SELECT attempts FROM pending") == [(0,), (0,)]
-    slow.close()
-    other.close()
+    assert pending_rows(other, "attempts") == [(0,), (0,)]
 
 
 def test_dead_letter_keeps_status_reason_and_payload_and_blocks_the_key(
-    spool: SqliteSpool,
+    store: Store,
 ) -> None:
-    spool.add(DEST, records(3))
-    items = spool.lease(DEST, 3, time.time())
+    store.add(DEST, records(3))
+    items = store.lease(DEST, 3, time.time())
 
-    spool.dead_letter([(items[0].rowid, "400", '{"error":"customerId: unknown"}')], time.time())
+    store.dead_letter([(items[0].rowid, "400", '{"error":"customerId: unknown"}')], time.time())
 
-    assert spool.pending() == 2
-    (dead,) = spool.dead_letters()
+    assert store.pending() == 2
+    (dead,) = store.dead_letters()
     assert (dead.key, dead.status, dead.reason, dead.attempts) == (
         items[0].key, "400", '{"error":"customerId: unknown"}', 1
     )  # fmt: skip
     assert json.loads(dead.body) == record(0).payload
-    assert spool.dead_letter_counts() == {"400": 1}
-    assert spool.add(DEST, [record(0)]).duplicates == 1  # not re-queued behind a person's back
+    assert store.dead_letter_counts() == {"400": 1}
+    assert store.add(DEST, [record(0)]).duplicates == 1  # not re-queued behind a person's back
 
 
-def test_invalid_records_are_dead_letters_without_a_payload(spool: SqliteSpool) -> None:
+def test_invalid_records_are_dead_letters_without_a_payload(store: Store) -> None:
     rejection = Rejection(
         RejectReason.INVALID,
         "usage record from span x rejected: paygent.customer.id is missing",
@@ -199,71 +244,70 @@ def test_invalid_records_are_dead_letters_without_a_payload(spool: SqliteSpool) 
         {"paygent.usage.kind": "stt"},
     )
 
-    spool.add_rejected([rejection])
+    store.add_rejected([rejection])
 
-    (dead,) = spool.dead_letters(status="invalid")
+    (dead,) = store.dead_letters(status="invalid")
     assert dead.reason == rejection.message
     assert json.loads(dead.body) == {"paygent.usage.kind": "stt"}
-    assert spool.retry_dead() == 0  # nothing to send: it never was a Paygent document
+    assert store.retry_dead() == 0  # nothing to send: it never was a Paygent document
 
 
-def test_retry_dead_moves_letters_back_filtered_by_status_or_key(spool: SqliteSpool) -> None:
-    spool.add(DEST, records(4))
-    items = spool.lease(DEST, 4, time.time())
+def test_retry_dead_moves_letters_back_filtered_by_status_or_key(store: Store) -> None:
+    store.add(DEST, records(4))
+    items = store.lease(DEST, 4, time.time())
     now = time.time()
-    spool.dead_letter(
+    store.dead_letter(
         [(items[0].rowid, "400", "a"), (items[1].rowid, "400", "b"),
          (items[2].rowid, "422", "c"), (items[3].rowid, "gave_up", "d")],
         now,
     )  # fmt: skip
 
-    assert spool.retry_dead(status="422") == 1
-    assert spool.retry_dead(keys=[items[0].key]) == 1
-    assert spool.dead_letter_counts() == {"400": 1, "gave_up": 1}
-    assert spool.retry_dead() == 2
-    assert spool.dead_letter_counts() == {}
-    back = spool.lease(DEST, 10, time.time())
+    assert store.retry_dead(status="422") == 1
+    assert store.retry_dead(keys=[items[0].key]) == 1
+    assert store.dead_letter_counts() == {"400": 1, "gave_up": 1}
+    assert store.retry_dead() == 2
+    assert store.dead_letter_counts() == {}
+    back = store.lease(DEST, 10, time.time())
     assert sorted(i.key for i in back) == sorted(i.key for i in items)
     assert all(i.attempts == 0 for i in back)
 
 
-def test_purge_deletes_dead_letters_or_pending_records(spool: SqliteSpool) -> None:
-    spool.add(DEST, records(3))
-    (item,) = spool.lease(DEST, 1, time.time())
-    spool.dead_letter([(item.rowid, "400", "no")], time.time())
+def test_purge_deletes_dead_letters_or_pending_records(store: Store) -> None:
+    store.add(DEST, records(3))
+    (item,) = store.lease(DEST, 1, time.time())
+    store.dead_letter([(item.rowid, "400", "no")], time.time())
 
-    assert spool.purge("dead") == 1
-    assert spool.stats().dead_letters == 0 and spool.pending() == 2
-    assert spool.purge("pending") == 2
-    assert spool.pending() == 0
+    assert store.purge("dead") == 1
+    assert store.stats().dead_letters == 0 and store.pending() == 2
+    assert store.purge("pending") == 2
+    assert store.pending() == 0
     with pytest.raises(KeyError):
-        spool.purge("delivered")
+        store.purge("delivered")
 
 
-def test_release_hands_this_workers_leases_back(spool_path: Path) -> None:
-    holder = SqliteSpool(spool_path, max_bytes=1 << 30)
+def test_release_hands_this_workers_leases_back(open_store: Callable[..., Store]) -> None:
+    holder = open_store()
     holder.add(DEST, records(3))
     holder.lease(DEST, 3, time.time())
 
     holder.close()  # a clean shutdown
 
-    other = SqliteSpool(spool_path, max_bytes=1 << 30)
+    other = open_store()
     assert len(other.lease(DEST, 10, time.time())) == 3
-    other.close()
 
 
-def test_stats_count_pending_in_flight_dead_oldest_and_size(spool: SqliteSpool) -> None:
-    assert spool.stats().pending == 0 and spool.stats().oldest_pending_age is None
-    spool.add(DEST, records(4))
-    items = spool.lease(DEST, 2, time.time())
-    spool.dead_letter([(items[0].rowid, "400", "x")], time.time())
+def test_stats_count_pending_in_flight_dead_oldest_and_size(store: Store) -> None:
+    assert store.stats().pending == 0 and store.stats().oldest_pending_age is None
+    store.add(DEST, records(4))
+    items = store.lease(DEST, 2, time.time())
+    store.dead_letter([(items[0].rowid, "400", "x")], time.time())
     time.sleep(0.05)
 
-    stats = spool.stats()
+    stats = store.stats()
 
     assert (stats.pending, stats.in_flight, stats.dead_letters) == (3, 1, 1)
     assert stats.oldest_pending_age is not None and stats.oldest_pending_age >= 0.05
-    assert stats.size_bytes == spool.size_bytes() > 0
+    assert stats.size_bytes == store.size_bytes() > 0
 
 
 # ---------------------------------------------------------------- limits and hygiene
@@ -372,13 +416,13 @@ def test_leases_of_a_live_worker_are_respected_by_a_new_one(spool_path: Path) ->
 
 
 def test_processes_sharing_a_spool_never_lease_a_record_twice(
-    spool: SqliteSpool, tmp_path: Path
+    store: Store, tmp_path: Path
 ) -> None:
-    spool.add(DEST, records(600))
+    store.add(DEST, records(600))
     out = tmp_path / "leased.txt"
     drainers = [
         subprocess.Popen(
-            [sys.executable, str(FAULT_APPS / "spool_drainer.py"), str(spool.path), DEST, str(out)]
+            [sys.executable, str(FAULT_APPS / "spool_drainer.py"), location(store), DEST, str(out)]
         )
         for _ in range(3)
     ]
@@ -387,8 +431,9 @@ def test_processes_sharing_a_spool_never_lease_a_record_twice(
 
     leased = Counter(out.read_text().split())
     assert sum(leased.values()) == 600 and len(leased) == 600  # each exactly once
-    assert spool.pending() == 0
-    assert raw_rows(spool.path, "PRAGMA integrity_check") == [("ok",)]
+    assert store.pending() == 0
+    if isinstance(store, SqliteSpool):
+        assert raw_rows(store.path, "PRAGMA integrity_check") == [("ok",)]
 
 
 # ---------------------------------------------------------------- fork
@@ -448,16 +493,17 @@ def test_a_forked_child_writes_through_its_own_connection_while_the_parent_write
     assert raw_rows(spool_path, "SELECT count(*) FROM pending WHERE key LIKE 'key-001%'") == [(40,)]
 
 
-def test_a_forked_child_does_not_reuse_the_parents_leases_or_lock(spool: SqliteSpool) -> None:
+def test_a_forked_child_does_not_reuse_the_parents_leases_or_lock(store: Store) -> None:
+    spool = store
     spool.add(DEST, records(4))
-    held = spool.lease(DEST, 2, time.time())
+    held = spool.lease(DEST, 2, time.time())  # PostgreSQL: the pooled connection is idle now
 
     def child() -> None:
         mine = spool.lease(DEST, 10, time.time())
         # Only the two free records: the parent's leases belong to a live process.
         assert sorted(i.key for i in mine) == ["key-00002", "key-00003"]
         spool.complete([i.rowid for i in mine], [i.key for i in mine], time.time())
-        spool.close()
+        spool.close()  # closes nothing of the parent's (its connection, its file)
 
     assert _fork(child) == 0
     assert spool.pending() == 2

@@ -33,12 +33,11 @@ from starlette.routing import Route
 from .._delivery import DeliveryPipeline
 from .._mapping import IdentityDefaults, Rejection
 from .._retry import RetryPolicy
-from .._spool import SqliteSpool
 from ..frameworks import parse_frameworks
 from ..usage_page import USAGE_PAGE_PATH, bridge_page
 from .auth import Grant
 from .config import BridgeConfig
-from .cumulative import CumulativeStore, cumulative_state_path
+from .cumulative import CumulativeStore, open_cumulative_store
 from .guard import (
     BudgetExhausted,
     BudgetHold,
@@ -145,12 +144,10 @@ class BridgeApp:
             api_key_hint="set PAYGENT_API_KEY or pass --api-key-file FILE",
         )
         """Spool and delivery worker shared with the SDK exporters' code."""
-        self.cumulative: CumulativeStore | None = None
+        self.cumulative: CumulativeStore | None = open_cumulative_store(
+            self.pipeline.spool, exporter.spool_path
+        )
         """Last positions of cumulative metric streams (None with the in-memory spool)."""
-        if isinstance(self.pipeline.spool, SqliteSpool):
-            self.cumulative = CumulativeStore(cumulative_state_path(exporter.spool_path))
-            self.cumulative.recover(self.pipeline.spool.known_keys)
-            self.cumulative.prune()
         self.extractor = self._extractor(exporter.agent_id)
         self._extractors = {exporter.agent_id: self.extractor}
         limits = config.limits

@@ -17,28 +17,46 @@ The state lives in SQLite beside the spool. A batch of new positions is first wr
 journal, then the records go to the spool, then the journal is applied; on start, a journal
 left by a crash is applied only if its records reached the spool. So a crash between the two
 commits neither bills an increment twice nor loses it.
+
+With the PostgreSQL spool the state lives in the same database, shared by every replica
+(:class:`PostgresCumulativeStore`): senders spread over replicas send the points of one
+stream to several of them. A replica holds a session advisory lock per stream from
+:meth:`~CumulativeStore.deltas` to :meth:`~CumulativeStore.commit`, so two replicas never
+compute deltas from the same position; a replica that dies loses its session and its locks,
+and the next one to lock the stream settles the journal it left, by the same rule.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .._metrics import UsagePoint
+from .._spool import SqliteSpool
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .._spool_pg import PostgresSpool
 
 __all__ = [
     "STATE_RETENTION_SECONDS",
     "CumulativePoint",
     "CumulativeStore",
+    "PostgresCumulativeStore",
     "StreamUpdate",
     "cumulative_state_path",
+    "open_cumulative_store",
 ]
 
 _logger = logging.getLogger("paygent_otel.bridge.cumulative")
@@ -95,7 +113,10 @@ class CumulativeStore:
     """Last committed position of every cumulative stream, in a SQLite file.
 
     Callers serialize :meth:`deltas` -> :meth:`journal` -> spool -> :meth:`commit` (the
-    bridge holds one lock around the sequence); the store itself is thread-safe.
+    bridge holds one lock around the sequence); the store itself is thread-safe. Processes
+    sharing the file (``serve --workers``) are serialized too: each holds an exclusive
+    ``flock`` on ``<file>.lock`` from :meth:`deltas` to :meth:`commit` or :meth:`discard`,
+    and settles a journal a dead holder left before reading positions.
     """
 
     def __init__(
@@ -116,6 +137,21 @@ class CumulativeStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
         os.chmod(self.path, 0o600)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._flock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._holding = False
+        self._known_keys: Callable[[Sequence[str]], set[str]] | None = None
+
+    def _hold(self) -> None:
+        """Take the cross-process lock (released by the kernel if this process dies)."""
+        if not self._holding:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+            self._holding = True
+
+    def _let_go(self) -> None:
+        if self._holding:
+            self._holding = False
+            fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
 
     def _transaction(self, statements: Callable[[sqlite3.Connection], None]) -> None:
         with self._lock:
@@ -147,8 +183,24 @@ class CumulativeStore:
         """Delta points for ``points`` and the positions their streams move to.
 
         Nothing is written: pass the updates to :meth:`journal` and :meth:`commit` once the
-        records made from the deltas are stored.
+        records made from the deltas are stored. Holds the file's lock until then (or
+        returns without it when there is nothing to commit).
         """
+        self._hold()
+        try:
+            self._settle_journal()
+            out, updates = self._compute(points)
+        except BaseException:
+            self._let_go()
+            raise
+        if not updates:
+            self._let_go()
+        return out, updates
+
+    def _compute(
+        self, points: Iterable[CumulativePoint]
+    ) -> tuple[list[UsagePoint], list[StreamUpdate]]:
+        """The rules of the module docstring, against :meth:`_positions`."""
         ordered = sorted(points, key=lambda p: (p.stream, p.point.end_ns))
         state = self._positions(list(dict.fromkeys(p.stream for p in ordered)))
         out: list[UsagePoint] = []
@@ -197,10 +249,27 @@ class CumulativeStore:
             )
             conn.executemany("INSERT OR IGNORE INTO journal_keys VALUES (?)", [(k,) for k in keys])
 
-        self._transaction(write)
+        try:
+            self._transaction(write)
+        except BaseException:
+            self._let_go()
+            raise
 
     def commit(self) -> None:
-        """Apply the journal: the batch's records are in the spool."""
+        """Apply the journal (the batch's records are in the spool); release the lock."""
+        try:
+            self._apply_journal()
+        finally:
+            self._let_go()
+
+    def discard(self) -> None:
+        """Forget the journal (the records were refused, the sender retries); release."""
+        try:
+            self._clear_journal()
+        finally:
+            self._let_go()
+
+    def _apply_journal(self) -> None:
         now = time.time()
 
         def apply(conn: sqlite3.Connection) -> None:
@@ -214,9 +283,7 @@ class CumulativeStore:
 
         self._transaction(apply)
 
-    def discard(self) -> None:
-        """Forget the journal: the batch's records were refused, the sender will retry."""
-
+    def _clear_journal(self) -> None:
         def clear(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM journal_positions")
             conn.execute("DELETE FROM journal_keys")
@@ -224,22 +291,37 @@ class CumulativeStore:
         self._transaction(clear)
 
     def recover(self, known_keys: Callable[[Sequence[str]], set[str]]) -> None:
-        """Settle a journal a crash left: apply it if all its records reached the spool."""
+        """Settle a journal a crash left: apply it if all its records reached the spool.
+
+        ``known_keys`` is kept: a process sharing the file settles what a sibling that
+        died mid-batch left, the next time it takes the lock.
+        """
+        self._known_keys = known_keys
+        self._hold()
+        try:
+            self._settle_journal()
+        finally:
+            self._let_go()
+
+    def _settle_journal(self) -> None:
+        """Under the lock, a journal is one its holder left when it died: settle it."""
+        if self._known_keys is None:
+            return
         with self._lock:
             pending = self._conn.execute("SELECT count(*) FROM journal_positions").fetchone()[0]
             keys = [k for (k,) in self._conn.execute("SELECT key FROM journal_keys")]
         if not pending:
             return
-        if set(keys) <= known_keys(keys):
+        if set(keys) <= self._known_keys(keys):
             _logger.warning("applying %d cumulative positions left by a crash", pending)
-            self.commit()
+            self._apply_journal()
         else:
             _logger.warning(
                 "discarding %d cumulative positions left by a crash (their records were not "
                 "stored; the sender retries them)",
                 pending,
             )
-            self.discard()
+            self._clear_journal()
 
     def prune(self, now: float | None = None) -> int:
         """Forget streams not updated within the retention window; how many."""
@@ -259,6 +341,200 @@ class CumulativeStore:
             return int(self._conn.execute("SELECT count(*) FROM streams").fetchone()[0])
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the files (and release the lock, if a batch still holds it)."""
+        self._let_go()
+        os.close(self._flock_fd)
         with self._lock:
             self._conn.close()
+
+
+class PostgresCumulativeStore(CumulativeStore):
+    """Stream positions in the PostgreSQL spool's database, shared by every replica.
+
+    Same contract as :class:`CumulativeStore`; between :meth:`deltas` and :meth:`commit` (or
+    :meth:`discard`) this store holds one pooled connection and the advisory locks of the
+    batch's streams.
+    """
+
+    def __init__(
+        self, spool: PostgresSpool, *, retention_seconds: float = STATE_RETENTION_SECONDS
+    ) -> None:
+        self.spool = spool
+        self.retention_seconds = retention_seconds
+        self._lock = threading.Lock()
+        self._held: contextlib.ExitStack | None = None
+        self._conn: psycopg.Connection[Any] | None = None  # type: ignore[assignment]
+        self._batch = ""
+
+    def _locked_connection(self) -> psycopg.Connection[Any]:
+        assert self._conn is not None, "deltas() first: it takes the streams' locks"
+        return self._conn
+
+    def _release(self) -> None:
+        """Drop the streams' locks and hand the connection back to the pool."""
+        held, self._held = self._held, None
+        conn, self._conn = self._conn, None
+        if held is None:
+            return
+        with held:
+            if conn is not None and not conn.closed:
+                conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def _settle_left_journals(self, conn: psycopg.Connection[Any], streams: list[str]) -> None:
+        """Apply (records stored) or drop (records not stored) what a dead replica left."""
+        batches = [
+            batch
+            for (batch,) in conn.execute(
+                "SELECT DISTINCT batch FROM paygent_stream_journal WHERE stream = ANY(%s)",
+                (streams,),
+            )
+        ]
+        for batch in batches:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE k.key IS NULL) FROM paygent_stream_journal_keys j"
+                " LEFT JOIN paygent_keys k USING (key) WHERE j.batch = %s",
+                (batch,),
+            ).fetchone()
+            stored = row is not None and row[0] == 0
+            _logger.warning(
+                "%s cumulative positions of batch %s left by a stopped replica (their records %s)",
+                "applying" if stored else "discarding",
+                batch,
+                "are in the spool" if stored else "were not stored; the sender retries them",
+            )
+            self._finish(conn, batch, apply=stored)
+
+    def _finish(self, conn: psycopg.Connection[Any], batch: str, *, apply: bool) -> None:
+        with conn.transaction():
+            if apply:
+                conn.execute(
+                    "INSERT INTO paygent_streams AS s (stream, start_ns, time_ns, int_value,"
+                    " float_value, updated) SELECT stream, start_ns, time_ns, int_value,"
+                    " float_value, %s FROM paygent_stream_journal WHERE batch = %s"
+                    " ON CONFLICT (stream) DO UPDATE SET start_ns = excluded.start_ns,"
+                    " time_ns = excluded.time_ns, int_value = excluded.int_value,"
+                    " float_value = excluded.float_value, updated = excluded.updated",
+                    (time.time(), batch),
+                )
+            conn.execute("DELETE FROM paygent_stream_journal WHERE batch = %s", (batch,))
+            conn.execute("DELETE FROM paygent_stream_journal_keys WHERE batch = %s", (batch,))
+
+    def deltas(
+        self, points: Iterable[CumulativePoint]
+    ) -> tuple[list[UsagePoint], list[StreamUpdate]]:
+        """Lock the points' streams (held until :meth:`commit`/:meth:`discard`), then as
+        :meth:`CumulativeStore.deltas`."""
+        ordered = list(points)
+        streams = sorted({p.stream for p in ordered})
+        self._release()  # a batch the caller abandoned
+        held = contextlib.ExitStack()
+        try:
+            conn = held.enter_context(self.spool.connection())
+            # One order for every replica: two batches sharing streams cannot deadlock.
+            conn.execute(
+                "SELECT pg_advisory_lock(h) FROM (SELECT DISTINCT hashtextextended(s, 0) AS h"
+                " FROM unnest(%s::text[]) AS s ORDER BY h) AS locks",
+                (streams,),
+            )
+            self._held, self._conn = held, conn
+            self._settle_left_journals(conn, streams)
+            out, updates = self._compute(ordered)
+        except BaseException:
+            self._release()
+            held.close()
+            raise
+        if not updates:
+            self._release()
+        return out, updates
+
+    def _positions(self, streams: Sequence[str]) -> dict[str, tuple[int, int, int | float]]:
+        rows = self._locked_connection().execute(
+            "SELECT stream, start_ns, time_ns, int_value, float_value FROM paygent_streams"
+            " WHERE stream = ANY(%s)",
+            (list(streams),),
+        )
+        return {
+            stream: (start_ns, time_ns, int_value if int_value is not None else float_value)
+            for stream, start_ns, time_ns, int_value, float_value in rows
+        }
+
+    def journal(self, updates: Sequence[StreamUpdate], keys: Sequence[str]) -> None:
+        """Write the batch's new positions and its records' keys, before the spool."""
+        conn = self._locked_connection()
+        self._batch = uuid.uuid4().hex
+        ints = [u.value if isinstance(u.value, int) else None for u in updates]
+        floats = [None if isinstance(u.value, int) else float(u.value) for u in updates]
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO paygent_stream_journal SELECT %s, * FROM unnest(%s::text[],"
+                " %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])",
+                (
+                    self._batch,
+                    [u.stream for u in updates],
+                    [u.start_ns for u in updates],
+                    [u.time_ns for u in updates],
+                    ints,
+                    floats,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO paygent_stream_journal_keys SELECT DISTINCT %s, k"
+                " FROM unnest(%s::text[]) AS k",
+                (self._batch, list(keys)),
+            )
+
+    def commit(self) -> None:
+        """Apply the journal (the batch's records are in the spool) and unlock the streams."""
+        try:
+            self._finish(self._locked_connection(), self._batch, apply=True)
+        finally:
+            self._release()
+
+    def discard(self) -> None:
+        """Forget the journal (the records were refused) and unlock the streams."""
+        try:
+            self._finish(self._locked_connection(), self._batch, apply=False)
+        finally:
+            self._release()
+
+    def recover(self, known_keys: Callable[[Sequence[str]], set[str]]) -> None:
+        """Nothing at start: :meth:`deltas` settles a journal when it locks its streams,
+        since a journal of a replica that still runs must not be touched."""
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget streams no replica updated within the retention window; how many."""
+        cutoff = (time.time() if now is None else now) - self.retention_seconds
+        with self.spool.connection() as conn:
+            return conn.execute(
+                "DELETE FROM paygent_streams WHERE updated < %s", (cutoff,)
+            ).rowcount
+
+    def streams(self) -> int:
+        """Streams tracked (by every replica)."""
+        with self.spool.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM paygent_streams").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """Unlock what a batch still holds (the spool's connections stay the spool's)."""
+        self._release()
+
+
+def open_cumulative_store(spool: object, spool_path: str) -> CumulativeStore | None:
+    """The cumulative state for the bridge's ``spool``, recovered and pruned: a SQLite file
+    beside a SQLite spool, the spool's own database for the PostgreSQL spool, None for the
+    in-memory queue (cumulative points are then refused)."""
+    store: CumulativeStore
+    if isinstance(spool, SqliteSpool):
+        store = CumulativeStore(cumulative_state_path(spool_path))
+        store.recover(spool.known_keys)
+    else:
+        try:
+            from .._spool_pg import PostgresSpool
+        except ImportError:
+            return None
+        if not isinstance(spool, PostgresSpool):
+            return None
+        store = PostgresCumulativeStore(spool)
+    store.prune()
+    return store

@@ -262,7 +262,7 @@ def _usage_metadata(value: object, where: str) -> tuple[int, float]:
             if len(cached) > 1:
                 raise PayloadError(
                     cached_where,
-                    "either {\"tokens\": N} or per-modality text/audio/image counts, never both",
+                    'either {"tokens": N} or per-modality text/audio/image counts, never both',
                 )
             tokens.append(_integer(cached["tokens"], f"{cached_where}.tokens", 0))
         else:
@@ -286,9 +286,7 @@ def _meta_tags(value: object) -> None:
         raise PayloadError("metaTags", f"at most {_MAX_META_TAGS} entries, got {len(value)}")
     for key, tag in value.items():
         if not _META_KEY.fullmatch(key):
-            raise PayloadError(
-                f"metaTags.{key}", "key must be 1-64 characters of A-Z a-z 0-9 _ -"
-            )
+            raise PayloadError(f"metaTags.{key}", "key must be 1-64 characters of A-Z a-z 0-9 _ -")
         if not isinstance(tag, str):
             raise PayloadError(f"metaTags.{key}", f"must be a string, got {_json_type(tag)}")
         if len(tag) > _MAX_META_VALUE:
@@ -492,9 +490,7 @@ class SandboxApp:
         self._counts["requests"] += 1
         usage_id = self.writer.usage_id(key) if key is not None else None
         if usage_id is not None:
-            self.writer.log_request(
-                received_at, "POST", USAGE_PATH, key, 200, Outcome.DUPLICATE
-            )
+            self.writer.log_request(received_at, "POST", USAGE_PATH, key, 200, Outcome.DUPLICATE)
             await self.writer.committed()
             self._counts[Outcome.DUPLICATE] += 1
             return JSONResponse({"id": usage_id, "duplicate": True})

@@ -361,9 +361,7 @@ def _group_list(text: str) -> tuple[str, ...]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEDGER_GROUPS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use a comma list of {','.join(LEDGER_GROUPS)}"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r}: use a comma list of {','.join(LEDGER_GROUPS)}")
     return tuple(LEDGER_GROUPS[n] for n in names)
 
 

@@ -302,8 +302,9 @@ class Ledger:
                     + (
                         "; it looks like a spool: see `paygent-otel spool status --spool "
                         f"{self.path}`)"
-                        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pending'")
-                        .fetchone()
+                        if db.execute(
+                            "SELECT 1 FROM sqlite_master WHERE name = 'pending'"
+                        ).fetchone()
                         else ")"
                     )
                 )
@@ -353,9 +354,7 @@ class Ledger:
                 f"cannot group by {unknown}; choose from {', '.join((*GROUP_COLUMNS, *PERIODS))}"
             )
         columns = [c if c in GROUP_COLUMNS else "received_at" for c in by]
-        select = ", ".join(
-            (*columns, "audio_minutes", "characters", "sts_tokens", "sts_minutes")
-        )
+        select = ", ".join((*columns, "audio_minutes", "characters", "sts_tokens", "sts_minutes"))
         where, params = [], []
         if since is not None:
             where.append("received_at >= ?")
@@ -408,8 +407,7 @@ class Ledger:
         requests wait on injected latency."""
         with self._connect() as db:
             return [
-                dict(r)
-                for r in db.execute("SELECT * FROM request_log ORDER BY received_at, id")
+                dict(r) for r in db.execute("SELECT * FROM request_log ORDER BY received_at, id")
             ]
 
     def keys(self) -> list[str]:

@@ -1,8 +1,9 @@
 """Drain a shared spool as a delivery worker would, without HTTP: lease, "send", complete.
 
-``python spool_drainer.py SPOOL DEST OUT`` leases batches of 5 due records, appends each
-leased key to ``OUT`` (one per line, flushed) and completes the batch, until the spool has
-nothing pending for ``DEST``. Several of these on one spool must never lease a record twice.
+``python spool_drainer.py SPOOL DEST OUT`` (SPOOL: a file or a PostgreSQL URL) leases
+batches of 5 due records, appends each leased key to ``OUT`` (one per line, flushed) and
+completes the batch, until the spool has nothing pending for ``DEST``. Several of these on
+one spool must never lease a record twice.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import sys
 import time
 
-from paygent_otel._spool import SqliteSpool
+from paygent_otel._spool import open_spool
 
 
 def main() -> int:
     path, dest, out = sys.argv[1:4]
-    spool = SqliteSpool(path, max_bytes=1 << 30)
+    spool = open_spool(path, max_bytes=1 << 30)  # a file or a postgresql:// URL
     with open(out, "a", encoding="utf-8") as sink:
         while spool.pending(dest):
             items = spool.lease(dest, 5, time.time())
