@@ -87,7 +87,8 @@ def test_open_spool_and_the_config_select_postgres_by_url(
 def test_schema_is_versioned_and_a_newer_one_is_refused(pg_url: str) -> None:
     opened = [PostgresSpool(pg_url, max_bytes=1 << 30) for _ in range(3)]  # migrate once
 
-    assert pg_rows(pg_url, "SELECT version FROM paygent_schema_version") == [(SCHEMA_VERSION,)]
+    versions = pg_rows(pg_url, "SELECT version FROM paygent_schema_version ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # every migration, once
     for spool in opened:
         spool.close()
     with psycopg.connect(pg_url) as conn:
@@ -258,9 +259,7 @@ def test_an_outage_never_stalls_export_and_loses_nothing(
     # The first export of the outage waits one connect timeout at most, the others not at all.
     assert max(during) < 4.0 and sorted(during)[-2] < 0.5, during
     assert sandbox.ledger.duplicate_count() == 0
-    assert sorted(int(row["meta_tags"]["seq"]) for row in sandbox.ledger.rows()) == list(
-        range(21)
-    )
+    assert sorted(int(row["meta_tags"]["seq"]) for row in sandbox.ledger.rows()) == list(range(21))
     assert "is unreachable" in caplog.text and "local fallback" in caplog.text
     provider.shutdown()
 
@@ -441,3 +440,56 @@ def test_a_database_that_cannot_be_used_is_one_clear_error(pg_url: str, tmp_path
     spool = PostgresSpool(missing, max_bytes=1 << 30, fallback_path=tmp_path / "fb.sqlite3")
     assert spool.add(DEST, records(2)).accepted == 2 and spool.pending() == 2
     spool.close()
+
+
+# ---------------------------------------------------------------- keys and endpoints
+
+
+def usage_with_id(seconds: float) -> UsageRecord:
+    from paygent_otel import semconv as sc
+    from paygent_otel._mapping import map_usage
+
+    attributes = {
+        sc.USAGE_KIND: "stt", sc.USAGE_ID: "job-42", sc.AGENT_ID: "agent-voice",
+        sc.CUSTOMER_ID: "cust-1", sc.PROVIDER: "deepgram", sc.MODEL: "nova-2",
+        sc.STT_AUDIO_SECONDS: seconds,
+    }  # fmt: skip
+    result = map_usage(attributes, ref=f"usage-id:{attributes[sc.USAGE_ID]}", origin="a job")
+    assert isinstance(result, UsageRecord)
+    return result
+
+
+def test_the_same_usage_id_with_other_usage_is_refused_by_every_replica(pg_url: str) -> None:
+    first, second = (PostgresSpool(pg_url, max_bytes=1 << 30) for _ in range(2))
+    try:
+        assert first.add(DEST, [usage_with_id(30.0)]).accepted == 1
+        again = second.add(DEST, [usage_with_id(30.0)])
+        assert (again.accepted, again.duplicates, again.conflicts) == (0, 1, ())
+        other = second.add(DEST, [usage_with_id(45.0)])
+        assert (other.accepted, other.duplicates) == (0, 0)
+        [conflict] = other.conflicts
+        assert "paygent.usage.id 'job-42'" in conflict.message
+        assert pg_rows(pg_url, "SELECT count(*) FROM paygent_pending") == [(1,)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_status_and_retarget_work_per_endpoint_on_a_postgres_spool(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from paygent_otel._spool import destination_id
+
+    wrong, right = "http://paygent.test/v1", "http://paygent.test"
+    spool = PostgresSpool(pg_url, max_bytes=1 << 30)
+    spool.remember_endpoint(destination_id(wrong), wrong)
+    spool.add(destination_id(wrong), records(3))
+    spool.close()
+
+    assert main(["spool", "status", "--spool", pg_url]) == 0
+    assert f"endpoint        {wrong}\n  pending       3" in capsys.readouterr().out
+    assert main(["spool", "retarget", "--spool", pg_url, "--from", wrong, "--to", right]) == 0
+    assert f"3 pending records and 0 dead letters of {wrong}" in capsys.readouterr().out
+    assert pg_rows(pg_url, "SELECT DISTINCT dest FROM paygent_pending") == [
+        (destination_id(right),)
+    ]
