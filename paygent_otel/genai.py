@@ -12,10 +12,12 @@ The counts map as ``paygent-sdk``'s OpenAI Realtime mapping
 (``speech_to_speech_metadata_from_openai_realtime_usage``) maps the same usage:
 
 - per-modality input counts (``gen_ai.usage.{text,audio,image}.input_tokens``) are sent as
-  given; without any, the whole input total minus the cached tokens is text;
+  given, and what no modality claims of the total is text when no text count is given;
+  without any, the whole input total minus the cached tokens is text;
 - cached tokens are sent per modality (``gen_ai.usage.{m}.cache_read.input_tokens``) when
   split, else as one undivided count (``gen_ai.usage.cache_read.input_tokens``);
-- per-modality output counts are sent as given; without any, the output total is text.
+- per-modality output counts are sent as given (the rest of the total as text when no text
+  count is given); without any, the output total is text.
 
 A subset is never added on top of its total: totals only check their parts, and parts
 that add up to more than their total make the span invalid (rejected with the attribute
@@ -189,6 +191,10 @@ def genai_record(attributes: Attributes) -> dict[str, Any] | None:
         for m, count in inputs.items():
             if count is not None:
                 quantities[_STS_INPUT[m]] = count[1]
+        if inputs["text"] is None and total_in is not None:
+            # Modality counts are subsets of the total: what no modality claims is text
+            # (a span that gives only its audio subset must not under-bill its text).
+            quantities[_STS_INPUT["text"]] = total_in[1] - sum(_value(c) for c in inputs.values())
     elif total_in is not None:
         # Without a split the SDK bills the uncached input as text and the cache apart.
         uncached = total_in[1] - (cached_sum if cached_total is None else cached_total[1])
@@ -197,6 +203,10 @@ def genai_record(attributes: Attributes) -> dict[str, Any] | None:
         for m, count in outputs.items():
             if count is not None and m in _STS_OUTPUT:
                 quantities[_STS_OUTPUT[m]] = count[1]
+        if outputs["text"] is None and total_out is not None:
+            quantities[_STS_OUTPUT["text"]] = total_out[1] - sum(
+                _value(c) for c in outputs.values()
+            )
     elif total_out is not None:
         # An output total alone is billed as text: every realtime model answers in text
         # or text+audio, and dropping it (as the SDK does) would bill nothing for it.

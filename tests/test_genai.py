@@ -100,6 +100,19 @@ def test_audio_only() -> None:
     assert metadata(counts) == tokens(input={"audio": 900}, output={"audio": 1500})
 
 
+def test_what_no_modality_claims_of_a_total_is_text() -> None:
+    # Pipecat and others give only the audio subset: the text part must still be billed.
+    counts = {
+        U + "input_tokens": 1000,
+        U + "audio.input_tokens": 700,
+        U + "output_tokens": 500,
+        U + "audio.output_tokens": 400,
+    }
+    assert metadata(counts) == tokens(
+        input={"text": 300, "audio": 700}, output={"text": 100, "audio": 400}
+    )
+
+
 def test_mixed_modalities_are_sent_as_given_and_totals_only_check_them() -> None:
     counts = {
         U + "input_tokens": 1020,
