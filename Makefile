@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 FW_VENV := .venv-frameworks
 
-.PHONY: demo test test-frameworks lint browser bench clean
+.PHONY: demo test test-frameworks lint browser bench mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +53,16 @@ test-frameworks: $(FW_VENV)/.installed
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 
+$(VENV)/.installed-mutate: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[mutate]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-server
+
+# Mutation testing of the mapping and the retry decision ([tool.mutmut] in pyproject.toml);
+# not part of `make test`: it runs the selected tests once per mutant (minutes).
+mutate: $(VENV)/.installed-mutate
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) $(FW_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FW_VENV) mutants .pytest_cache .mypy_cache .ruff_cache

@@ -47,6 +47,12 @@ def decided(
 # (outcome, attempts, endpoint) -> (verdict, retry in s, pause for s, status, misconfigured)
 TABLE = [
     (Answer(200), 1, FRESH, (Verdict.DELIVERED, None, None, "", False)),
+    (Answer(299), 1, FRESH, (Verdict.DELIVERED, None, None, "", False)),
+    (Answer(300), 1, KNOWN_GOOD, (Verdict.RETRY, 1.0, 1.0, "", True)),  # a redirect: config
+    (Answer(410), 1, FRESH, (Verdict.RETRY, 1.0, 1.0, "", True)),
+    (Answer(410), 1, KNOWN_GOOD, (Verdict.DEAD, None, None, "410", False)),
+    (Answer(500), 1, FRESH, (Verdict.RETRY, 1.0, None, "", False)),
+    (Answer(499), 1, FRESH, (Verdict.DEAD, None, None, "499", False)),
     (Answer(202), 9, FRESH, (Verdict.DELIVERED, None, None, "", False)),
     # the record's own backoff, nobody else waits
     (Answer(503, None, "busy"), 1, FRESH, (Verdict.RETRY, 1.0, None, "", False)),
@@ -116,6 +122,39 @@ def test_past_the_time_limit_a_retry_becomes_a_gave_up_dead_letter(
 
 def test_within_the_time_limit_it_is_retried() -> None:
     assert decided(Answer(503), max_retry_seconds=60, created=NOW - 59).verdict is Verdict.RETRY
+
+
+def test_the_time_limit_is_reached_at_exactly_its_length() -> None:
+    d = decided(Answer(503), max_retry_seconds=60, created=NOW - 60)
+    assert (d.verdict, d.status, d.cause) == (Verdict.DEAD, "gave_up", "HTTP 503")
+
+
+def test_a_retry_after_date_is_read_against_the_given_clock() -> None:
+    from datetime import UTC, datetime
+    from email.utils import format_datetime
+
+    header = format_datetime(datetime.fromtimestamp(NOW + 20, UTC), usegmt=True)
+    d = decided(Answer(429, header))
+    assert d.pause_until == NOW + 20
+    # ...and the time limit still applies to a throttled record.
+    late = decided(Answer(429, header), max_retry_seconds=60, created=NOW - 61)
+    assert late.status == "gave_up"
+
+
+@pytest.mark.parametrize("outcome", [Answer(503), REFUSED, Answer(404)])
+def test_every_backoff_draws_its_jitter_from_the_given_random_source(
+    outcome: Answer | Failure,
+) -> None:
+    policy = RetryPolicy(initial_interval=1.0, max_interval=30.0, jitter=0.5)
+
+    def retry_at(seed: int) -> float | None:
+        return decide(
+            outcome, attempts=1, created=NOW, endpoint=FRESH, url=URL, policy=policy,
+            max_retry_seconds=None, now=NOW, rng=random.Random(seed),
+        ).retry_at  # fmt: skip
+
+    assert retry_at(1) == retry_at(1)
+    assert len({retry_at(seed) for seed in range(10)}) > 5
 
 
 def test_a_definitive_rejection_is_dead_even_past_the_time_limit_with_its_own_status() -> None:
