@@ -150,9 +150,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="move dead letters back to pending, so a running exporter sends them again",
         description=(
             "Move dead letters back to the pending records, with their original idempotency "
-            "key, once the cause of the refusal is fixed. An exporter running on this spool "
-            "sends them within a second; otherwise the next one to start does. Invalid records "
-            "are never retried (they are not Paygent documents)."
+            "key, once the cause of the refusal is fixed. A process delivering from this spool "
+            "to the records' endpoint sends them within a second (the next one to start, if "
+            "none runs); the command says which endpoint that is. Invalid records are never "
+            "retried (they are not Paygent documents)."
         ),
     )
     _add_spool_argument(retry)
