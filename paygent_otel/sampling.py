@@ -47,6 +47,7 @@ from opentelemetry.util.types import Attributes
 
 from . import semconv as sc
 from ._spans import has_usage
+from .frameworks import parse_frameworks
 from .recording import record_stt
 from .trace_exporter import PaygentSpanExporter
 
@@ -136,11 +137,21 @@ class UsageSpanProcessor(BatchSpanProcessor):
                 "UsageSpanProcessor needs opentelemetry-sdk 1.45.x"
             )
         self._genai = exporter.config.genai
+        self._frameworks = parse_frameworks(exporter.config.frameworks)
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue ``span`` when it carries usage, whatever its sampled flag."""
         events = (e.name for e in span.events)
-        if has_usage(span.attributes or {}, events, self._genai, dropped=span.dropped_attributes):
+        scope = span.instrumentation_scope.name if span.instrumentation_scope else ""
+        if has_usage(
+            span.attributes or {},
+            events,
+            self._genai,
+            dropped=span.dropped_attributes,
+            frameworks=self._frameworks,
+            scope=scope,
+            span_name=span.name,
+        ):
             self._batch_processor.emit(span)
 
 

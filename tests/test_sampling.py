@@ -282,6 +282,40 @@ def test_unsampled_gen_ai_spans_are_billed_when_the_exporter_maps_them(
     assert otlp.spans == []
 
 
+def test_unsampled_framework_spans_are_billed_when_the_exporter_reads_the_framework(
+    sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
+) -> None:
+    provider = TracerProvider(
+        sampler=UsageSampler(ALWAYS_OFF),
+        resource=Resource.create({sc.AGENT_ID: AGENT, sc.CUSTOMER_ID: CUSTOMER}),
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
+    exporter = PaygentSpanExporter(
+        endpoint=sandbox.url,
+        api_key=API_KEY,
+        spool_path=tmp_path / "spool.sqlite3",
+        frameworks=("pipecat",),
+    )
+    provider.add_span_processor(UsageSpanProcessor(exporter))
+    # What Pipecat's traced TTS service leaves on its span (tracer name "pipecat").
+    provider.get_tracer("pipecat").start_span(
+        "tts",
+        attributes={
+            "metrics.character_count": 42,
+            "gen_ai.provider.name": "elevenlabs",
+            "gen_ai.request.model": "eleven_turbo_v2",
+        },
+    ).end()
+    try:
+        assert provider.force_flush(10_000)
+        assert exporter.force_flush(10_000), exporter.stats
+    finally:
+        provider.shutdown()
+    rows = wait_for(sandbox.ledger.rows)
+    assert [(row["customer_id"], row["characters"]) for row in rows] == [(CUSTOMER, 42)]
+    assert otlp.spans == []
+
+
 def test_demo_function_bills_every_request(sandbox: SandboxServer, tmp_path: Path) -> None:
     stats = run_sampled_service_demo(
         sandbox.url, tmp_path / "spool.sqlite3", api_key=API_KEY, requests=40
