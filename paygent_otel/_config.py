@@ -47,6 +47,7 @@ __all__ = [
     "default_spool_path",
     "flag_type",
     "flag_values",
+    "parse_endpoint",
     "read_setting",
 ]
 
@@ -192,7 +193,9 @@ def _size(value: object) -> int:
     return _count(value)
 
 
-def _endpoint(value: object) -> str | None:
+def parse_endpoint(value: object) -> str | None:
+    """The Paygent API base URL ``value`` names, without a trailing slash; ``ValueError``
+    says what is wrong with it (no http/https scheme, no host, the usage path appended)."""
     text = _text(value)
     if text is None:
         return None
@@ -355,7 +358,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "error at start, records stay in the durable spool. Never logged.",
     ),
     Setting(
-        name="endpoint", env=OTEL_EXPORTER_PAYGENT_ENDPOINT, read=_endpoint, blocks=True,
+        name="endpoint", env=OTEL_EXPORTER_PAYGENT_ENDPOINT, read=parse_endpoint, blocks=True,
         default=DEFAULT_ENDPOINT, kind="URL", default_doc=f"`{DEFAULT_ENDPOINT}`",
         flag="--endpoint",
         doc="API base URL (http or https, with a host); records go to "

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._config import MEMORY_SPOOL, OTEL_EXPORTER_PAYGENT_SPOOL_PATH, ExporterConfig
+from ._config import (
+    MEMORY_SPOOL,
+    OTEL_EXPORTER_PAYGENT_SPOOL_PATH,
+    ExporterConfig,
+    parse_endpoint,
+)
 from ._output import (
     add_format_arguments,
     format_table,
@@ -517,10 +522,10 @@ def _say_who_sends(path: Path | str, endpoints: list[EndpointStatus]) -> None:
 
 
 def _retarget(args: argparse.Namespace) -> int:
-    target = args.target.strip().rstrip("/")
-    problem = _endpoint_problem(target)
-    if problem:
-        print(f"paygent-otel spool retarget: --to {args.target!r}: {problem}", file=sys.stderr)
+    try:  # the exporters' own rule for an endpoint
+        target = parse_endpoint(args.target) or ""
+    except ValueError as exc:
+        print(f"paygent-otel spool retarget: --to {args.target!r}: {exc}", file=sys.stderr)
         return 2
     spool = _open(args)
     if spool is None:
@@ -548,22 +553,6 @@ def _retarget(args: argparse.Namespace) -> int:
     )
     _say_who_sends(spool.path, endpoints)
     return 0
-
-
-def _endpoint_problem(url: str) -> str | None:
-    """Why ``url`` cannot be a Paygent API base URL (None: it can)."""
-    from urllib.parse import urlsplit
-
-    from ._delivery import USAGE_PATH
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return "the endpoint needs an http:// or https:// scheme"
-    if not parts.hostname:
-        return "the endpoint has no host name"
-    if parts.path.rstrip("/").endswith(USAGE_PATH):
-        return f"give the API base URL: the exporters append {USAGE_PATH} themselves"
-    return None
 
 
 _PROGRESS_SECONDS = 2.0

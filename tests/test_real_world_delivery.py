@@ -380,8 +380,8 @@ def test_records_of_a_wrong_endpoint_are_shown_per_endpoint_and_sent_after_retar
 
 def test_retarget_refuses_a_target_that_is_not_an_api_base_url(tmp_path: Path) -> None:
     for target, problem in [
-        ("localhost:8080", "needs an http:// or https:// scheme"),
-        ("https://cp-api.withpaygent.com/api/v2/usage", "give the API base URL"),
+        ("localhost:8080", "must start with http:// or https://"),
+        ("https://cp-api.withpaygent.com/api/v2/usage", "leave out /api/v2/usage"),
     ]:
         done = cli(tmp_path, "spool", "retarget", "--from", "http://a", "--to", target)
         assert done.returncode == 2
