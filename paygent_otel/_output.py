@@ -1,7 +1,8 @@
 """How the command line shows things: human times and sizes, and listings as text, JSON or CSV.
 
 Every listing command takes ``--json`` and ``--csv`` (:func:`add_format_arguments`) and
-prints through :func:`print_rows`, so the three forms carry the same columns.
+prints through :func:`print_rows`, so the three forms carry the same columns. Every command
+is added with :func:`add_command`, so every ``--help`` keeps its examples' layout.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import json
 import re
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "add_command",
     "add_format_arguments",
     "format_table",
     "human_age",
@@ -74,6 +76,33 @@ def humanize_timestamps(text: str) -> str:
         return stamp[:-3] + "Z"
 
     return _NANOS.sub(iso, text)
+
+
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: str | None = None,
+    handler: Callable[[argparse.Namespace], int] | None = None,
+) -> argparse.ArgumentParser:
+    """Add the command (or subcommand) ``name`` and return its parser.
+
+    ``help`` is its line in the list of commands; ``description`` and ``epilog`` (examples,
+    exit statuses) are printed as written, line breaks kept. ``handler`` runs it with the
+    parsed arguments and returns the exit status; a command with subcommands leaves it out.
+    """
+    parser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if handler is not None:
+        parser.set_defaults(handler=handler)
+    return parser
 
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Tracer
 
 from . import semconv as sc
+from ._output import add_command
 from .instruments import UsageInstruments
 from .metric_exporter import PaygentMetricExporter
 from .recording import record_sts, record_stt
@@ -299,7 +300,8 @@ def run_demo(workdir: Path | None = None) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` command."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "demo",
         help="bill sample usage to an embedded local Paygent and print the ledger",
         description=(
@@ -311,7 +313,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         ),
         epilog="example:\n  paygent-otel demo\n  paygent-otel demo --workdir /tmp/demo  "
         "(keep the ledger and spool files)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=lambda args: run_demo(args.workdir),
     )
     parser.add_argument(
         "--workdir",
@@ -319,4 +321,3 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="folder for the ledger and spool files, created if missing; the files of an "
         "earlier demo there are replaced (default: a temporary folder, removed)",
     )
-    parser.set_defaults(handler=lambda args: run_demo(args.workdir))

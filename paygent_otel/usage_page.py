@@ -154,6 +154,34 @@ def _metric(point: UsagePoint, kind: str) -> float:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _Plot:
+    """Where the chart draws: the SVG's size, the plot area in it and the value scale."""
+
+    labels: list[str]
+    peak: float
+    width: int = 960
+    height: int = 300
+    left: int = 64
+    right: int = 180
+    top: int = 14
+    bottom: int = 46
+
+    @property
+    def plot_w(self) -> int:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_h(self) -> int:
+        return self.height - self.top - self.bottom
+
+    def x(self, i: int) -> float:
+        return self.left + i * (self.plot_w / max(len(self.labels) - 1, 1))
+
+    def y(self, v: float) -> float:
+        return self.top + self.plot_h - v / self.peak * self.plot_h
+
+
 def _chart(usage: Sequence[UsagePoint], labels: list[str], kind: str) -> str:
     """An inline SVG line chart: one line per customer over the buckets."""
     series: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(labels))
@@ -161,68 +189,75 @@ def _chart(usage: Sequence[UsagePoint], labels: list[str], kind: str) -> str:
     for point in usage:
         if point.bucket in index and kind in ("all", point.kind):
             series[point.customer][index[point.bucket]] += _metric(point, kind)
-    width, height, left, right, top, bottom = 960, 300, 64, 180, 14, 46
-    plot_w, plot_h = width - left - right, height - top - bottom
     peak = max((v for values in series.values() for v in values), default=0.0) or 1.0
-    step = plot_w / max(len(labels) - 1, 1)
-
-    def x(i: int) -> float:
-        return left + i * step
-
-    def y(v: float) -> float:
-        return top + plot_h - v / peak * plot_h
-
+    plot = _Plot(labels, peak)
     unit = "calls" if kind == "all" else _KIND_UNITS[kind][1]
+    parts = _axes(plot, unit)
+    for n, (customer, values) in enumerate(sorted(series.items())):
+        parts.extend(_series(plot, n, customer, values, unit))
+    if not series:
+        parts.append(
+            f'<text x="{plot.left + plot.plot_w / 2}" y="{plot.top + plot.plot_h / 2}" '
+            'text-anchor="middle" fill="#7b8794">no billed usage in this window</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _axes(plot: _Plot, unit: str) -> list[str]:
+    """The chart's opening: the SVG element, the plot area, value lines, bucket labels."""
+    left, top, width, height = plot.left, plot.top, plot.width, plot.height
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="billed {_e(unit)} per customer">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fbfcfd" '
-        'stroke="#e4e7eb"/>',
+        f'<rect x="{left}" y="{top}" width="{plot.plot_w}" height="{plot.plot_h}" '
+        'fill="#fbfcfd" stroke="#e4e7eb"/>',
     ]
     for fraction in (0.0, 0.5, 1.0):
-        ty = y(peak * fraction)
+        ty = plot.y(plot.peak * fraction)
         parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{ty:.1f}" y2="{ty:.1f}" '
+            f'<line x1="{left}" x2="{left + plot.plot_w}" y1="{ty:.1f}" y2="{ty:.1f}" '
             'stroke="#eef0f2"/>'
             f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end" font-size="11" '
-            f'fill="#52606d">{_e(_fmt(round(peak * fraction, 2)))}</text>'
+            f'fill="#52606d">{_e(_fmt(round(plot.peak * fraction, 2)))}</text>'
         )
+    labels = plot.labels
     every = max(1, len(labels) // 8)
     for i, label in enumerate(labels):
         if i % every == 0 or i == len(labels) - 1:
             parts.append(
-                f'<text x="{x(i):.1f}" y="{height - bottom + 16}" text-anchor="middle" '
-                f'font-size="11" fill="#52606d">{_e(label[5:])}</text>'
+                f'<text x="{plot.x(i):.1f}" y="{height - plot.bottom + 16}" '
+                f'text-anchor="middle" font-size="11" fill="#52606d">{_e(label[5:])}</text>'
             )
     parts.append(
         f'<text x="{left}" y="{height - 6}" font-size="11" fill="#52606d">{_e(unit)} per '
         f"{'hour' if 'T' in labels[0] else 'day'}, UTC</text>"
     )
-    for n, (customer, values) in enumerate(sorted(series.items())):
-        color = _PALETTE[n % len(_PALETTE)]
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
-        parts.append(
-            f'<polyline class="series" data-customer="{_e(customer)}" fill="none" '
-            f'stroke="{color}" stroke-width="2" points="{points}"/>'
-        )
-        parts.extend(
-            f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}">'
-            f"<title>{_e(customer)} {_e(labels[i])}: {_e(_fmt(v))} {_e(unit)}</title></circle>"
-            for i, v in enumerate(values)
-            if v
-        )
-        ly = top + 14 + n * 18
-        parts.append(
-            f'<rect x="{width - right + 14}" y="{ly - 9}" width="12" height="4" fill="{color}"/>'
-            f'<text x="{width - right + 32}" y="{ly - 4}" font-size="12">{_e(customer)}</text>'
-        )
-    if not series:
-        parts.append(
-            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" text-anchor="middle" '
-            'fill="#7b8794">no billed usage in this window</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    return parts
+
+
+def _series(plot: _Plot, n: int, customer: str, values: list[float], unit: str) -> list[str]:
+    """The ``n``-th customer's line, a dot with a tooltip per non-zero bucket, its legend."""
+    color = _PALETTE[n % len(_PALETTE)]
+    x, y = plot.x, plot.y
+    points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+    parts = [
+        f'<polyline class="series" data-customer="{_e(customer)}" fill="none" '
+        f'stroke="{color}" stroke-width="2" points="{points}"/>'
+    ]
+    parts.extend(
+        f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}">'
+        f"<title>{_e(customer)} {_e(plot.labels[i])}: {_e(_fmt(v))} {_e(unit)}</title></circle>"
+        for i, v in enumerate(values)
+        if v
+    )
+    ly = plot.top + 14 + n * 18
+    legend_x = plot.width - plot.right
+    parts.append(
+        f'<rect x="{legend_x + 14}" y="{ly - 9}" width="12" height="4" fill="{color}"/>'
+        f'<text x="{legend_x + 32}" y="{ly - 4}" font-size="12">{_e(customer)}</text>'
+    )
+    return parts
 
 
 def _usage_table(usage: Sequence[UsagePoint]) -> str:

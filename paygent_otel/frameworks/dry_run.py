@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._mapping import IdentityDefaults, RejectReason
+from .._output import add_command
 from ..bridge.otlp import Extraction, InvalidRequest, Signal, UsageExtractor, decode_request
 from . import FRAMEWORKS, parse_frameworks
 
@@ -171,15 +172,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``dry-run`` command to the ``paygent-otel`` command line."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "dry-run",
         help="print what OTLP/JSON files would bill, without sending anything",
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_run,
     )
     _add_arguments(parser)
-    parser.set_defaults(handler=_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,10 +25,10 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -70,6 +70,8 @@ AUTH_CHECK_PATH: Final = "/api/v2/auth-check"
 would accept, 401 otherwise. Bills nothing, logs nothing; faults do not apply. Paygent
 itself has no such route."""
 
+
+_Parsed = TypeVar("_Parsed")
 
 _MAX_LATENCY_MS = 600_000.0  # longer than any client timeout; a typo, not a test
 
@@ -317,26 +319,7 @@ def validate_usage(
     provider = _string(raw["provider"], "rawUsage.provider", required=False)
     model = _string(raw["model"], "rawUsage.model", required=False)
     plan = _string(raw["plan"], "rawUsage.plan", required=False)
-    present = [name for name in _KIND_BY_FIELD if name in raw]
-    if len(present) != 1:
-        raise PayloadError(
-            "rawUsage",
-            "needs exactly one of audioDuration (STT), characterCount (TTS), "
-            f"usageMetadata (STS), got {' and '.join(present) or 'none'}",
-        )
-    (field,) = present
-    audio_minutes: float | None = None
-    characters: int | None = None
-    usage_metadata: str | None = None
-    sts_tokens: int | None = None
-    sts_minutes: float | None = None
-    if field == "audioDuration":
-        audio_minutes = _minutes(raw[field], "rawUsage.audioDuration", positive=True)
-    elif field == "characterCount":
-        characters = _integer(raw[field], "rawUsage.characterCount", 1)
-    else:
-        sts_tokens, sts_minutes = _usage_metadata(raw[field], "rawUsage.usageMetadata")
-        usage_metadata = json.dumps(raw[field], separators=(",", ":"))
+    quantity = _raw_quantity(raw)
     meta_tags: str | None = None
     if "metaTags" in doc:
         _meta_tags(doc["metaTags"])
@@ -347,18 +330,63 @@ def validate_usage(
         agent_id=agent_id,
         customer_id=customer_id,
         indicator=indicator,
-        kind=_KIND_BY_FIELD[field],
+        kind=quantity.kind,
         provider=provider,
         model=model,
         plan=plan,
-        audio_minutes=audio_minutes,
-        characters=characters,
-        usage_metadata=usage_metadata,
-        sts_tokens=sts_tokens,
-        sts_minutes=sts_minutes,
+        audio_minutes=quantity.audio_minutes,
+        characters=quantity.characters,
+        usage_metadata=quantity.usage_metadata,
+        sts_tokens=quantity.sts_tokens,
+        sts_minutes=quantity.sts_minutes,
         meta_tags=meta_tags,
         body=body,
     )
+
+
+class _Quantity(NamedTuple):
+    """The usage ``rawUsage`` carries: its kind and the ledger columns of that kind."""
+
+    kind: str
+    audio_minutes: float | None = None
+    characters: int | None = None
+    usage_metadata: str | None = None
+    sts_tokens: int | None = None
+    sts_minutes: float | None = None
+
+
+def _raw_quantity(raw: dict[str, Any]) -> _Quantity:
+    """The one quantity field of ``rawUsage`` (``audioDuration``, ``characterCount`` or
+    ``usageMetadata``), validated."""
+    present = [name for name in _KIND_BY_FIELD if name in raw]
+    if len(present) != 1:
+        raise PayloadError(
+            "rawUsage",
+            "needs exactly one of audioDuration (STT), characterCount (TTS), "
+            f"usageMetadata (STS), got {' and '.join(present) or 'none'}",
+        )
+    (field,) = present
+    kind = _KIND_BY_FIELD[field]
+    if field == "audioDuration":
+        return _Quantity(
+            kind, audio_minutes=_minutes(raw[field], f"rawUsage.{field}", positive=True)
+        )
+    if field == "characterCount":
+        return _Quantity(kind, characters=_integer(raw[field], f"rawUsage.{field}", 1))
+    sts_tokens, sts_minutes = _usage_metadata(raw[field], f"rawUsage.{field}")
+    return _Quantity(
+        kind,
+        usage_metadata=json.dumps(raw[field], separators=(",", ":")),
+        sts_tokens=sts_tokens,
+        sts_minutes=sts_minutes,
+    )
+
+
+def _customer_document(document: object, **_request: object) -> dict[str, Any]:
+    """A ``create-or-get`` body: any JSON object (the sandbox stores no customer)."""
+    if not isinstance(document, dict):
+        raise PayloadError("body", f"must be a JSON object, got {_json_type(document)}")
+    return document
 
 
 def _refuse_constant(name: str) -> NoReturn:
@@ -470,24 +498,13 @@ class SandboxApp:
     # ----------------------------------------------------------------- Paygent API routes
 
     async def _usage(self, request: Request) -> Response:
-        received_at = time.time()
-        # One pass over the raw header list; Starlette's Headers scans it per lookup.
-        headers: dict[bytes, bytes] = dict(request.scope["headers"])
-        key = headers.get(b"idempotency-key", b"").decode("latin-1") or None
-        try:
-            text = await self._admit(request, headers)
-            try:
-                document = _DECODER.decode(text)
-                row = validate_usage(
-                    document, body=text, received_at=received_at, idempotency_key=key
-                )
-            except PayloadError as exc:
-                raise _Refusal(400, Outcome.INVALID, str(exc)) from None
-            except ValueError as exc:
-                raise _Refusal(400, Outcome.INVALID, f"body: not valid JSON: {exc}") from None
-        except _Refusal as refusal:
-            return await self._refuse(request, received_at, key, refusal)
-        self._counts["requests"] += 1
+        return await self._api_call(request, validate_usage, self._record)
+
+    async def _customer(self, request: Request) -> Response:
+        return await self._api_call(request, _customer_document, self._acknowledge_customer)
+
+    async def _record(self, row: UsageRow, received_at: float, key: str | None) -> Response:
+        """Store an accepted usage record, or acknowledge a repeat of its Idempotency-Key."""
         usage_id = self.writer.usage_id(key) if key is not None else None
         if usage_id is not None:
             self.writer.log_request(received_at, "POST", USAGE_PATH, key, 200, Outcome.DUPLICATE)
@@ -499,24 +516,10 @@ class SandboxApp:
         self._counts[Outcome.ACCEPTED] += 1
         return JSONResponse({"id": usage_id, "duplicate": False})
 
-    async def _customer(self, request: Request) -> Response:
-        received_at = time.time()
-        # One pass over the raw header list; Starlette's Headers scans it per lookup.
-        headers: dict[bytes, bytes] = dict(request.scope["headers"])
-        key = headers.get(b"idempotency-key", b"").decode("latin-1") or None
-        try:
-            text = await self._admit(request, headers)
-            try:
-                document = _DECODER.decode(text)
-            except ValueError as exc:
-                raise _Refusal(400, Outcome.INVALID, f"body: not valid JSON: {exc}") from None
-            if not isinstance(document, dict):
-                raise _Refusal(
-                    400, Outcome.INVALID, f"body: must be a JSON object, got {_json_type(document)}"
-                )
-        except _Refusal as refusal:
-            return await self._refuse(request, received_at, key, refusal)
-        self._counts["requests"] += 1
+    async def _acknowledge_customer(
+        self, document: dict[str, Any], received_at: float, key: str | None
+    ) -> Response:
+        """Answer ``create-or-get`` as Paygent does; the sandbox stores no customer."""
         self.writer.log_request(received_at, "POST", CUSTOMERS_PATH, key, 200, Outcome.CUSTOMER)
         await self.writer.committed()
         external_id = document.get("externalId")
@@ -527,6 +530,36 @@ class SandboxApp:
                 "name": document.get("name"),
             }
         )
+
+    async def _api_call(
+        self,
+        request: Request,
+        parse: Callable[..., _Parsed],
+        answer: Callable[[_Parsed, float, str | None], Awaitable[Response]],
+    ) -> Response:
+        """One Paygent API request: admit it (:meth:`_admit`), decode its JSON body and
+        ``parse`` it, or answer the refusal; then count it and let ``answer`` reply.
+
+        ``parse(document, body=, received_at=, idempotency_key=)`` raises
+        :class:`PayloadError` for a body of the wrong shape.
+        """
+        received_at = time.time()
+        # One pass over the raw header list; Starlette's Headers scans it per lookup.
+        headers: dict[bytes, bytes] = dict(request.scope["headers"])
+        key = headers.get(b"idempotency-key", b"").decode("latin-1") or None
+        try:
+            text = await self._admit(request, headers)
+            try:
+                document = _DECODER.decode(text)
+                parsed = parse(document, body=text, received_at=received_at, idempotency_key=key)
+            except PayloadError as exc:
+                raise _Refusal(400, Outcome.INVALID, str(exc)) from None
+            except ValueError as exc:
+                raise _Refusal(400, Outcome.INVALID, f"body: not valid JSON: {exc}") from None
+        except _Refusal as refusal:
+            return await self._refuse(request, received_at, key, refusal)
+        self._counts["requests"] += 1
+        return await answer(parsed, received_at, key)
 
     async def _admit(self, request: Request, headers: dict[bytes, bytes]) -> str:
         """Faults, auth and content type, shared by the API routes; returns the body text."""

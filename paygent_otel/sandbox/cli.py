@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
-from .._output import add_format_arguments, format_table, print_rows
+from .._output import add_command, add_format_arguments, format_table, print_rows
 from .._units import flag_type, parse_duration, parse_instant
 from .ledger import PERIODS, Ledger
 
@@ -98,17 +98,18 @@ by the sandbox but not recorded; their count is printed below the table.
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``sandbox`` and ``ledger`` commands to the ``paygent-otel`` parser."""
-    sandbox = commands.add_parser(
+    sandbox = add_command(
+        commands,
         "sandbox",
         help="run a local Paygent that records usage in SQLite",
         description=_SANDBOX_DESCRIPTION,
         epilog=_SANDBOX_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=run_sandbox,
     )
     add_sandbox_arguments(sandbox)
-    sandbox.set_defaults(handler=run_sandbox)
 
-    ledger = commands.add_parser(
+    ledger = add_command(
+        commands,
         "ledger",
         help="print the usage totals a sandbox recorded",
         description=(
@@ -116,7 +117,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "Safe to run while the sandbox is serving."
         ),
         epilog=_LEDGER_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=show_ledger,
     )
     ledger.add_argument(
         "--db", default=DEFAULT_DB_PATH, metavar="PATH",
@@ -139,7 +140,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "local, or a name such as Europe/Paris",
     )  # fmt: skip
     add_format_arguments(ledger)
-    ledger.set_defaults(handler=show_ledger)
 
 
 def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,31 +176,22 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group(
         "fault injection", "also changeable while running: POST /_sandbox/faults"
     )
-    faults.add_argument(
-        "--latency-ms", type=_milliseconds, default=0.0, metavar="DURATION",
-        help="delay every API request by DURATION: 250ms, 2s (a bare number is in "
-        "milliseconds; default: 0)",
-    )  # fmt: skip
-    faults.add_argument(
-        "--fail-rate", type=float, default=0.0, metavar="P",
-        help="answer --fail-status to this fraction of requests, 0..1 (default: 0)",
-    )  # fmt: skip
-    faults.add_argument(
-        "--fail-status", type=int, default=DEFAULT_FAIL_STATUS, metavar="STATUS",
-        help=f"status of injected failures (default: {DEFAULT_FAIL_STATUS})",
-    )  # fmt: skip
-    faults.add_argument(
-        "--retry-after", type=_whole_seconds, metavar="DURATION",
-        help="send Retry-After with injected failures, in whole seconds: 2, 2s, 1m "
-        "(default: no header)",
-    )  # fmt: skip
-    faults.add_argument(
-        "--reject-rate", type=float, default=0.0, metavar="P",
-        help="answer 400 'sandbox injected rejection' to this fraction, 0..1 (default: 0)",
-    )  # fmt: skip
-    faults.add_argument(
-        "--seed", type=int, help="seed the fault draws, for a reproducible sequence"
-    )
+    for flag, kind, default, metavar, text in (
+        ("--latency-ms", _milliseconds, 0.0, "DURATION",
+         "delay every API request by DURATION: 250ms, 2s (a bare number is in milliseconds; "
+         "default: 0)"),
+        ("--fail-rate", float, 0.0, "P",
+         "answer --fail-status to this fraction of requests, 0..1 (default: 0)"),
+        ("--fail-status", int, DEFAULT_FAIL_STATUS, "STATUS",
+         f"status of injected failures (default: {DEFAULT_FAIL_STATUS})"),
+        ("--retry-after", _whole_seconds, None, "DURATION",
+         "send Retry-After with injected failures, in whole seconds: 2, 2s, 1m "
+         "(default: no header)"),
+        ("--reject-rate", float, 0.0, "P",
+         "answer 400 'sandbox injected rejection' to this fraction, 0..1 (default: 0)"),
+        ("--seed", int, None, None, "seed the fault draws, for a reproducible sequence"),
+    ):  # fmt: skip
+        faults.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
 
 
 def _add_page_arguments(parser: argparse.ArgumentParser) -> None:
