@@ -27,6 +27,7 @@ __all__ = [
     "humanize_timestamps",
     "iso_utc",
     "print_rows",
+    "program_parser",
 ]
 
 
@@ -103,6 +104,17 @@ def add_command(
     if handler is not None:
         parser.set_defaults(handler=handler)
     return parser
+
+
+def program_parser(prog: str, *, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of a command run as its own program (``python -m ...``), with the same
+    help layout as :func:`add_command`."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:

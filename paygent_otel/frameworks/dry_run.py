@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._mapping import IdentityDefaults, RejectReason
-from .._output import add_command
+from .._output import add_command, program_parser
 from ..bridge.otlp import Extraction, InvalidRequest, Signal, UsageExtractor, decode_request
 from . import FRAMEWORKS, parse_frameworks
 
@@ -185,11 +185,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the dry run as its own program; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m paygent_otel.frameworks.dry_run",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = program_parser(
+        "python -m paygent_otel.frameworks.dry_run", description=_DESCRIPTION, epilog=_EPILOG
     )
     _add_arguments(parser)
     return _run(parser.parse_args(argv))

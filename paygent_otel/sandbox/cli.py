@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
-from .._output import add_command, add_format_arguments, format_table, print_rows
+from .._output import add_command, add_format_arguments, format_table, print_rows, program_parser
 from .._units import flag_type, parse_duration, parse_instant
 from .ledger import PERIODS, Ledger
 
@@ -203,27 +203,20 @@ def _add_page_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+_SERVER_FLAGS: Final = (
+    *("host", "port", "api_key", "tls_cert", "tls_key", "tls_client_ca", "page_spools"),
+    *("latency_ms", "fail_rate", "fail_status", "retry_after", "reject_rate", "seed"),
+)
+"""The ``sandbox`` flags passed to :class:`SandboxServer` as the keyword arguments of the
+same names (``--db`` is its first argument)."""
+
+
 def run_sandbox(args: argparse.Namespace) -> int:
     """Handler of ``sandbox``: serve in the foreground until SIGINT or SIGTERM; exit status."""
     from .server import SandboxServer
 
     try:
-        server = SandboxServer(
-            args.db,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            latency_ms=args.latency_ms,
-            fail_rate=args.fail_rate,
-            fail_status=args.fail_status,
-            retry_after=args.retry_after,
-            reject_rate=args.reject_rate,
-            seed=args.seed,
-            page_spools=args.page_spools,
-        )
+        server = SandboxServer(args.db, **{name: getattr(args, name) for name in _SERVER_FLAGS})
         server.start()
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
         print(f"paygent-otel sandbox: {exc}", file=sys.stderr)
@@ -358,11 +351,8 @@ def _group_list(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m paygent_otel.sandbox``: the ``sandbox`` command on its own."""
-    parser = argparse.ArgumentParser(
-        prog="python -m paygent_otel.sandbox",
-        description=_SANDBOX_DESCRIPTION,
-        epilog=_SANDBOX_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = program_parser(
+        "python -m paygent_otel.sandbox", description=_SANDBOX_DESCRIPTION, epilog=_SANDBOX_EPILOG
     )
     add_sandbox_arguments(parser)
     args = parser.parse_args(argv)
