@@ -128,6 +128,14 @@ def spool_with_dead_letters(path: Path, count: int = 3) -> None:
     spool.close()
 
 
+@pytest.fixture
+def dead_spool(tmp_path: Path) -> Path:
+    """``tmp_path / "spool.sqlite3"`` holding three dead letters."""
+    path = tmp_path / "spool.sqlite3"
+    spool_with_dead_letters(path)
+    return path
+
+
 def record(i: int, customer: str = "cust-1", seconds: float = 60.0) -> UsageRecord:
     payload = {
         "agentId": "agent-voice", "customerId": customer, "indicator": "minutes",
@@ -139,10 +147,9 @@ def record(i: int, customer: str = "cust-1", seconds: float = 60.0) -> UsageReco
 
 
 def test_verbose_works_before_and_after_the_command(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dead_spool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool_with_dead_letters(path)
+    path = dead_spool
     assert main(["-v", "spool", "status", "--spool", str(path)]) == 0
     assert main(["spool", "status", "--spool", str(path), "-v"]) == 0
     assert main(["spool", "-v", "dead", "--spool", str(path)]) == 0
@@ -158,9 +165,10 @@ def run_cli(
     )  # fmt: skip
 
 
-def test_errors_are_one_line_and_the_traceback_only_under_verbose(tmp_path: Path) -> None:
-    spool = tmp_path / "spool.sqlite3"
-    spool_with_dead_letters(spool)
+def test_errors_are_one_line_and_the_traceback_only_under_verbose(
+    tmp_path: Path, dead_spool: Path
+) -> None:
+    spool = dead_spool
     not_a_ledger = run_cli("ledger", "--db", str(spool))
     assert not_a_ledger.returncode == 1
     assert "is not a sandbox ledger" in not_a_ledger.stderr
@@ -218,10 +226,9 @@ def test_the_cli_reads_the_spool_path_the_span_exporter_reads(
 
 
 def test_dead_letters_show_human_times_and_come_as_csv_and_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dead_spool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool_with_dead_letters(path)
+    path = dead_spool
     assert main(["spool", "dead", "--spool", str(path)]) == 0
     out = capsys.readouterr().out
     assert " s ago)" in out and "Z (" in out
@@ -235,10 +242,9 @@ def test_dead_letters_show_human_times_and_come_as_csv_and_json(
 
 
 def test_retry_and_purge_leave_audit_lines(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dead_spool: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool_with_dead_letters(path)
+    path = dead_spool
     assert main(["spool", "audit", "--spool", str(path)]) == 0
     assert "nobody retried or purged anything" in capsys.readouterr().out
     assert main(["spool", "retry", "--spool", str(path), "--status", "400"]) == 0

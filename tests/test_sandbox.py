@@ -25,34 +25,27 @@ API_KEY = "test-key"
 USAGE = "/api/v2/usage"
 
 
-def stt_body(**raw: Any) -> dict[str, Any]:
+def usage_body(
+    customer: str, indicator: str, provider: str, model: str, **quantity: Any
+) -> dict[str, Any]:
+    """A ``/api/v2/usage`` body of agent-voice on the default plan; ``quantity`` completes
+    ``rawUsage``."""
     return {
         "agentId": "agent-voice",
-        "customerId": "cust-a",
-        "indicator": "voice-minutes",
-        "rawUsage": {
-            "provider": "deepgram",
-            "model": "nova-2",
-            "plan": "default",
-            "audioDuration": 0.45,
-            **raw,
-        },
-        "metaTags": {"region": "eu"},
+        "customerId": customer,
+        "indicator": indicator,
+        "rawUsage": {"provider": provider, "model": model, "plan": "default", **quantity},
     }
+
+
+def stt_body(**raw: Any) -> dict[str, Any]:
+    quantity = {"audioDuration": 0.45, **raw}
+    body = usage_body("cust-a", "voice-minutes", "deepgram", "nova-2", **quantity)
+    return {**body, "metaTags": {"region": "eu"}}
 
 
 def tts_body() -> dict[str, Any]:
-    return {
-        "agentId": "agent-voice",
-        "customerId": "cust-b",
-        "indicator": "",
-        "rawUsage": {
-            "provider": "elevenlabs",
-            "model": "eleven_turbo_v2",
-            "plan": "default",
-            "characterCount": 1200,
-        },
-    }
+    return usage_body("cust-b", "", "elevenlabs", "eleven_turbo_v2", characterCount=1200)
 
 
 STS_METADATA = {
@@ -65,23 +58,8 @@ STS_METADATA = {
 
 
 def sts_body() -> dict[str, Any]:
-    return {
-        "agentId": "agent-voice",
-        "customerId": "cust-a",
-        "indicator": "realtime",
-        "rawUsage": {
-            "provider": "openai",
-            "model": "gpt-realtime",
-            "plan": "default",
-            "usageMetadata": json.loads(json.dumps(STS_METADATA)),
-        },
-    }
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    with SandboxServer(tmp_path / "ledger.sqlite3") as server:
-        yield server
+    metadata = json.loads(json.dumps(STS_METADATA))
+    return usage_body("cust-a", "realtime", "openai", "gpt-realtime", usageMetadata=metadata)
 
 
 @pytest.fixture
