@@ -14,6 +14,9 @@
   aimed at the sandbox, wait for its thread pool, return the bodies the SDK got recorded.
 - ``ledger_bodies(sandbox, keyed=None)``: parsed request bodies the sandbox recorded;
   ``keyed=True`` only ours (they carry an Idempotency-Key), ``False`` only the SDK's.
+- ``collect_lines(stream)``: a list a daemon thread fills with a child process's output
+  lines as they come.
+- ``env_file_settings(path)``: the ``NAME=value`` lines of an env file, as a dict.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
   ``XDG_STATE_HOME`` (the default spool folder) into ``tmp_path``, so the developer's own
   environment can neither change a result nor receive a test's spool.
@@ -23,11 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -89,6 +93,32 @@ def sent_by_sdk(sandbox: SandboxServer, call: Callable[[Any], object]) -> list[d
     client._executor.shutdown(wait=True)
     client.session.close()
     return ledger_bodies(sandbox, keyed=False)
+
+
+def collect_lines(stream: IO[str]) -> list[str]:
+    """A list that a daemon thread fills with ``stream``'s lines as they come, until EOF.
+
+    Reading a child's pipe this way keeps the child from blocking on a full pipe.
+    """
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in stream:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def env_file_settings(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of an env file (blank lines and ``#`` comments skipped)."""
+    settings = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            settings[name] = value
+    return settings
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from conftest import env_file_settings
 
 from paygent_otel import semconv as sc
 from paygent_otel.bridge import DEFAULT_PORT, SIGNAL_PATHS, Signal
@@ -176,12 +177,7 @@ def test_scale_out_routes_each_metric_stream_to_one_replica() -> None:
 
 
 def test_rotel_env_uses_real_settings_and_the_bridge_defaults() -> None:
-    settings = {}
-    for raw in (CONFIGS / "rotel.env").read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            settings[name] = value
+    settings = env_file_settings(CONFIGS / "rotel.env")
     assert (CONFIGS / "rotel.env").read_text().startswith("# rotel.env:")
     assert "# When to use:" in (CONFIGS / "rotel.env").read_text()
     assert settings["ROTEL_OTLP_EXPORTER_PROTOCOL"] == "http"

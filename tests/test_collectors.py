@@ -27,12 +27,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, wait_for
+from conftest import API_KEY, collect_lines, env_file_settings, wait_for
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -110,13 +110,8 @@ class Child:
         process = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        child = cls(process)
-        threading.Thread(target=child._pump, args=(process.stdout,), daemon=True).start()
-        return child
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
+        assert process.stdout is not None
+        return cls(process, collect_lines(process.stdout))
 
     @property
     def output(self) -> str:
@@ -180,13 +175,7 @@ def log_problems(output: str) -> list[str]:
 
 def rotel_settings() -> dict[str, str]:
     """The variables collector-config/rotel.env sets."""
-    settings = {}
-    for raw in (CONFIGS / "rotel.env").read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            settings[name] = value
-    return settings
+    return env_file_settings(CONFIGS / "rotel.env")
 
 
 def test_rotel_env_sets_only_settings_rotel_knows(tmp_path) -> None:

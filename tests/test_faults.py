@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import API_KEY, collect_lines, wait_for
 
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.reconcile import BLIND_SPOTS, Report, conservation_report
@@ -57,10 +57,9 @@ class Producer:
             text=True,
         )  # fmt: skip
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._log: list[str] = []
         assert self.process.stdout is not None and self.process.stderr is not None
         threading.Thread(target=self._read_events, args=(self.process.stdout,), daemon=True).start()
-        threading.Thread(target=self._read_log, args=(self.process.stderr,), daemon=True).start()
+        self._log = collect_lines(self.process.stderr)
         self.expect("ready", timeout=30)
 
     def _read_events(self, stream: IO[str]) -> None:
@@ -68,10 +67,6 @@ class Producer:
             if line.startswith("{"):
                 self._events.put(json.loads(line))
         self._events.put(None)
-
-    def _read_log(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._log.append(line)
 
     @property
     def log(self) -> str:
@@ -122,6 +117,50 @@ def producers() -> Iterator[list[Producer]]:
     yield started
     for producer in started:
         producer.close()
+
+
+@dataclass
+class Scenario:
+    """One fault scenario: its sandbox, the spool its producers share, and its line."""
+
+    sandbox: SandboxServer
+    spool: Path
+    producers: list[Producer]
+    capsys: pytest.CaptureFixture[str]
+
+    def producer(self, *options: str, spool: Path | None = None) -> Producer:
+        """Start a producer on :attr:`spool` (or ``spool``); it is killed at teardown."""
+        app = Producer(self.sandbox.url, spool or self.spool, *options)
+        self.producers.append(app)
+        return app
+
+    def conclude(
+        self,
+        name: str,
+        extra: str = "",
+        *,
+        recorded: int,
+        delivered: int,
+        refused: int = 0,
+        seqs: set[int] | None = None,
+    ) -> Verdict:
+        """The :func:`verdict`, which must count ``delivered`` records, then the scenario's
+        line (:func:`report`); with no spool file, the verdict reads no spool."""
+        result = verdict(self.sandbox, self.spool, recorded, refused=refused, seqs=seqs)
+        assert result.delivered == delivered, result
+        report(self.capsys, name, result, extra)
+        return result
+
+
+@pytest.fixture
+def scenario(
+    sandbox: SandboxServer,
+    tmp_path: Path,
+    producers: list[Producer],
+    capsys: pytest.CaptureFixture[str],
+) -> Scenario:
+    """The test's :class:`Scenario`: the ``sandbox`` fixture, ``tmp_path/spool.sqlite3``."""
+    return Scenario(sandbox, tmp_path / "spool.sqlite3", producers, capsys)
 
 
 @dataclass
@@ -216,12 +255,9 @@ def report(
 
 
 def test_backend_down_while_usage_keeps_being_recorded(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    spool = tmp_path / "spool.sqlite3"
-    app = Producer(sandbox.url, spool)
-    producers.append(app)
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
+    app = scenario.producer()
 
     app.send("record 240 0.01")
     wait_for(lambda: app.expect("progress")["recorded"] >= 60, timeout=30)
@@ -239,18 +275,17 @@ def test_backend_down_while_usage_keeps_being_recorded(
     arrivals = [row["received_at"] for row in sandbox.ledger.rows()]
     assert any(t < down_at for t in arrivals)  # delivered before the outage...
     assert sum(t >= up_at for t in arrivals) >= 100  # ...and what waited in the spool after it
-    result = verdict(sandbox, spool, recorded=240)
-    assert result.delivered == 240
-    report(capsys, "1 backend down", result, f"outage {up_at - down_at:.1f} s")
+    scenario.conclude(
+        "1 backend down", f"outage {up_at - down_at:.1f} s", recorded=240, delivered=240
+    )
 
 
 # ---------------------------------------------------------------- 2. flaky backend
 
 
 def test_flaky_backend_503_with_retry_after_and_500(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     # The sandbox answers one failure status at a time: alternate every 50 ms between
     # 503 + Retry-After and 500, so that of all requests about 50% are answered 503 and
     # 20% 500 (fail rate 70%, five slices in seven are 503).
@@ -270,9 +305,7 @@ def test_flaky_backend_503_with_retry_after_and_500(
     sandbox.set_faults(seed=2)
     toggler = threading.Thread(target=alternate, daemon=True)
     toggler.start()
-    spool = tmp_path / "spool.sqlite3"
-    app = Producer(sandbox.url, spool, "--max-in-flight", "64")
-    producers.append(app)
+    app = scenario.producer("--max-in-flight", "64")
     try:
         recorded = app.call("record 200 0", "recorded")
         flushed = app.call("flush 90", "flushed", timeout=120)
@@ -286,27 +319,24 @@ def test_flaky_backend_503_with_retry_after_and_500(
     assert statuses[503] > 0 and statuses[500] > 0
     # Every failure answer was retried (a dropped keep-alive connection is one more retry).
     assert flushed["stats"]["retried"] >= statuses[503] + statuses[500]
-    result = verdict(sandbox, spool, recorded=recorded["stats"]["accepted"])
-    assert result.delivered == 200
-    report(
-        capsys, "2 flaky backend", result,
+    scenario.conclude(
+        "2 flaky backend",
         f"{total} requests: {statuses[503] / total:.0%} 503, {statuses[500] / total:.0%} 500",
-    )  # fmt: skip
+        recorded=recorded["stats"]["accepted"],
+        delivered=200,
+    )
 
 
 # ---------------------------------------------------------------- 3. throttling
 
 
 def test_a_429_storm_with_retry_after_is_honoured(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     retry_after = 2.0
     sandbox.set_faults(fail_rate=1.0, fail_status=429, retry_after=int(retry_after))
-    spool = tmp_path / "spool.sqlite3"
-    sent_log = tmp_path / "requests.jsonl"
-    app = Producer(sandbox.url, spool, "--max-in-flight", "8", "--record-requests", str(sent_log))
-    producers.append(app)
+    sent_log = scenario.spool.parent / "requests.jsonl"
+    app = scenario.producer("--max-in-flight", "8", "--record-requests", str(sent_log))
 
     recorded = app.call("record 40 0", "recorded")
     # Let the storm last three waves: three rounds of Retry-After.
@@ -358,26 +388,24 @@ def test_a_429_storm_with_retry_after_is_honoured(
             gap = other["arrived"] - throttle["answered"]
             earliest_gap = min(earliest_gap, gap)
             assert gap >= retry_after, (throttle, other)
-    result = verdict(sandbox, spool, recorded=recorded["stats"]["accepted"])
-    assert result.delivered == 40
-    report(
-        capsys, "3 throttling", result,
+    scenario.conclude(
+        "3 throttling",
         f"{len(throttles)} x 429, earliest request after a 429 in hand: +{earliest_gap:.3f} s "
         f"(Retry-After {retry_after:g} s), {len(in_flight_exempt)} already in flight",
-    )  # fmt: skip
+        recorded=recorded["stats"]["accepted"],
+        delivered=40,
+    )
 
 
 # ---------------------------------------------------------------- 4. permanent rejections
 
 
 def test_rejected_records_are_dead_lettered_then_replayed_with_spool_retry(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     sandbox.set_faults(reject_rate=0.25, seed=4)
-    spool = tmp_path / "spool.sqlite3"
-    app = Producer(sandbox.url, spool)
-    producers.append(app)
+    spool = scenario.spool
+    app = scenario.producer()
 
     recorded = app.call("record 80 0", "recorded")
     first = app.call("flush 30", "flushed")
@@ -409,24 +437,25 @@ def test_rejected_records_are_dead_lettered_then_replayed_with_spool_retry(
 
     assert second["ok"], second
     assert second["stats"]["rejected"] == len(rejected)
-    result = verdict(sandbox, spool, recorded=recorded["stats"]["accepted"])
-    assert result.delivered == 80 and result.dead_lettered == 0
-    report(capsys, "4 permanent rejections", result, f"{len(rejected)} answered 400, replayed")
+    result = scenario.conclude(
+        "4 permanent rejections",
+        f"{len(rejected)} answered 400, replayed",
+        recorded=recorded["stats"]["accepted"],
+        delivered=80,
+    )
+    assert result.dead_lettered == 0
 
 
 # ---------------------------------------------------------------- 5. crash
 
 
 def test_a_producer_killed_with_records_in_flight_is_finished_by_the_next_one(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     sandbox.set_faults(latency_ms=2000)
-    spool = tmp_path / "spool.sqlite3"
-    first = Producer(sandbox.url, spool, "--max-in-flight", "16")
-    producers.append(first)
+    first = scenario.producer("--max-in-flight", "16")
     recorded = first.call("record 120 0", "recorded")
-    store = SqliteSpool(spool, max_bytes=1 << 30)
+    store = SqliteSpool(scenario.spool, max_bytes=1 << 30)
     # The first wave is answered; the second is leased at once and, a moment later, sits
     # in the sandbox's 2 s of latency: on the wire.
     wait_for(
@@ -449,36 +478,35 @@ def test_a_producer_killed_with_records_in_flight_is_finished_by_the_next_one(
     first.kill()
     store.close()
     sandbox.set_faults(latency_ms=0)
-    second = Producer(sandbox.url, spool)
-    producers.append(second)
+    second = scenario.producer()
     flushed = second.call("flush 30", "flushed")
 
     assert in_flight >= 8  # records were leased when the process died
     assert flushed["ok"], flushed
-    result = verdict(sandbox, spool, recorded=recorded["stats"]["accepted"])
-    assert result.delivered == 120
+    result = scenario.conclude(
+        "5 crash",
+        f"{in_flight} in flight at SIGKILL",
+        recorded=recorded["stats"]["accepted"],
+        delivered=120,
+    )
     # Each record that was in flight was sent again by the second process, with its key,
     # and recognised by the sandbox as a repeat: nothing else was sent twice.
     assert result.duplicates_sent == in_flight
     repeated = Counter(e["idempotency_key"] for e in sandbox.ledger.request_log())
     assert sum(n - 1 for n in repeated.values()) == in_flight
-    report(capsys, "5 crash", result, f"{in_flight} in flight at SIGKILL")
 
 
 # ---------------------------------------------------------------- 6. slow backend
 
 
 def test_a_slow_backend_costs_the_application_nothing_and_memory_stays_bounded(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     latency = 2.0
     max_in_flight = 64
     sandbox.set_faults(latency_ms=latency * 1000)
-    spool = tmp_path / "spool.sqlite3"
-    app = Producer(sandbox.url, spool, "--max-in-flight", str(max_in_flight))
-    producers.append(app)
-    store = SqliteSpool(spool, max_bytes=1 << 30)
+    app = scenario.producer("--max-in-flight", str(max_in_flight))
+    store = SqliteSpool(scenario.spool, max_bytes=1 << 30)
 
     batches = []
     for _ in range(5):
@@ -502,29 +530,27 @@ def test_a_slow_backend_costs_the_application_nothing_and_memory_stays_bounded(
         while slow_phase[window] < t - (latency - 0.05):
             window += 1
         assert i - window + 1 <= max_in_flight
-    result = verdict(sandbox, spool, recorded=batches[-1]["stats"]["accepted"])
-    assert result.delivered == 3000
     costs = " ".join(f"{b['thread_us_median']:.0f}" for b in batches)
     memory = " ".join(f"{b['rss_kib'] / 1024:.1f}" for b in batches)
-    report(
-        capsys, "6 slow backend", result,
+    scenario.conclude(
+        "6 slow backend",
         f"app thread CPU per record, median us by batch of 600: {costs}; RSS MiB: {memory}; "
         f"spool backlog {batches[-1]['pending']}",
-    )  # fmt: skip
+        recorded=batches[-1]["stats"]["accepted"],
+        delivered=3000,
+    )
 
 
 # ---------------------------------------------------------------- 7. unwritable spool, full disk
 
 
 def test_an_unwritable_spool_path_is_a_clear_error_and_the_application_runs_on(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    blocker = tmp_path / "not-a-folder"
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
+    blocker = scenario.spool.parent / "not-a-folder"
     blocker.write_text("a file where the spool folder should be")
     spool = blocker / "spool.sqlite3"
-    app = Producer(sandbox.url, spool)
-    producers.append(app)
+    app = scenario.producer(spool=spool)
 
     assert "cannot use the spool" in app.log and str(spool) in app.log  # at start
     recorded = app.call("record 20 0", "recorded")
@@ -533,29 +559,22 @@ def test_an_unwritable_spool_path_is_a_clear_error_and_the_application_runs_on(
     assert recorded["stats"]["refused"] == 20 and "accepted" not in recorded["stats"]
     assert goodbye["stats"]["refused"] == 20
     assert "usage records refused: the spool" in app.log  # each refusal, loudly
-    result = verdict(sandbox, None, recorded=0, refused=20)
-    assert result.delivered == 0
-    report(capsys, "7a unwritable spool path", result)
+    scenario.conclude("7a unwritable spool path", recorded=0, delivered=0, refused=20)
 
 
 def test_a_full_disk_refuses_loudly_and_delivery_resumes_when_space_returns(
-    sandbox: SandboxServer, tmp_path: Path, producers: list[Producer],
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    spool = tmp_path / "spool.sqlite3"
+    sandbox: SandboxServer, scenario: Scenario
+) -> None:
     sandbox.stop()  # an earlier run leaves 30 records in the spool
-    earlier = Producer(sandbox.url, spool)
-    producers.append(earlier)
+    earlier = scenario.producer()
     left = earlier.call("record 30 0", "recorded")["stats"]["accepted"]
     earlier.exit()
     sandbox.start()
 
     # The disk is full when the next process starts (any file may not grow by one byte).
-    app = Producer(
-        sandbox.url, spool, "--fsize-limit", "1", "--spool-reopen-seconds", "0.2",
-        "--first-seq", "30",
-    )  # fmt: skip
-    producers.append(app)
+    app = scenario.producer(
+        "--fsize-limit", "1", "--spool-reopen-seconds", "0.2", "--first-seq", "30"
+    )
     assert "cannot use the spool" in app.log  # a clear error at start
     while_full = app.call("record 30 0", "recorded")["stats"]
     assert while_full["refused"] == 30
@@ -577,6 +596,7 @@ def test_a_full_disk_refuses_loudly_and_delivery_resumes_when_space_returns(
     assert "cannot be read or written" in app.log or "could not store" in app.log
     recorded = left + final["accepted"]
     delivered = {*range(30), *range(60, 90), *range(100, 110)}  # the refused ones are not
-    result = verdict(sandbox, spool, recorded=recorded, refused=final["refused"], seqs=delivered)
-    assert (result.recorded, result.delivered, result.refused) == (70, 70, 40)
-    report(capsys, "7b disk full", result)
+    result = scenario.conclude(
+        "7b disk full", recorded=recorded, delivered=70, refused=final["refused"], seqs=delivered
+    )
+    assert (result.recorded, result.refused) == (70, 40)
