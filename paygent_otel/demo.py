@@ -1,8 +1,10 @@
-"""``paygent-otel demo``: the whole span route on an embedded sandbox, no account needed.
+"""``paygent-otel demo``: the span, metric and sampled routes on an embedded sandbox.
 
 Starts the sandbox in this process, runs a small instrumented program through a real
-``TracerProvider`` + ``BatchSpanProcessor`` + ``PaygentSpanExporter``, shuts it down
-cleanly, and prints what was billed and what was refused and why.
+``TracerProvider`` + ``BatchSpanProcessor`` + ``PaygentSpanExporter``, the same usage
+through a ``MeterProvider`` + ``PaygentMetricExporter``, and a service that samples its
+traces; shuts them down cleanly, and prints what was billed and what was refused and why.
+No account needed.
 """
 
 from __future__ import annotations
@@ -298,19 +300,24 @@ def run_demo(workdir: Path | None = None) -> int:
     return 0
 
 
+_DESCRIPTION = """\
+Start a local Paygent sandbox in this process and bill sample speech-to-text,
+text-to-speech and speech-to-speech usage to it three ways: as spans, through a real
+OpenTelemetry TracerProvider + BatchSpanProcessor + PaygentSpanExporter (with one of
+each kind of bad input); as metrics, through a MeterProvider + PaygentMetricExporter;
+and from a service that keeps only 10% of its traces. Shut down cleanly, then print
+what was billed, what was refused and why, and whether every record is accounted for.
+Needs no account, no key and no configuration.
+"""
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` command."""
     parser = add_command(
         commands,
         "demo",
         help="bill sample usage to an embedded local Paygent and print the ledger",
-        description=(
-            "Start a local Paygent sandbox in this process, record speech-to-text, "
-            "text-to-speech and speech-to-speech usage (and one of each kind of bad input) "
-            "through a real OpenTelemetry TracerProvider + BatchSpanProcessor + "
-            "PaygentSpanExporter, shut down cleanly, then print what was billed and what was "
-            "refused and why. Needs no account, no key and no configuration."
-        ),
+        description=_DESCRIPTION,
         epilog="example:\n  paygent-otel demo\n  paygent-otel demo --workdir /tmp/demo  "
         "(keep the ledger and spool files)",
         handler=lambda args: run_demo(args.workdir),
