@@ -87,19 +87,21 @@ def add_command(
     description: str,
     epilog: str | None = None,
     handler: Callable[[argparse.Namespace], int] | None = None,
+    formatter_class: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter,
 ) -> argparse.ArgumentParser:
     """Add the command (or subcommand) ``name`` and return its parser.
 
     ``help`` is its line in the list of commands; ``description`` and ``epilog`` (examples,
-    exit statuses) are printed as written, line breaks kept. ``handler`` runs it with the
-    parsed arguments and returns the exit status; a command with subcommands leaves it out.
+    exit statuses) are printed as written, line breaks kept (``formatter_class=
+    argparse.HelpFormatter`` rewraps them instead). ``handler`` runs it with the parsed
+    arguments and returns the exit status; a command with subcommands leaves it out.
     """
     parser = commands.add_parser(
         name,
         help=help,
         description=description,
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter_class,
     )
     if handler is not None:
         parser.set_defaults(handler=handler)
