@@ -162,3 +162,49 @@ def tracing(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Tr
         # Bounded: the processor would give the exporter its default 10 s.
         pipeline.exporter.shutdown(timeout_millis=2000)
         pipeline.shutdown()
+
+
+def prometheus_sample(text: str, sample: str) -> float | None:
+    """The value of one sample in Prometheus text (None when absent); ``sample`` is written as
+    in the text, ``name{label="value",...}``, its labels in any order (prometheus-client
+    writes them sorted, and values as floats)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = next(text_string_to_metric_families(f"{sample} 0\n")).samples[0]
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == wanted.name and found.labels == wanted.labels:
+                return float(found.value)
+    return None
+
+
+@pytest.fixture
+def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: ``bridge(spool_path=None, spool_max_bytes=None, **config)`` -> a started
+    :class:`~paygent_otel.bridge.BridgeServer` delivering to ``sandbox`` (spool at
+    ``tmp_path / "spool.sqlite3"`` unless given; ``config`` goes to ``BridgeConfig``);
+    every bridge it started is stopped after the test, before the sandbox."""
+    from paygent_otel import ExporterConfig
+    from paygent_otel.bridge import BridgeApp, BridgeConfig, BridgeServer
+
+    started: list[BridgeServer] = []
+
+    def start(
+        spool_path: str | Path | None = None, spool_max_bytes: int | None = None, **config: Any
+    ) -> BridgeServer:
+        exporter = ExporterConfig.resolve(
+            None,
+            endpoint=sandbox.url,
+            api_key=API_KEY,
+            spool_path=spool_path or tmp_path / "spool.sqlite3",
+            spool_max_bytes=spool_max_bytes,
+        )
+        server = BridgeServer(
+            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
+        )
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from test_bridge_server import PB, bridge, spans  # noqa: F401 (fixture)
+from test_bridge_server import PB, spans
 
 from paygent_otel.bridge import TRACES_PATH
 
@@ -53,4 +53,3 @@ def scenario_text(bridge, sandbox) -> str:
 def test_metrics_families_unchanged(bridge, sandbox) -> None:
     text = scenario_text(bridge, sandbox)
     assert families(text) == families(BEFORE.read_text())
-

@@ -12,13 +12,12 @@ import base64
 import gzip
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import wait_for
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -39,19 +38,15 @@ from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import (
     LOGS_PATH,
     METRICS_PATH,
     TRACES_PATH,
-    BridgeApp,
-    BridgeConfig,
     BridgeServer,
     Limits,
 )
-from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf"}
 STT = {
@@ -62,30 +57,6 @@ STT = {
     sc.MODEL: "nova-2",
 }
 RESOURCE = {sc.AGENT_ID: "agent-voice", "service.name": "voice-app"}
-
-
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    """Factory: a started bridge delivering to ``sandbox``; keyword args go to BridgeConfig
-    (``spool_path=`` to the exporter config)."""
-    started: list[BridgeServer] = []
-
-    def start(spool_path: str | Path | None = None, **config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None,
-            endpoint=sandbox.url,
-            api_key=API_KEY,
-            spool_path=spool_path or tmp_path / "bridge-spool.sqlite3",
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def delivered(server: BridgeServer) -> None:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import gzip
 import os
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -28,14 +26,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import (
     TRACES_PATH,
     BearerAuth,
-    BridgeApp,
-    BridgeConfig,
     BridgeServer,
     Limits,
     TokenError,
@@ -73,25 +68,6 @@ def spans(*records: dict[str, Any], resource: dict[str, Any] | None = None) -> b
             pass
     provider.shutdown()
     return encode_spans(exporter.get_finished_spans()).SerializeToString()
-
-
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    started: list[BridgeServer] = []
-
-    def start(**config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None, endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def refused(response: httpx.Response, status: int) -> str:

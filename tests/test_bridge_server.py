@@ -7,19 +7,14 @@ stops it with SIGTERM while a request is half-way in.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
-from conftest import API_KEY, wait_for
+from conftest import API_KEY, prometheus_sample, wait_for
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -27,11 +22,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
-from paygent_otel.bridge import TRACES_PATH, BridgeApp, BridgeConfig, BridgeServer, Limits
+from paygent_otel.bridge import TRACES_PATH, Limits
 from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
-from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -51,34 +44,11 @@ def spans(count: int, customer: str = "cust-1") -> bytes:
     return encode_spans(exporter.get_finished_spans()).SerializeToString()
 
 
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    started: list[BridgeServer] = []
-
-    def start(spool_max_bytes: int | None = None, **config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None,
-            endpoint=sandbox.url,
-            api_key=API_KEY,
-            spool_path=tmp_path / "spool.sqlite3",
-            spool_max_bytes=spool_max_bytes,
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def metric(text: str, name: str) -> float:
     """The value of one sample (``name`` with its labels) in Prometheus text."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in\n{text}"
-    return float(match[1])
+    value = prometheus_sample(text, name)
+    assert value is not None, f"{name} not in\n{text}"
+    return value
 
 
 def half_sent(url: str, body: bytes) -> socket.socket:
@@ -152,12 +122,12 @@ def test_more_requests_than_the_limit_are_429_with_retry_after(bridge, sandbox) 
     assert [finish(sock, body) for sock, body in zip(slow, bodies, strict=True)] == [200, 200]
     # A request being processed holds the one slot: metrics wait for their lock here.
     with ThreadPoolExecutor(1) as pool:
-        with server.app._metrics_lock:
+        with server.app.intake.lock:
             held = pool.submit(
                 httpx.post, server.url + "/v1/metrics", content=b"", headers=PB, timeout=10.0
             )
             wait_for(
-                lambda: server.app.metrics_text().count("in_flight_requests 1"),
+                lambda: metric(server.app.metrics_text(), "paygent_bridge_in_flight_requests") == 1,
                 message="the metrics request is being processed",
             )
             second = httpx.post(server.url + TRACES_PATH, content=spans(1), headers=PB)
@@ -202,8 +172,10 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
         sock = half_sent(url, body)
         wait_for(
             lambda: (
-                f"paygent_bridge_memory_budget_used_bytes {len(body)}"
-                in httpx.get(url + "/metrics").text
+                prometheus_sample(
+                    httpx.get(url + "/metrics").text, "paygent_bridge_memory_budget_used_bytes"
+                )
+                == len(body)
             ),
             message="the half-sent request is reading its body",
         )
