@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ._delivery import DeliveryPipeline
 from ._selfmetrics import record_outcomes, spool_depth
 from ._spool import SpoolStats
+from .bridge.guard import ConnectionGuard, MemoryBudget
 
 __all__ = ["METRICS_MEDIA_TYPE", "BridgeCounters", "BridgeState", "bridge_metrics_text"]
 
@@ -66,11 +67,9 @@ class BridgeState(Protocol):
     @property
     def in_flight(self) -> int: ...
     @property
-    def open_connections(self) -> int: ...
+    def connections(self) -> ConnectionGuard: ...
     @property
-    def closed_connections(self) -> dict[str, int]: ...
-    @property
-    def memory_used(self) -> int: ...
+    def memory(self) -> MemoryBudget: ...
     @property
     def spool_readable(self) -> bool: ...
 
@@ -141,18 +140,18 @@ class _BridgeCollector:
             value=state.in_flight,
         )
         yield GaugeMetricFamily(
-            "paygent_bridge_open_connections", "Connections open now.", value=state.open_connections
+            "paygent_bridge_open_connections", "Connections open now.", value=state.connections.open
         )
         yield _counter(
             "paygent_bridge_connections_closed_total",
             "Connections the bridge closed or refused, by reason.",
             ["reason"],
-            (([r], n) for r, n in sorted(state.closed_connections.items())),
+            (([r], n) for r, n in sorted(state.connections.closed.items())),
         )
         yield GaugeMetricFamily(
             "paygent_bridge_memory_budget_used_bytes",
             "Bytes of the shared memory budget held by request bodies now.",
-            value=state.memory_used,
+            value=state.memory.used,
         )
 
     @staticmethod

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import conftest
 import httpx
 import pytest
 from conftest import wait_for
@@ -57,6 +58,9 @@ STT = {
     sc.MODEL: "nova-2",
 }
 RESOURCE = {sc.AGENT_ID: "agent-voice", "service.name": "voice-app"}
+
+bridge = conftest.bridge
+"""The shared fixture of conftest.py, still named here for test_keys_and_limits.py."""
 
 
 def delivered(server: BridgeServer) -> None:

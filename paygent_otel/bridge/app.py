@@ -320,21 +320,6 @@ class BridgeApp:
         return self._active
 
     @property
-    def open_connections(self) -> int:
-        """Connections open now."""
-        return self.connections.open
-
-    @property
-    def closed_connections(self) -> dict[str, int]:
-        """Connections the bridge closed or refused, by reason."""
-        return dict(self.connections.closed)
-
-    @property
-    def memory_used(self) -> int:
-        """Bytes of the memory budget held by request bodies now."""
-        return self.memory.used
-
-    @property
     def spool_readable(self) -> bool:
         """False once :meth:`close` began: the spool is (being) closed."""
         return not self._closed
