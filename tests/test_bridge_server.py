@@ -75,6 +75,14 @@ def finish(sock: socket.socket, body: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+def test_one_health_path_on_both_servers(bridge, sandbox) -> None:
+    """``/health`` on the bridge and the sandbox; the sandbox's ``/healthz`` is a deprecated
+    alias kept for one release."""
+    for url in (bridge().url + "/health", sandbox.url + "/health", sandbox.url + "/healthz"):
+        answer = httpx.get(url)
+        assert (answer.status_code, answer.json()) == (200, {"status": "ok"}), url
+
+
 def test_health_and_own_metrics(bridge, sandbox) -> None:
     server = bridge()
     health = httpx.get(server.url + "/health")
