@@ -337,11 +337,6 @@ class CumulativeStore:
         self._transaction(delete)
         return removed
 
-    def streams(self) -> int:
-        """Streams tracked."""
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM streams").fetchone()[0])
-
     def close(self) -> None:
         """Close the files (and release the lock, if a batch still holds it)."""
         self._let_go()
@@ -510,12 +505,6 @@ class PostgresCumulativeStore(CumulativeStore):
             return conn.execute(
                 "DELETE FROM paygent_streams WHERE updated < %s", (cutoff,)
             ).rowcount
-
-    def streams(self) -> int:
-        """Streams tracked (by every replica)."""
-        with self.spool.connection() as conn:
-            row = conn.execute("SELECT count(*) FROM paygent_streams").fetchone()
-        return int(row[0]) if row else 0
 
     def close(self) -> None:
         """Unlock what a batch still holds (the spool's connections stay the spool's)."""
