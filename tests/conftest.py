@@ -21,8 +21,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,3 +212,43 @@ def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Any
     yield start
     for server in started:
         server.stop()
+
+
+@dataclass
+class Serving:
+    """A ``paygent-otel serve`` child process that printed its listening line."""
+
+    process: subprocess.Popen[str]
+    url: str
+    """The URL of its listening line."""
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """SIGTERM it; its whole output (stdout and stderr) once it exited."""
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=timeout)
+        return output
+
+
+@contextlib.contextmanager
+def serving(*flags: str) -> Iterator[Serving]:
+    """``paygent-otel serve --port 0 *flags`` in a child process (``PAYGENT_API_KEY`` set),
+    once it prints its listening line; killed after the block if it still runs."""
+    from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+
+    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0", *flags]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PAYGENT_API_KEY": API_KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith(LISTENING_LINE_PREFIX), line
+        yield Serving(process, line.removeprefix(LISTENING_LINE_PREFIX).strip())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

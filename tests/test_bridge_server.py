@@ -6,15 +6,12 @@ stops it with SIGTERM while a request is half-way in.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import API_KEY, prometheus_sample, wait_for
+from conftest import prometheus_sample, serving, wait_for
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -24,7 +21,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from paygent_otel import semconv as sc
 from paygent_otel.bridge import TRACES_PATH, Limits
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -164,18 +160,10 @@ def test_concurrent_senders_are_all_billed_once(bridge, sandbox) -> None:
 
 
 def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path) -> None:
-    env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
-    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
-               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
-               "--drain-grace", "0.5"]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(LISTENING_LINE_PREFIX), line
-        url = line.removeprefix(LISTENING_LINE_PREFIX).strip()
+    flags = ("--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
+             "--drain-grace", "0.5")  # fmt: skip
+    with serving(*flags) as served:
+        url = served.url
         body = spans(4)
         sock = half_sent(url, body)
         wait_for(
@@ -187,7 +175,7 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
             ),
             message="the half-sent request is reading its body",
         )
-        process.send_signal(signal.SIGTERM)  # drains first (--drain-grace): /health 503
+        served.process.send_signal(signal.SIGTERM)  # drains first (--drain-grace): /health 503
 
         def refusing() -> bool:
             try:
@@ -198,12 +186,8 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
 
         wait_for(refusing, message="the bridge stops accepting connections")
         assert finish(sock, body) == 200
-        output, _ = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, output
+        output, _ = served.process.communicate(timeout=30)
+    assert served.process.returncode == 0, output
     assert "SIGTERM received, stopping" in output
     assert output.rstrip().endswith(
         "0 left in " + str(tmp_path / "spool.sqlite3") + " for delivery"
