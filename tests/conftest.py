@@ -252,3 +252,28 @@ def serving(*flags: str) -> Iterator[Serving]:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def partially_rejected(response: Any, count: int, *quoted: str) -> str:
+    """Assert an OTLP/HTTP export answer (``httpx.Response``) 200 whose ``partial_success``
+    counts ``count`` rejected items and quotes each of ``quoted``; its error message."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceResponse,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    answers = {
+        "/v1/traces": (ExportTraceServiceResponse, "rejected_spans"),
+        "/v1/metrics": (ExportMetricsServiceResponse, "rejected_data_points"),
+        "/v1/logs": (ExportLogsServiceResponse, "rejected_log_records"),
+    }
+    message, field = answers[response.request.url.path]
+    assert response.status_code == 200, response.content
+    partial = message.FromString(response.content).partial_success
+    assert getattr(partial, field) == count, partial
+    for text in quoted:
+        assert text in partial.error_message
+    return str(partial.error_message)

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import partially_rejected
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -159,12 +159,8 @@ def test_a_token_limited_to_agents_cannot_bill_for_another(bridge, sandbox) -> N
     )
     headers = {**PB, "Authorization": f"Bearer {TEAM_TOKEN}"}
     response = httpx.post(server.url + TRACES_PATH, content=body, headers=headers)
-    assert response.status_code == 200
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 1
-    assert (
-        "paygent.agent.id 'agent-billing' is not allowed for this bearer token"
-        in partial.error_message
+    partially_rejected(
+        response, 1, "paygent.agent.id 'agent-billing' is not allowed for this bearer token"
     )
     assert server.app.pipeline.force_flush(5.0)
     assert sorted(r["agent_id"] for r in sandbox.ledger.rows()) == ["agent-sales", "agent-voice"]
@@ -218,11 +214,8 @@ def test_over_long_usage_attributes_reject_the_record(bridge, sandbox) -> None:
     server = bridge(limits=Limits(max_attribute_length=256))
     body = spans(usage(customer="c" * 100_000), resource={sc.AGENT_ID: "agent-voice"})
     response = httpx.post(server.url + TRACES_PATH, content=body, headers=PB)
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 1
-    assert (
-        "paygent.customer.id is 100000 characters long, over the limit of 256"
-        in partial.error_message
+    partially_rejected(
+        response, 1, "paygent.customer.id is 100000 characters long, over the limit of 256"
     )
     assert server.app.pipeline.force_flush(5.0)
     assert sandbox.ledger.count() == 0
