@@ -116,8 +116,9 @@ class BridgeApp:
         self.intake = UsageIntake(config, self.pipeline, self.cumulative, self.counters)
         """Decoding, mapping and committing in worker threads."""
         self._active = 0
-        # Worker threads for requests: as many as may be in progress (anyio's default
-        # limiter would cap them at 40, below --max-concurrent-requests' reach).
+        # Worker threads for requests, as many as may be in progress. It never makes one
+        # wait (the in-flight check refuses first); without it anyio's default limiter (40
+        # threads, shared with /metrics and shutdown) would queue requests past 40.
         self._limiter = anyio.CapacityLimiter(limits.max_concurrent_requests)
         self._closed = False
         self.left_in_spool = 0
