@@ -24,8 +24,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -192,3 +196,114 @@ def tracing(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Tr
         # Bounded: the processor would give the exporter its default 10 s.
         pipeline.exporter.shutdown(timeout_millis=2000)
         pipeline.shutdown()
+
+
+def prometheus_sample(text: str, sample: str) -> float | None:
+    """The value of one sample in Prometheus text (None when absent); ``sample`` is written as
+    in the text, ``name{label="value",...}``, its labels in any order (prometheus-client
+    writes them sorted, and values as floats)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = next(text_string_to_metric_families(f"{sample} 0\n")).samples[0]
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == wanted.name and found.labels == wanted.labels:
+                return float(found.value)
+    return None
+
+
+@pytest.fixture
+def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: ``bridge(spool_path=None, spool_max_bytes=None, **config)`` -> a started
+    :class:`~paygent_otel.bridge.BridgeServer` delivering to ``sandbox`` (spool at
+    ``tmp_path / "spool.sqlite3"`` unless given; ``config`` goes to ``BridgeConfig``);
+    every bridge it started is stopped after the test, before the sandbox."""
+    from paygent_otel import ExporterConfig
+    from paygent_otel.bridge import BridgeApp, BridgeConfig, BridgeServer
+
+    started: list[BridgeServer] = []
+
+    def start(
+        spool_path: str | Path | None = None, spool_max_bytes: int | None = None, **config: Any
+    ) -> BridgeServer:
+        exporter = ExporterConfig.resolve(
+            None,
+            endpoint=sandbox.url,
+            api_key=API_KEY,
+            spool_path=spool_path or tmp_path / "spool.sqlite3",
+            spool_max_bytes=spool_max_bytes,
+        )
+        server = BridgeServer(
+            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
+        )
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass
+class Serving:
+    """A ``paygent-otel serve`` child process that printed its listening line."""
+
+    process: subprocess.Popen[str]
+    url: str
+    """The URL of its listening line."""
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """SIGTERM it; its whole output (stdout and stderr) once it exited."""
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=timeout)
+        return output
+
+
+@contextlib.contextmanager
+def serving(*flags: str) -> Iterator[Serving]:
+    """``paygent-otel serve --port 0 *flags`` in a child process (``PAYGENT_API_KEY`` set),
+    once it prints its listening line; killed after the block if it still runs."""
+    from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+
+    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0", *flags]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PAYGENT_API_KEY": API_KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith(LISTENING_LINE_PREFIX), line
+        yield Serving(process, line.removeprefix(LISTENING_LINE_PREFIX).strip())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def partially_rejected(response: Any, count: int, *quoted: str) -> str:
+    """Assert an OTLP/HTTP export answer (``httpx.Response``) 200 whose ``partial_success``
+    counts ``count`` rejected items and quotes each of ``quoted``; its error message."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceResponse,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    answers = {
+        "/v1/traces": (ExportTraceServiceResponse, "rejected_spans"),
+        "/v1/metrics": (ExportMetricsServiceResponse, "rejected_data_points"),
+        "/v1/logs": (ExportLogsServiceResponse, "rejected_log_records"),
+    }
+    message, field = answers[response.request.url.path]
+    assert response.status_code == 200, response.content
+    partial = message.FromString(response.content).partial_success
+    assert getattr(partial, field) == count, partial
+    for text in quoted:
+        assert text in partial.error_message
+    return str(partial.error_message)

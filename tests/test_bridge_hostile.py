@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import prometheus_sample, wait_for
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
@@ -87,8 +87,7 @@ class Bridge:
 
     def metric(self, sample: str) -> float:
         text = httpx.get(self.url + "/metrics", headers=GOOD, timeout=LIVENESS).text
-        match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-        return float(match[1]) if match else 0.0
+        return prometheus_sample(text, sample) or 0.0
 
     def well_behaved(self) -> float:
         """One usage request on a new connection; must be answered 200 within LIVENESS."""

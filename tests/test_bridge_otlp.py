@@ -12,13 +12,13 @@ import base64
 import gzip
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+import conftest
 import httpx
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import partially_rejected, wait_for
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -26,7 +26,6 @@ from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExp
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.metrics.v1 import metrics_pb2
@@ -39,19 +38,15 @@ from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import (
     LOGS_PATH,
     METRICS_PATH,
     TRACES_PATH,
-    BridgeApp,
-    BridgeConfig,
     BridgeServer,
     Limits,
 )
-from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf"}
 STT = {
@@ -63,29 +58,8 @@ STT = {
 }
 RESOURCE = {sc.AGENT_ID: "agent-voice", "service.name": "voice-app"}
 
-
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    """Factory: a started bridge delivering to ``sandbox``; keyword args go to BridgeConfig
-    (``spool_path=`` to the exporter config)."""
-    started: list[BridgeServer] = []
-
-    def start(spool_path: str | Path | None = None, **config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None,
-            endpoint=sandbox.url,
-            api_key=API_KEY,
-            spool_path=spool_path or tmp_path / "bridge-spool.sqlite3",
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+bridge = conftest.bridge
+"""The shared fixture of conftest.py, still named here for test_keys_and_limits.py."""
 
 
 def delivered(server: BridgeServer) -> None:
@@ -218,11 +192,12 @@ def test_invalid_records_are_reported_and_dead_lettered(bridge, sandbox) -> None
         one_span(tracer, {**STT, sc.STT_AUDIO_SECONDS: -5.0}, name="negative")
 
     response = post(server, TRACES_PATH, span_request(build).SerializeToString())
-    assert response.status_code == 200
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 2
-    assert "paygent.customer.id is missing or blank" in partial.error_message
-    assert "paygent.stt.audio.seconds must not be negative" in partial.error_message
+    partially_rejected(
+        response,
+        2,
+        "paygent.customer.id is missing or blank",
+        "paygent.stt.audio.seconds must not be negative",
+    )
     delivered(server)
     assert sandbox.ledger.count() == 1
     spool = server.app.pipeline.spool
@@ -388,11 +363,10 @@ def test_usage_names_on_other_instruments_are_refused(bridge, sandbox) -> None:
     other = request.resource_metrics[0].scope_metrics[0].metrics.add(name="http.server.duration")
     other.gauge.data_points.add(time_unix_nano=10, as_double=3.0)
     response = post(server, METRICS_PATH, request.SerializeToString())
-    partial = ExportMetricsServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_data_points == 2
-    assert (
-        "'paygent.stt.audio.seconds' is a Paygent usage instrument but arrived as a gauge"
-        in partial.error_message
+    partially_rejected(
+        response,
+        2,
+        "'paygent.stt.audio.seconds' is a Paygent usage instrument but arrived as a gauge",
     )
     delivered(server)
     assert [r["characters"] for r in sandbox.ledger.rows()] == [5]
@@ -403,10 +377,12 @@ def test_cumulative_sums_are_refused_without_a_durable_spool(bridge, sandbox) ->
     response = post(
         server, METRICS_PATH, sum_request(sc.TTS_CHARACTERS, [(0, 10, 5)]).SerializeToString()
     )
-    partial = ExportMetricsServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_data_points == 1
-    assert "cumulative temporality" in partial.error_message
-    assert "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta" in partial.error_message
+    partially_rejected(
+        response,
+        1,
+        "cumulative temporality",
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta",
+    )
     delivered(server)
     assert sandbox.ledger.count() == 0
 
@@ -419,11 +395,8 @@ def test_limits_apply_to_the_usage_attributes_only(bridge, sandbox) -> None:
         one_span(tracer, {**STT, sc.CUSTOMER_ID: "c" * 65}, name="long-customer")
 
     response = post(server, TRACES_PATH, span_request(build).SerializeToString())
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 1
-    assert (
-        "attribute paygent.customer.id is 65 characters long, over the limit of 64"
-        in partial.error_message
+    partially_rejected(
+        response, 1, "attribute paygent.customer.id is 65 characters long, over the limit of 64"
     )
     delivered(server)
     wait_for(lambda: sandbox.ledger.count() == 1)

@@ -10,32 +10,27 @@ from __future__ import annotations
 import gzip
 import os
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY
+from conftest import partially_rejected
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
 from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import (
     TRACES_PATH,
     BearerAuth,
-    BridgeApp,
-    BridgeConfig,
     BridgeServer,
     Limits,
     TokenError,
@@ -73,25 +68,6 @@ def spans(*records: dict[str, Any], resource: dict[str, Any] | None = None) -> b
             pass
     provider.shutdown()
     return encode_spans(exporter.get_finished_spans()).SerializeToString()
-
-
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    started: list[BridgeServer] = []
-
-    def start(**config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None, endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def refused(response: httpx.Response, status: int) -> str:
@@ -183,12 +159,8 @@ def test_a_token_limited_to_agents_cannot_bill_for_another(bridge, sandbox) -> N
     )
     headers = {**PB, "Authorization": f"Bearer {TEAM_TOKEN}"}
     response = httpx.post(server.url + TRACES_PATH, content=body, headers=headers)
-    assert response.status_code == 200
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 1
-    assert (
-        "paygent.agent.id 'agent-billing' is not allowed for this bearer token"
-        in partial.error_message
+    partially_rejected(
+        response, 1, "paygent.agent.id 'agent-billing' is not allowed for this bearer token"
     )
     assert server.app.pipeline.force_flush(5.0)
     assert sorted(r["agent_id"] for r in sandbox.ledger.rows()) == ["agent-sales", "agent-voice"]
@@ -242,11 +214,8 @@ def test_over_long_usage_attributes_reject_the_record(bridge, sandbox) -> None:
     server = bridge(limits=Limits(max_attribute_length=256))
     body = spans(usage(customer="c" * 100_000), resource={sc.AGENT_ID: "agent-voice"})
     response = httpx.post(server.url + TRACES_PATH, content=body, headers=PB)
-    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
-    assert partial.rejected_spans == 1
-    assert (
-        "paygent.customer.id is 100000 characters long, over the limit of 256"
-        in partial.error_message
+    partially_rejected(
+        response, 1, "paygent.customer.id is 100000 characters long, over the limit of 256"
     )
     assert server.app.pipeline.force_flush(5.0)
     assert sandbox.ledger.count() == 0

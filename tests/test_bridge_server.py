@@ -6,20 +6,12 @@ stops it with SIGTERM while a request is half-way in.
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
-from conftest import API_KEY, wait_for
+from conftest import prometheus_sample, serving, wait_for
 from google.rpc import status_pb2
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -27,11 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import ExporterConfig
 from paygent_otel import semconv as sc
-from paygent_otel.bridge import TRACES_PATH, BridgeApp, BridgeConfig, BridgeServer, Limits
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
-from paygent_otel.sandbox import SandboxServer
+from paygent_otel.bridge import TRACES_PATH, Limits
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -51,34 +40,11 @@ def spans(count: int, customer: str = "cust-1") -> bytes:
     return encode_spans(exporter.get_finished_spans()).SerializeToString()
 
 
-@pytest.fixture
-def bridge(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., BridgeServer]]:
-    started: list[BridgeServer] = []
-
-    def start(spool_max_bytes: int | None = None, **config: Any) -> BridgeServer:
-        exporter = ExporterConfig.resolve(
-            None,
-            endpoint=sandbox.url,
-            api_key=API_KEY,
-            spool_path=tmp_path / "spool.sqlite3",
-            spool_max_bytes=spool_max_bytes,
-        )
-        server = BridgeServer(
-            BridgeApp(BridgeConfig(exporter=exporter, flush_timeout=2.0, **config))
-        )
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 def metric(text: str, name: str) -> float:
     """The value of one sample (``name`` with its labels) in Prometheus text."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in\n{text}"
-    return float(match[1])
+    value = prometheus_sample(text, name)
+    assert value is not None, f"{name} not in\n{text}"
+    return value
 
 
 def half_sent(url: str, body: bytes) -> socket.socket:
@@ -103,6 +69,14 @@ def finish(sock: socket.socket, body: bytes) -> int:
         answer += chunk
     sock.close()
     return int(answer.split(b" ", 2)[1])
+
+
+def test_one_health_path_on_both_servers(bridge, sandbox) -> None:
+    """``/health`` on the bridge and the sandbox; the sandbox's ``/healthz`` is a deprecated
+    alias kept for one release."""
+    for url in (bridge().url + "/health", sandbox.url + "/health", sandbox.url + "/healthz"):
+        answer = httpx.get(url)
+        assert (answer.status_code, answer.json()) == (200, {"status": "ok"}), url
 
 
 def test_health_and_own_metrics(bridge, sandbox) -> None:
@@ -152,12 +126,12 @@ def test_more_requests_than_the_limit_are_429_with_retry_after(bridge, sandbox) 
     assert [finish(sock, body) for sock, body in zip(slow, bodies, strict=True)] == [200, 200]
     # A request being processed holds the one slot: metrics wait for their lock here.
     with ThreadPoolExecutor(1) as pool:
-        with server.app._metrics_lock:
+        with server.app.intake.lock:
             held = pool.submit(
                 httpx.post, server.url + "/v1/metrics", content=b"", headers=PB, timeout=10.0
             )
             wait_for(
-                lambda: server.app.metrics_text().count("in_flight_requests 1"),
+                lambda: metric(server.app.metrics_text(), "paygent_bridge_in_flight_requests") == 1,
                 message="the metrics request is being processed",
             )
             second = httpx.post(server.url + TRACES_PATH, content=spans(1), headers=PB)
@@ -186,28 +160,22 @@ def test_concurrent_senders_are_all_billed_once(bridge, sandbox) -> None:
 
 
 def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path) -> None:
-    env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
-    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
-               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
-               "--drain-grace", "0.5"]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(LISTENING_LINE_PREFIX), line
-        url = line.removeprefix(LISTENING_LINE_PREFIX).strip()
+    flags = ("--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
+             "--drain-grace", "0.5")  # fmt: skip
+    with serving(*flags) as served:
+        url = served.url
         body = spans(4)
         sock = half_sent(url, body)
         wait_for(
             lambda: (
-                f"paygent_bridge_memory_budget_used_bytes {len(body)}"
-                in httpx.get(url + "/metrics").text
+                prometheus_sample(
+                    httpx.get(url + "/metrics").text, "paygent_bridge_memory_budget_used_bytes"
+                )
+                == len(body)
             ),
             message="the half-sent request is reading its body",
         )
-        process.send_signal(signal.SIGTERM)  # drains first (--drain-grace): /health 503
+        served.process.send_signal(signal.SIGTERM)  # drains first (--drain-grace): /health 503
 
         def refusing() -> bool:
             try:
@@ -218,12 +186,8 @@ def test_sigterm_finishes_the_request_in_progress_then_flushes(sandbox, tmp_path
 
         wait_for(refusing, message="the bridge stops accepting connections")
         assert finish(sock, body) == 200
-        output, _ = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, output
+        output, _ = served.process.communicate(timeout=30)
+    assert served.process.returncode == 0, output
     assert "SIGTERM received, stopping" in output
     assert output.rstrip().endswith(
         "0 left in " + str(tmp_path / "spool.sqlite3") + " for delivery"

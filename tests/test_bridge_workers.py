@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import API_KEY, wait_for
+from conftest import serving, wait_for
 from test_bridge_otlp import sum_request
 from test_bridge_server import spans
 
 from paygent_otel import semconv as sc
 from paygent_otel.bridge import METRICS_PATH, TRACES_PATH
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
 from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf", "Connection": "close"}
@@ -45,17 +42,10 @@ def children(pid: int) -> set[int]:
 def test_workers_share_the_port_and_the_spool_and_bill_everything_once(
     sandbox: SandboxServer, tmp_path: Path
 ) -> None:
-    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0", "--workers", "3",
-               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url]  # fmt: skip
-    process = subprocess.Popen(
-        command, env={**os.environ, "PAYGENT_API_KEY": API_KEY},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(LISTENING_LINE_PREFIX), line
-        url = line.removeprefix(LISTENING_LINE_PREFIX).strip()
+    flags = ("--workers", "3", "--spool", str(tmp_path / "spool.sqlite3"),
+             "--endpoint", sandbox.url)  # fmt: skip
+    with serving(*flags) as served:
+        process, url = served.process, served.url
         workers = wait_for(lambda: len(children(process.pid)) == 3 and children(process.pid))
 
         def post(path: str, body: bytes) -> int:
@@ -86,12 +76,7 @@ def test_workers_share_the_port_and_the_spool_and_bill_everything_once(
             timeout=30,
             message="everything delivered",
         )
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        output = served.stop()
     assert process.returncode == 0, output
     assert output.rstrip().endswith("paygent-otel bridge stopped"), output
     assert children(process.pid) == set()

@@ -398,32 +398,16 @@ def test_ledger_rejects_an_unknown_time_zone_or_grouping(
 def test_the_bridge_reports_its_delivery_at_shutdown(
     sandbox: SandboxServer, tmp_path: Path
 ) -> None:
-    import os
-    import signal
-
+    from conftest import serving
     from test_bridge_server import PB, spans
 
-    from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
-
     sandbox.set_faults(latency_ms=300)
-    env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
-    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
-               "--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
-               "--max-in-flight", "1", "--flush-timeout", "1m", "--drain-grace", "0"]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        assert process.stdout is not None
-        url = process.stdout.readline().removeprefix(LISTENING_LINE_PREFIX).strip()
-        assert httpx.post(f"{url}/v1/traces", content=spans(20), headers=PB).is_success
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, output
+    flags = ("--spool", str(tmp_path / "spool.sqlite3"), "--endpoint", sandbox.url,
+             "--max-in-flight", "1", "--flush-timeout", "1m", "--drain-grace", "0")  # fmt: skip
+    with serving(*flags) as served:
+        assert httpx.post(f"{served.url}/v1/traces", content=spans(20), headers=PB).is_success
+        output = served.stop()
+    assert served.process.returncode == 0, output
     assert "pending usage records before shutdown (at most 60 s)" in output
     assert "bridge: delivery at shutdown: " in output and " left (" in output  # progress
     summary = [line for line in output.splitlines() if " delivered in " in line]

@@ -9,18 +9,18 @@ request's encoding, with the status a Collector acts on: 429/503 (+ ``Retry-Afte
 it should retry later, 400/401/403/413/415 when retrying cannot help.
 
 ``GET /health`` answers 200 while serving; ``GET /metrics`` gives the bridge's counters in
-the Prometheus text format.
+the Prometheus text format (:mod:`paygent_otel._bridge_metrics`).
+
+The jobs are apart: :class:`~paygent_otel._bridge_admission.Admission` checks a request
+before its body is read and reads it, :class:`~paygent_otel._bridge_intake.UsageIntake`
+decodes, maps and commits it; this app routes, answers and counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import threading
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
@@ -30,35 +30,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .._bridge_admission import CONNECTION_EXTENSION, Admission, Gone, Refusal, unavailable
+from .._bridge_intake import UsageIntake
+from .._bridge_metrics import METRICS_MEDIA_TYPE, BridgeCounters, bridge_metrics_text
 from .._delivery import DeliveryPipeline
-from .._mapping import IdentityDefaults, Rejection
 from .._retry import RetryPolicy
-from ..frameworks import parse_frameworks
 from ..usage_page import USAGE_PAGE_PATH, bridge_page
-from .auth import Grant
 from .config import BridgeConfig
 from .cumulative import CumulativeStore, open_cumulative_store
-from .guard import (
-    BudgetExhausted,
-    BudgetHold,
-    ConnectionGuard,
-    MemoryBudget,
-    RateLimitedLog,
-    TokenBuckets,
-)
+from .guard import ConnectionGuard, MemoryBudget, RateLimitedLog
 from .otlp import (
     JSON_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
     SIGNAL_PATHS,
-    BodyTooLarge,
     Extraction,
-    InvalidRequest,
     Signal,
-    UnsupportedEncoding,
     UsageExtractor,
-    count_items,
-    decode_request,
-    decompress,
     encode_response,
     encode_status,
 )
@@ -81,46 +68,13 @@ METRICS_ENDPOINT_PATH: Final = "/metrics"
 CLIENT_CLOSED_STATUS: Final = 499
 """The ``status`` label of a request whose sender went away before it was answered (nginx's
 convention); nothing is answered, nothing was acknowledged, and it is not a server error."""
-CONNECTION_EXTENSION: Final = "paygent.connection"
-"""ASGI scope extension the server sets to a dict; ``closed`` names why the server closed
-the connection under a request (``body_timeout``), so the app does not count it as the
-client's doing."""
 
-_PROTOBUF_TYPES: Final = frozenset({PROTOBUF_CONTENT_TYPE, "application/protobuf"})
 _GRPC_CODES: Final = {400: 3, 401: 16, 403: 7, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
 
 
 def _peer(request: Request) -> str:
     client = request.client
     return f"{client.host}:{client.port}" if client else "an unknown peer"
-
-
-class _Gone(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Refusal(Exception):
-    def __init__(
-        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.headers = headers or {}
-
-
-@dataclass
-class _Counters:
-    """The bridge's own counters (read by ``GET /metrics``)."""
-
-    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
-    items: Counter[str] = field(default_factory=Counter)
-    usage: Counter[tuple[str, str]] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class BridgeApp:
@@ -148,8 +102,6 @@ class BridgeApp:
             self.pipeline.spool, exporter.spool_path
         )
         """Last positions of cumulative metric streams (None with the in-memory spool)."""
-        self.extractor = self._extractor(exporter.agent_id)
-        self._extractors = {exporter.agent_id: self.extractor}
         limits = config.limits
         self.connections = ConnectionGuard(limits.max_connections)
         """Open connections (the server's protocol registers them here)."""
@@ -157,13 +109,17 @@ class BridgeApp:
         """Bytes request bodies being read and inflated hold, shared by all requests."""
         self.refusals_log = RateLimitedLog(_logger)
         """Refusals and attacks are logged at most every few seconds per kind."""
-        self._counters = _Counters()
-        self._metrics_lock = threading.Lock()
+        self.counters = BridgeCounters()
+        """What ``GET /metrics`` counts: requests, items, usage records, refusals."""
+        self.admission = Admission(config)
+        """The checks before a request's body is read, and the reading."""
+        self.intake = UsageIntake(config, self.pipeline, self.cumulative, self.counters)
+        """Decoding, mapping and committing in worker threads."""
         self._active = 0
-        self._per_token: Counter[str] = Counter()
-        self._rates = TokenBuckets(limits.rate_limit_per_token)
+        # Worker threads for requests, as many as may be in progress. It never makes one
+        # wait (the in-flight check refuses first); without it anyio's default limiter (40
+        # threads, shared with /metrics and shutdown) would queue requests past 40.
         self._limiter = anyio.CapacityLimiter(limits.max_concurrent_requests)
-        self._closing = False
         self._closed = False
         self.left_in_spool = 0
         """Records left undelivered at :meth:`close` (they stay in a durable spool)."""
@@ -179,35 +135,17 @@ class BridgeApp:
         self.asgi = Starlette(routes=routes, lifespan=self._lifespan)
         """The Starlette application to serve."""
 
-    def _extractor(self, agent_id: str | None) -> UsageExtractor:
-        exporter = self.config.exporter
-        return UsageExtractor(
-            IdentityDefaults(
-                agent_id=agent_id,
-                customer_id=exporter.customer_id,
-                indicator=exporter.indicator,
-                trace_tags=exporter.trace_tags,
-            ),
-            genai=exporter.genai,
-            frameworks=parse_frameworks(exporter.frameworks),
-            max_attribute_length=self.config.limits.max_attribute_length,
-        )
-
-    def _extractor_for(self, grant: Grant) -> UsageExtractor:
-        """A token limited to exactly one agent supplies that agent id to records without one
-        (a Collector that drops a resource cannot then lose them)."""
-        agent = grant.single_agent or self.config.exporter.agent_id
-        extractor = self._extractors.get(agent)
-        if extractor is None:
-            extractor = self._extractors[agent] = self._extractor(agent)
-        return extractor
+    @property
+    def extractor(self) -> UsageExtractor:
+        """The extractor of the configured agent id."""
+        return self.intake.extractor
 
     # ------------------------------------------------------------------ lifecycle
 
     def drain(self) -> None:
         """Stop taking usage: exports are answered 503 + ``Retry-After`` and ``/health`` 503,
         so load balancers send elsewhere. Requests in progress finish."""
-        self._closing = True
+        self.admission.closing = True
 
     @property
     def handed_to_spool(self) -> int:
@@ -219,18 +157,15 @@ class BridgeApp:
         # Records an earlier run left in the spool go out without waiting for new ones.
         self.pipeline.start()
         yield
-        self._closing = True
+        self.admission.closing = True
         await anyio.to_thread.run_sync(self.close)
 
     def close(self) -> None:
         """Deliver what is pending within the flush timeout, then close files. Idempotent."""
         if self._closed:
             return
-        self._closing = self._closed = True
-        with self._metrics_lock:
-            self.left_in_spool = self.pipeline.shutdown(self.config.flush_timeout)
-            if self.cumulative is not None:
-                self.cumulative.close()
+        self.admission.closing = self._closed = True
+        self.left_in_spool = self.intake.close()
 
     # ------------------------------------------------------------------ export routes
 
@@ -243,25 +178,53 @@ class BridgeApp:
     async def _export(self, request: Request, signal: Signal) -> Response:
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         json_encoded = media_type == JSON_CONTENT_TYPE
+        try:
+            extraction = await self._accept(request, signal, media_type, json_encoded)
+        except Refusal as refusal:
+            return self._refuse(signal, refusal, json_encoded, request)
+        except Gone as gone:
+            return self._gone(signal, gone.reason, request)
+        except Exception:
+            _logger.exception("bridge: unexpected error handling a %s export request", signal)
+            return self._refuse(
+                signal,
+                unavailable(
+                    self.config, "internal error in the bridge; retry later", "internal_error"
+                ),
+                json_encoded,
+                request,
+            )
+        self.counters.request(signal, 200)
+        body = encode_response(
+            signal, extraction.rejected_items, extraction.message(), json_encoded=json_encoded
+        )
+        return Response(
+            body, 200, media_type=JSON_CONTENT_TYPE if json_encoded else PROTOBUF_CONTENT_TYPE
+        )
+
+    async def _accept(
+        self, request: Request, signal: Signal, media_type: str, json_encoded: bool
+    ) -> Extraction:
+        """Admit, read and commit one request; raises what it is answered otherwise."""
         hold = self.memory.hold()
         token: str | None = None
         try:
-            grant = self._admit(request, media_type, json_encoded)
+            grant = self.admission.admit(request, media_type, json_encoded)
             token = grant.name
-            self._per_token[token] += 1
-            body = await self._read_body(request, hold)
-            if self._active >= self.config.limits.max_concurrent_requests:
-                raise _Refusal(
+            body = await self.admission.read_body(request, hold)
+            limit = self.config.limits.max_concurrent_requests
+            if self._active >= limit:
+                raise Refusal(
                     429,
                     "overloaded",
-                    f"more than {self.config.limits.max_concurrent_requests} export requests "
-                    "in progress (--max-concurrent-requests); retry later",
+                    f"more than {limit} export requests in progress "
+                    "(--max-concurrent-requests); retry later",
                     {"Retry-After": "1"},
                 )
             self._active += 1
             try:
                 extraction, refused = await anyio.to_thread.run_sync(
-                    self._process,
+                    self.intake.process,
                     signal,
                     body,
                     request.headers.get("content-encoding", ""),
@@ -272,212 +235,23 @@ class BridgeApp:
                 )
             finally:
                 self._active -= 1
-            if refused:
-                raise self._unavailable(
-                    f"{refused} usage records could not be stored (spool full or stopping); "
-                    "nothing from this request was acknowledged, retry later",
-                    "spool_full",
-                )
-        except _Refusal as refusal:
-            return self._refuse(signal, refusal, json_encoded, request)
-        except _Gone as gone:
-            return self._gone(signal, gone.reason, request)
-        except Exception:
-            _logger.exception("bridge: unexpected error handling a %s export request", signal)
-            return self._refuse(
-                signal,
-                self._unavailable("internal error in the bridge; retry later", "internal_error"),
-                json_encoded,
-                request,
-            )
         finally:
             hold.release()
             if token is not None:
-                self._per_token[token] -= 1
-                if not self._per_token[token]:
-                    del self._per_token[token]
-        self._count(signal, 200)
-        body = encode_response(
-            signal, extraction.rejected_items, extraction.message(), json_encoded=json_encoded
-        )
-        return Response(
-            body, 200, media_type=JSON_CONTENT_TYPE if json_encoded else PROTOBUF_CONTENT_TYPE
-        )
-
-    def _admit(self, request: Request, media_type: str, json_encoded: bool) -> Grant:
-        """The checks made before the body is read, cheapest first; the caller's grant."""
-        headers = request.headers
-        grant = self.config.auth.check(headers.get("authorization"))
-        if grant is None:
-            raise _Refusal(
-                401,
-                "unauthorized",
-                "missing or invalid bearer token (send Authorization: Bearer <token>)",
-                {"WWW-Authenticate": 'Bearer realm="paygent-otel"'},
-            )
-        if not json_encoded and media_type not in _PROTOBUF_TYPES:
-            raise _Refusal(
-                415,
-                "unsupported_media_type",
-                f"Content-Type {media_type or 'none'!r} is not supported; send "
-                f"{PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}",
-            )
-        if (
-            "content-length" not in headers
-            and "chunked" not in headers.get("transfer-encoding", "").lower()
-        ):
-            # HTTP/1.0 without Content-Length: the body would be read as empty and billed
-            # as nothing.
-            raise _Refusal(
-                411,
-                "length_required",
-                "a request body needs a Content-Length (or chunked transfer encoding)",
-            )
-        if self._closing:
-            raise self._unavailable("the bridge is shutting down", "shutting_down")
-        if not self.config.auth.required:
-            return grant  # no tokens (loopback, or client certificates): none to be fair between
-        limits = self.config.limits
-        wait = self._rates.take(grant.name)
-        if wait:
-            raise _Refusal(
-                429,
-                "rate_limited",
-                f"more than {limits.rate_limit_per_token:g} export requests per second for "
-                f"this token (--rate-limit-per-token); retry later",
-                {"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-        if self._per_token[grant.name] >= limits.max_requests_per_token:
-            raise _Refusal(
-                429,
-                "token_busy",
-                f"this token already has {limits.max_requests_per_token} export requests in "
-                "progress (--max-requests-per-token); retry later",
-                {"Retry-After": "1"},
-            )
-        return grant
-
-    def _unavailable(self, message: str, reason: str) -> _Refusal:
-        return _Refusal(503, reason, message, {"Retry-After": str(self.config.retry_after_seconds)})
-
-    async def _read_body(self, request: Request, hold: BudgetHold) -> bytes:
-        limit = self.config.limits.max_request_bytes
-        declared = request.headers.get("content-length", "")
-        too_large = _Refusal(
-            413,
-            "body_too_large",
-            f"the request body exceeds the limit of {limit} bytes (--max-request-bytes); "
-            "lower the sender's batch size",
-        )
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        try:
-            if declared.isdigit():
-                hold.take(int(declared))
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    closed = request.scope.get("extensions", {}).get(CONNECTION_EXTENSION, {})
-                    raise _Gone(str(closed.get("closed", "client_disconnected")))
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                if not declared.isdigit():
-                    hold.take(len(chunk))
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-        except BudgetExhausted as exc:
-            raise self._unavailable(str(exc), "memory_budget") from None
-
-    def _process(
-        self,
-        signal: Signal,
-        body: bytes,
-        encoding: str,
-        json_encoded: bool,
-        grant: Grant,
-        hold: BudgetHold,
-    ) -> tuple[Extraction, int]:
-        """Decode, map and commit one request (in a worker thread). Returns refused count."""
-        limits = self.config.limits
-        try:
-            raw = decompress(body, encoding, limits.max_decompressed_bytes, hold.take)
-            request = decode_request(signal, raw, json_encoded=json_encoded)
-            del raw
-        except BudgetExhausted as exc:
-            raise self._unavailable(str(exc), "memory_budget") from None
-        except BodyTooLarge as exc:
-            raise _Refusal(413, "decompressed_too_large", str(exc)) from None
-        except UnsupportedEncoding as exc:
-            raise _Refusal(415, "unsupported_encoding", str(exc)) from None
-        except InvalidRequest as exc:
-            raise _Refusal(400, "bad_request", str(exc)) from None
-        items = count_items(signal, request)
-        if items > limits.max_items:
-            raise _Refusal(
-                413,
-                "too_many_items",
-                f"{items} {signal.item_name} in one request exceed the limit of "
-                f"{limits.max_items} (--max-items); lower the sender's batch size",
-            )
-        with self._counters.lock:
-            self._counters.items[signal] += items
-        extractor = self._extractor_for(grant)
-        if signal is Signal.METRICS:
-            with self._metrics_lock:
-                return self._commit_metrics(extractor, request, grant)
-        if signal is Signal.TRACES:
-            extraction = extractor.spans(request, grant.agents)
-        else:
-            extraction = extractor.logs(request, grant.agents)
-        return extraction, self._submit(extraction)
-
-    def _commit_metrics(
-        self, extractor: UsageExtractor, request: Any, grant: Grant
-    ) -> tuple[Extraction, int]:
-        """Metrics under the lock: the cumulative positions move only with their records."""
-        if self._closed:
-            return Extraction(Signal.METRICS), 1
-        cumulative = self.cumulative
-        extraction = extractor.metrics(request, cumulative, grant.agents)
-        if cumulative is None or not extraction.updates:
-            return extraction, self._submit(extraction)
-        cumulative.journal(extraction.updates, [r.idempotency_key for r in extraction.records])
-        refused = self._submit(extraction)
+                self.admission.release(token)
         if refused:
-            cumulative.discard()
-        else:
-            cumulative.commit()
-        return extraction, refused
-
-    def _submit(self, extraction: Extraction) -> int:
-        refused = 0
-        if extraction.records or extraction.rejections:
-            conflicts: list[Rejection] = []
-            refused = self.pipeline.submit(
-                extraction.records, extraction.rejections, conflicts=conflicts
+            raise unavailable(
+                self.config,
+                f"{refused} usage records could not be stored (spool full or stopping); "
+                "nothing from this request was acknowledged, retry later",
+                "spool_full",
             )
-            extraction.refuse(conflicts)  # reported in partial_success like invalid records
-        with self._counters.lock:
-            usage = self._counters.usage
-            usage[(extraction.signal, "valid")] += len(extraction.records)
-            usage.update((extraction.signal, r.reason.value) for r in extraction.rejections)
-        return refused
-
-    def _count(self, signal: Signal, status: int, reason: str | None = None) -> None:
-        with self._counters.lock:
-            self._counters.requests[(signal, status)] += 1
-            if reason is not None:
-                self._counters.refused[reason] += 1
+        return extraction
 
     def _refuse(
-        self, signal: Signal, refusal: _Refusal, json_encoded: bool, request: Request
+        self, signal: Signal, refusal: Refusal, json_encoded: bool, request: Request
     ) -> Response:
-        self._count(signal, refusal.status, refusal.reason)
+        self.counters.request(signal, refusal.status, refusal.reason)
         self.refusals_log.log(
             logging.INFO if refusal.status in (429, 503) else logging.WARNING,
             refusal.reason,
@@ -499,7 +273,7 @@ class BridgeApp:
 
     def _gone(self, signal: Signal, reason: str, request: Request) -> Response:
         """The connection closed under the request: nothing to answer, nothing acknowledged."""
-        self._count(signal, CLIENT_CLOSED_STATUS, reason)
+        self.counters.request(signal, CLIENT_CLOSED_STATUS, reason)
         self.refusals_log.log(
             logging.INFO,
             reason,
@@ -513,7 +287,7 @@ class BridgeApp:
     # ------------------------------------------------------------------ health and metrics
 
     async def _health(self, _: Request) -> Response:
-        if self._closing:
+        if self.admission.closing:
             return JSONResponse({"status": "shutting down"}, 503)
         return JSONResponse({"status": "ok"})
 
@@ -533,89 +307,20 @@ class BridgeApp:
                 headers={"WWW-Authenticate": 'Bearer realm="paygent-otel"'},
             )
         text = await anyio.to_thread.run_sync(self.metrics_text)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(text, media_type=METRICS_MEDIA_TYPE)
 
     def metrics_text(self) -> str:
         """The counters in the Prometheus text exposition format."""
-        c = self._counters
-        with c.lock:
-            requests = sorted(c.requests.items())
-            items = sorted(c.items.items())
-            usage = sorted(c.usage.items())
-            refused = sorted(c.refused.items())
-        lines: list[str] = []
+        return bridge_metrics_text(self)
 
-        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, int]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+    # What the /metrics collector reads (paygent_otel._bridge_metrics.BridgeState).
 
-        family(
-            "paygent_bridge_requests_total",
-            "counter",
-            "OTLP export requests answered, by signal and HTTP status.",
-            [(f'{{signal="{s}",status="{code}"}}', n) for (s, code), n in requests],
-        )
-        family(
-            "paygent_bridge_items_received_total",
-            "counter",
-            "Spans, data points and log records received in accepted requests, by signal.",
-            [(f'{{signal="{s}"}}', n) for s, n in items],
-        )
-        family(
-            "paygent_bridge_usage_records_total",
-            "counter",
-            "Usage records found, by signal and result (valid, invalid, zero, lost).",
-            [(f'{{signal="{s}",result="{r}"}}', n) for (s, r), n in usage],
-        )
-        family(
-            "paygent_bridge_requests_rejected_total",
-            "counter",
-            "Export requests refused, by reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in refused],
-        )
-        family(
-            "paygent_bridge_delivery_records_total",
-            "counter",
-            "Usage records by delivery outcome (accepted, delivered, retried, invalid, ...).",
-            [(f'{{outcome="{o}"}}', n) for o, n in sorted(self.pipeline.stats.snapshot().items())],
-        )
-        family(
-            "paygent_bridge_in_flight_requests",
-            "gauge",
-            "Export requests being processed.",
-            [("", self._active)],
-        )
-        family(
-            "paygent_bridge_open_connections",
-            "gauge",
-            "Connections open now.",
-            [("", self.connections.open)],
-        )
-        family(
-            "paygent_bridge_connections_closed_total",
-            "counter",
-            "Connections the bridge closed or refused, by reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections.closed.items())],
-        )
-        family(
-            "paygent_bridge_memory_budget_used_bytes",
-            "gauge",
-            "Bytes of the shared memory budget held by request bodies now.",
-            [("", self.memory.used)],
-        )
-        if not self._closed:
-            spool = self.pipeline.spool.stats()
-            family(
-                "paygent_bridge_spool_pending",
-                "gauge",
-                "Usage records waiting in the spool for delivery.",
-                [("", spool.pending)],
-            )
-            family(
-                "paygent_bridge_spool_dead_letters",
-                "gauge",
-                "Dead letters in the spool (invalid, or refused by Paygent).",
-                [("", spool.dead_letters)],
-            )
-        return "\n".join(lines) + "\n"
+    @property
+    def in_flight(self) -> int:
+        """Export requests being processed now."""
+        return self._active
+
+    @property
+    def spool_readable(self) -> bool:
+        """False once :meth:`close` began: the spool is (being) closed."""
+        return not self._closed

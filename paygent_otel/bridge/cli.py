@@ -10,7 +10,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .._config import (
     MEMORY_SPOOL,
@@ -45,6 +45,9 @@ from .config import (
     BridgeConfig,
     Limits,
 )
+
+if TYPE_CHECKING:
+    from .server import TlsFiles
 
 __all__ = ["LISTENING_LINE_PREFIX", "PAYGENT_BRIDGE_TOKEN", "register", "run_serve"]
 
@@ -147,7 +150,34 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    listen = serve.add_argument_group("listening")
+    _add_listening_flags(serve.add_argument_group("listening"))
+    delivery = serve.add_argument_group(
+        "delivery (each flag's default: its OTEL_EXPORTER_PAYGENT_* variable, see "
+        "docs/configuration.md; the cumulative-metric state goes beside the spool, and "
+        f"--spool {MEMORY_SPOOL} refuses cumulative metrics)"
+    )
+    add_setting_flags(delivery)
+    delivery.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="read the Paygent API key from FILE (default: $PAYGENT_API_KEY)",
+    )
+    for title, flags in _LIMIT_FLAGS.items():
+        group = serve.add_argument_group(title)
+        for flag, kind, default, metavar, text in flags:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            group.add_argument(
+                flag,
+                type=_PARSERS[kind],
+                default=default,
+                metavar=metavar,
+                help=f"{text} (default {shown})",
+            )
+    serve.set_defaults(handler=run_serve)
+
+
+def _add_listening_flags(listen: argparse._ArgumentGroup) -> None:
+    """Where and how ``serve`` listens, who may send, and how it stops."""
     listen.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})"
     )
@@ -195,29 +225,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="on stop, how long requests in progress may take (30s, 2m; bare: seconds; "
         f"default {DEFAULT_GRACEFUL_TIMEOUT}s)",
     )
-    delivery = serve.add_argument_group(
-        "delivery (each flag's default: its OTEL_EXPORTER_PAYGENT_* variable, see "
-        "docs/configuration.md; the cumulative-metric state goes beside the spool, and "
-        f"--spool {MEMORY_SPOOL} refuses cumulative metrics)"
-    )
-    add_setting_flags(delivery)
-    delivery.add_argument(
-        "--api-key-file",
-        metavar="FILE",
-        help="read the Paygent API key from FILE (default: $PAYGENT_API_KEY)",
-    )
-    for title, flags in _LIMIT_FLAGS.items():
-        group = serve.add_argument_group(title)
-        for flag, kind, default, metavar, text in flags:
-            shown = f"{default:g}" if isinstance(default, float) else str(default)
-            group.add_argument(
-                flag,
-                type=_PARSERS[kind],
-                default=default,
-                metavar=metavar,
-                help=f"{text} (default {shown})",
-            )
-    serve.set_defaults(handler=run_serve)
 
 
 def _auth(args: argparse.Namespace) -> BearerAuth:
@@ -251,74 +258,24 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Unusable(Exception):
+    """A flag, file or setting ``serve`` cannot run with (exit status 2, the message)."""
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; returns the exit status."""
     # The server extra (uvicorn, starlette) is needed only here, not to build the parser.
-    from .app import BridgeApp
-    from .server import (
-        BridgeServer,
-        TlsFiles,
-        bind_socket,
-        keep_large_buffers_returnable,
-        raise_open_file_limit,
-        run_until_signalled,
-    )
+    from .server import bind_socket, keep_large_buffers_returnable, raise_open_file_limit
 
     try:
-        auth = _auth(args)
-    except TokenError as exc:
+        auth = _auth_for_host(args)
+        if args.workers < 1:
+            raise _Unusable("--workers must be at least 1")
+        limits = _limits(args)
+        tls = _tls(args)
+        config = _bridge_config(args, auth, limits)
+    except _Unusable as exc:
         return _fail(str(exc))
-    if not is_loopback(args.host) and not auth.required and not args.tls_client_ca:
-        return _fail(
-            f"refusing to listen on {args.host} without a bearer token: anyone who can reach "
-            "this port could bill usage to your Paygent account. Pass --token-file FILE (or "
-            f"set {PAYGENT_BRIDGE_TOKEN}) or --tls-client-ca, or listen on 127.0.0.1"
-        )
-    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
-        return _fail("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
-    if args.workers < 1:
-        return _fail("--workers must be at least 1")
-    values = {}
-    for flags in _LIMIT_FLAGS.values():
-        for flag, kind, _, _, _ in flags:
-            value = values[flag] = getattr(args, flag[2:].replace("-", "_"))
-            if kind in ("count", "size") and value < 1:
-                return _fail(f"{flag} must be at least 1")
-            if (kind == "duration" and value <= 0) or (kind == "rate" and value < 0):
-                return _fail(f"{flag} must be more than 0")
-    tls = None
-    if args.tls_cert:
-        tls = TlsFiles(
-            cert=Path(args.tls_cert),
-            key=Path(args.tls_key),
-            client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
-        )
-        try:
-            tls.context()
-        except (OSError, ssl.SSLError) as exc:
-            return _fail(f"cannot use the TLS files: {exc}")
-    try:
-        api_key = _api_key(args)
-    except ValueError as exc:
-        return _fail(str(exc))
-    settings = flag_values(args)
-    settings["api_key"] = api_key
-    exporter = ExporterConfig.resolve(None, **settings)
-    if exporter.delivery_blocked:
-        # A service that could not deliver would take usage in and hold it silently.
-        return _fail(f"cannot deliver: {exporter.delivery_blocked}")
-    if not exporter.api_key and not exporter.durable:
-        # Every request would be refused: nothing can be sent, nothing can be kept.
-        return _fail(
-            f"set PAYGENT_API_KEY or pass --api-key-file FILE (or use a durable --spool "
-            f"instead of {MEMORY_SPOOL})"
-        )
-    config = BridgeConfig(
-        exporter=exporter,
-        auth=auth,
-        limits=Limits(**{flag[2:].replace("-", "_"): value for flag, value in values.items()}),
-        flush_timeout=exporter.flush_timeout,
-    )
     keep_large_buffers_returnable()
     files = raise_open_file_limit()
     if files < args.max_connections + 64:
@@ -334,6 +291,88 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     if args.workers > 1:
         return _run_workers(config, sock, args)
+    return _run_one(config, sock, args, tls)
+
+
+def _auth_for_host(args: argparse.Namespace) -> BearerAuth:
+    """The bearer tokens; none is refused off loopback (unless client certificates)."""
+    try:
+        auth = _auth(args)
+    except TokenError as exc:
+        raise _Unusable(str(exc)) from None
+    if not is_loopback(args.host) and not auth.required and not args.tls_client_ca:
+        raise _Unusable(
+            f"refusing to listen on {args.host} without a bearer token: anyone who can reach "
+            "this port could bill usage to your Paygent account. Pass --token-file FILE (or "
+            f"set {PAYGENT_BRIDGE_TOKEN}) or --tls-client-ca, or listen on 127.0.0.1"
+        )
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        raise _Unusable("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+    return auth
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The limit flags' values, each checked for its kind."""
+    values = {}
+    for flags in _LIMIT_FLAGS.values():
+        for flag, kind, _, _, _ in flags:
+            value = values[flag] = getattr(args, flag[2:].replace("-", "_"))
+            if kind in ("count", "size") and value < 1:
+                raise _Unusable(f"{flag} must be at least 1")
+            if (kind == "duration" and value <= 0) or (kind == "rate" and value < 0):
+                raise _Unusable(f"{flag} must be more than 0")
+    return Limits(**{flag[2:].replace("-", "_"): value for flag, value in values.items()})
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The bridge's own TLS files, checked by loading them (None: plain HTTP)."""
+    from .server import TlsFiles
+
+    if not args.tls_cert:
+        return None
+    tls = TlsFiles(
+        cert=Path(args.tls_cert),
+        key=Path(args.tls_key),
+        client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+    )
+    try:
+        tls.context()
+    except (OSError, ssl.SSLError) as exc:
+        raise _Unusable(f"cannot use the TLS files: {exc}") from None
+    return tls
+
+
+def _bridge_config(args: argparse.Namespace, auth: BearerAuth, limits: Limits) -> BridgeConfig:
+    """The delivery settings (flags, then environment) and everything else, checked."""
+    try:
+        api_key = _api_key(args)
+    except ValueError as exc:
+        raise _Unusable(str(exc)) from None
+    settings = flag_values(args)
+    settings["api_key"] = api_key
+    exporter = ExporterConfig.resolve(None, **settings)
+    if exporter.delivery_blocked:
+        # A service that could not deliver would take usage in and hold it silently.
+        raise _Unusable(f"cannot deliver: {exporter.delivery_blocked}")
+    if not exporter.api_key and not exporter.durable:
+        # Every request would be refused: nothing can be sent, nothing can be kept.
+        raise _Unusable(
+            f"set PAYGENT_API_KEY or pass --api-key-file FILE (or use a durable --spool "
+            f"instead of {MEMORY_SPOOL})"
+        )
+    return BridgeConfig(
+        exporter=exporter, auth=auth, limits=limits, flush_timeout=exporter.flush_timeout
+    )
+
+
+def _run_one(
+    config: BridgeConfig, sock: socket.socket, args: argparse.Namespace, tls: TlsFiles | None
+) -> int:
+    """One bridge process serving ``sock`` until a signal; the exit status."""
+    from .app import BridgeApp
+    from .server import BridgeServer, run_until_signalled
+
+    exporter = config.exporter
     try:
         app = BridgeApp(config)
     except Exception as exc:
@@ -352,7 +391,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"{LISTENING_LINE_PREFIX}{server.url}", flush=True)
     print(
         f"spool: {exporter.spool_path}; delivering to {exporter.endpoint}"
-        + ("" if auth.required else "; no bearer token required (loopback only)"),
+        + ("" if config.auth.required else "; no bearer token required (loopback only)"),
         flush=True,
     )
     signalled = run_until_signalled(server)

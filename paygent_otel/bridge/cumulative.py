@@ -129,6 +129,9 @@ class CumulativeStore:
         self.retention_seconds = retention_seconds
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Private before SQLite opens it: the WAL and shared-memory files take its mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)  # a file an earlier version created with the umask's mode
         self._conn = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -136,7 +139,6 @@ class CumulativeStore:
         # FULL: a lost state commit would make the next delta cover an increment twice.
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
-        os.chmod(self.path, 0o600)
         lock_path = self.path.with_name(self.path.name + ".lock")
         self._flock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._holding = False
@@ -335,11 +337,6 @@ class CumulativeStore:
         self._transaction(delete)
         return removed
 
-    def streams(self) -> int:
-        """Streams tracked."""
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM streams").fetchone()[0])
-
     def close(self) -> None:
         """Close the files (and release the lock, if a batch still holds it)."""
         self._let_go()
@@ -508,12 +505,6 @@ class PostgresCumulativeStore(CumulativeStore):
             return conn.execute(
                 "DELETE FROM paygent_streams WHERE updated < %s", (cutoff,)
             ).rowcount
-
-    def streams(self) -> int:
-        """Streams tracked (by every replica)."""
-        with self.spool.connection() as conn:
-            row = conn.execute("SELECT count(*) FROM paygent_streams").fetchone()
-        return int(row[0]) if row else 0
 
     def close(self) -> None:
         """Unlock what a batch still holds (the spool's connections stay the spool's)."""

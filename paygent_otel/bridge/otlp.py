@@ -17,6 +17,7 @@ Collector may add. Its ``paygent.usage.id``, when set, replaces all that.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import zlib
@@ -176,6 +177,13 @@ def decompress(
         raise UnsupportedEncoding(
             f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)"
         )
+    return _inflate(body, encoding, wbits, limit, reserve)
+
+
+def _inflate(
+    body: bytes, encoding: str, wbits: int, limit: int, reserve: Callable[[int], None] | None
+) -> bytearray:
+    """The loop of :func:`decompress`: zlib streams (gzip members) one after another."""
     out = bytearray()
     view = memoryview(body)
     position, step = 0, _INPUT_STEP
@@ -441,31 +449,46 @@ class Extraction:
         return " | ".join(parts)
 
 
-class UsageExtractor:
-    """Turns decoded export requests into usage records with the shared mapping."""
+class _Resource:
+    """A resource's attributes, read the first time an item of it carries usage."""
 
-    def __init__(
-        self,
-        defaults: IdentityDefaults,
-        *,
-        genai: bool = False,
-        max_attribute_length: int = 256,
-        frameworks: FrameworkSet | None = None,
-    ) -> None:
-        self.defaults = defaults
-        self.genai = genai
-        self.max_attribute_length = max_attribute_length
-        self.frameworks = frameworks or FrameworkSet()
-        """Framework mappings (``paygent_otel.frameworks``) applied to spans and metrics."""
-        self._prefixes = (
-            _PAYGENT_PREFIX,
-            *((_GENAI_PREFIX,) if genai else ()),
-            *self.frameworks.attribute_prefixes,
-        )
+    def __init__(self, resource: Any, prefixes: tuple[str, ...] | None, limit: int) -> None:
+        self._resource = resource
+        self._prefixes = prefixes
+        self._limit = limit
+        self._attributes: dict[str, Any] | None = None
+        self.problem: str | None = None
+        """The first over-long attribute, described (once :attr:`attributes` was read)."""
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def attributes(self) -> dict[str, Any]:
+        if self._attributes is None:
+            self._attributes = _attributes(self._resource.attributes, self._prefixes)
+            self.problem = _too_long(self._attributes, self._limit)
+        return self._attributes
 
-    def _restrict(
+    @functools.cached_property
+    def message_digest(self) -> str:
+        """A digest of the whole resource message (log records' alias keys)."""
+        return _fingerprint(self._resource)
+
+    @functools.cached_property
+    def attribute_digest(self) -> str:
+        """A digest of its attributes in any order (metric streams' keys)."""
+        return _attribute_fingerprint(self.attributes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What every signal's extraction shares: identity defaults, limits, the mappings."""
+
+    defaults: IdentityDefaults
+    genai: bool
+    max_attribute_length: int
+    frameworks: FrameworkSet
+    prefixes: tuple[str, ...]
+
+    def restrict(
         self,
         records: list[UsageRecord],
         rejections: list[Rejection],
@@ -493,9 +516,10 @@ class UsageExtractor:
                 )
         records[:] = kept
 
-    def _limit_rejection(
+    def limit_rejection(
         self, problem: str, origin: str, ref: str, attributes: Mapping[str, Any]
     ) -> Rejection:
+        """An item refused for an over-long attribute (``problem``)."""
         return Rejection(
             RejectReason.INVALID,
             f"usage record from {origin} rejected: {problem}",
@@ -504,175 +528,369 @@ class UsageExtractor:
             _clipped(attributes, self.max_attribute_length),
         )
 
-    # ------------------------------------------------------------------ traces
+    def add(
+        self,
+        out: Extraction,
+        records: list[UsageRecord],
+        rejections: list[Rejection],
+        allowed_agents: frozenset[str] | None,
+    ) -> None:
+        """One item's records, restricted to the token's agents; counted when invalid."""
+        self.restrict(records, rejections, allowed_agents)
+        if out.add(records, rejections):
+            out.rejected_items += 1
 
-    def spans(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
-        """Every usage record on the request's spans and ``paygent.usage`` span events."""
+
+class _SpanReader:
+    """Usage records on spans and their ``paygent.usage`` span events."""
+
+    def __init__(self, rules: _Rules) -> None:
+        self.rules = rules
+
+    def read(self, request: Any, allowed_agents: frozenset[str] | None) -> Extraction:
         out = Extraction(Signal.TRACES)
-        prefixes, limit, genai = self._prefixes, self.max_attribute_length, self.genai
-        frameworks = self.frameworks
+        rules = self.rules
         for rs in request.resource_spans:
-            resource: dict[str, Any] | None = None
-            resource_problem: str | None = None
+            resource = _Resource(rs.resource, rules.prefixes, rules.max_attribute_length)
             for ss in rs.scope_spans:
                 scope = ss.scope.name
                 # A framework's raw attributes (a JSON document, counts) never reach the
                 # payload as they are: only the convention's and the pricing names are limited.
-                framework_span = frameworks.claim(scope) is not None
+                framework_span = rules.frameworks.claim(scope) is not None
                 for span in ss.spans:
-                    attributes = _attributes(span.attributes, prefixes)
-                    event_names = [e.name for e in span.events]
-                    dropped = span.dropped_attributes_count
-                    if not has_usage(
-                        attributes,
-                        event_names,
-                        genai,
-                        dropped=dropped,
-                        frameworks=frameworks,
-                        scope=scope,
-                        span_name=span.name,
-                    ):
-                        continue
-                    if resource is None:
-                        resource = _attributes(rs.resource.attributes, prefixes)
-                        resource_problem = _too_long(resource, limit)
-                    events = [
-                        (
-                            name,
-                            _attributes(e.attributes, prefixes)
-                            if name == sc.USAGE_EVENT_NAME
-                            else {},
-                        )
-                        for name, e in zip(event_names, span.events, strict=True)
-                    ]
-                    trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
-                    limited = (
-                        {k: v for k, v in attributes.items() if k.startswith(_LIMITED_PREFIXES)}
-                        if framework_span
-                        else attributes
-                    )
-                    problem = resource_problem or _too_long(limited, limit)
-                    for _, event_attributes in events:
-                        problem = problem or _too_long(event_attributes, limit)
-                    if problem is not None:
-                        where = f"span {span.name[:limit]!r} (trace {trace_id}, span {span_id})"
-                        ref = idempotency_key("span", trace_id, span_id, "limits")
-                        out.add((), (self._limit_rejection(problem, where, ref, attributes),))
-                        out.rejected_items += 1
-                        continue
-                    # The sender's limits are invisible here, but OTLP carries what they
-                    # dropped: the same rules as in the SDK exporter apply.
-                    records, rejections = records_from_span(
-                        trace_id=trace_id,
-                        span_id=span_id,
-                        name=span.name,
-                        attributes=attributes,
-                        events=events,
-                        resource=resource,
-                        defaults=self.defaults,
-                        genai=genai,
-                        truncation=Truncation(dropped),
-                        event_truncations=[
-                            Truncation(e.dropped_attributes_count) for e in span.events
-                        ],
-                        dropped_events=span.dropped_events_count,
-                        frameworks=frameworks,
-                        scope=scope,
-                    )
-                    self._restrict(records, rejections, allowed_agents)
-                    if out.add(records, rejections):
-                        out.rejected_items += 1
+                    self._span(out, span, resource, scope, framework_span, allowed_agents)
         return out
 
-    # ------------------------------------------------------------------ logs
+    def _span(
+        self,
+        out: Extraction,
+        span: Any,
+        resource: _Resource,
+        scope: str,
+        framework_span: bool,
+        allowed_agents: frozenset[str] | None,
+    ) -> None:
+        rules = self.rules
+        prefixes, limit = rules.prefixes, rules.max_attribute_length
+        attributes = _attributes(span.attributes, prefixes)
+        event_names = [e.name for e in span.events]
+        dropped = span.dropped_attributes_count
+        if not has_usage(
+            attributes,
+            event_names,
+            rules.genai,
+            dropped=dropped,
+            frameworks=rules.frameworks,
+            scope=scope,
+            span_name=span.name,
+        ):
+            return
+        resource_attributes = resource.attributes
+        events = [
+            (name, _attributes(e.attributes, prefixes) if name == sc.USAGE_EVENT_NAME else {})
+            for name, e in zip(event_names, span.events, strict=True)
+        ]
+        trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+        problem = resource.problem or self._too_long(attributes, events, framework_span)
+        if problem is not None:
+            where = f"span {span.name[:limit]!r} (trace {trace_id}, span {span_id})"
+            ref = idempotency_key("span", trace_id, span_id, "limits")
+            out.add((), (rules.limit_rejection(problem, where, ref, attributes),))
+            out.rejected_items += 1
+            return
+        # The sender's limits are invisible here, but OTLP carries what they dropped: the
+        # same rules as in the SDK exporter apply.
+        records, rejections = records_from_span(
+            trace_id=trace_id,
+            span_id=span_id,
+            name=span.name,
+            attributes=attributes,
+            events=events,
+            resource=resource_attributes,
+            defaults=rules.defaults,
+            genai=rules.genai,
+            truncation=Truncation(dropped),
+            event_truncations=[Truncation(e.dropped_attributes_count) for e in span.events],
+            dropped_events=span.dropped_events_count,
+            frameworks=rules.frameworks,
+            scope=scope,
+        )
+        rules.add(out, records, rejections, allowed_agents)
 
-    def logs(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
-        """Every log record that carries ``paygent.usage.kind`` is one usage record."""
+    def _too_long(
+        self,
+        attributes: dict[str, Any],
+        events: list[tuple[str, dict[str, Any]]],
+        framework_span: bool,
+    ) -> str | None:
+        """The first over-long attribute of the span or its usage events, described."""
+        limit = self.rules.max_attribute_length
+        limited = (
+            {k: v for k, v in attributes.items() if k.startswith(_LIMITED_PREFIXES)}
+            if framework_span
+            else attributes
+        )
+        problem = _too_long(limited, limit)
+        for _, event_attributes in events:
+            problem = problem or _too_long(event_attributes, limit)
+        return problem
+
+
+class _LogReader:
+    """Every log record that carries ``paygent.usage.kind`` is one usage record."""
+
+    def __init__(self, rules: _Rules) -> None:
+        self.rules = rules
+
+    def read(self, request: Any, allowed_agents: frozenset[str] | None) -> Extraction:
         out = Extraction(Signal.LOGS)
-        limit = self.max_attribute_length
         for rl in request.resource_logs:
-            resource: dict[str, Any] | None = None
-            resource_digest = ""
-            resource_problem: str | None = None
+            resource = _Resource(rl.resource, (_PAYGENT_PREFIX,), self.rules.max_attribute_length)
             for sl in rl.scope_logs:
                 for log in sl.log_records:
                     attributes = _attributes(log.attributes, (_PAYGENT_PREFIX,))
                     if sc.USAGE_KIND not in attributes:
                         continue
-                    if resource is None:
-                        resource = _attributes(rl.resource.attributes, (_PAYGENT_PREFIX,))
-                        resource_digest = _fingerprint(rl.resource)
-                        resource_problem = _too_long(resource, limit)
-                    trace_id, span_id = log.trace_id.hex(), log.span_id.hex()
-                    timestamp = log.time_unix_nano or log.observed_time_unix_nano
-                    where = f"log record (time {timestamp}" + (
-                        f", trace {trace_id}, span {span_id})" if trace_id else ")"
-                    )
-                    ref = idempotency_key(
-                        "log",
-                        canonical_json(attributes),
-                        canonical_json(_value(log.body)),
-                        log.time_unix_nano,
-                        trace_id,
-                        span_id,
-                    )
-                    problem = resource_problem or _too_long(attributes, limit)
-                    if problem is not None:
-                        out.add((), (self._limit_rejection(problem, where, ref, attributes),))
-                        out.rejected_items += 1
-                        continue
-                    result = map_usage(
-                        attributes,
-                        inherited=(resource,),
-                        defaults=self.defaults,
-                        ref=ref,
-                        origin=where,
-                        trace_ids=(trace_id, span_id) if trace_id else None,
-                        aliases=(_serialized_log_key(resource_digest, log),),
-                    )
-                    records: list[UsageRecord] = []
-                    rejections: list[Rejection] = []
-                    if isinstance(result, UsageRecord):
-                        records.append(result)
-                    else:
-                        rejections.append(result)
-                    self._restrict(records, rejections, allowed_agents)
-                    if out.add(records, rejections):
-                        out.rejected_items += 1
+                    self._log(out, log, attributes, resource, allowed_agents)
         return out
 
-    # ------------------------------------------------------------------ metrics
-
-    @staticmethod
-    def _stream_problem(
-        metric: Any, name: str, kind: str | None, cumulative: CumulativeStore | None
-    ) -> tuple[str | None, int]:
-        """Why a usage metric (quantity ``name``) cannot be billed (or None), and its
-        temporality."""
-        temporality = metric.sum.aggregation_temporality if kind == "sum" else 0
-        if kind == "sum" and metric.sum.is_monotonic:
-            if temporality not in (_DELTA, _CUMULATIVE):
-                return (
-                    f"metric {name!r} has no aggregation temporality; usage counters must be "
-                    "DELTA or CUMULATIVE. Its points are not billed"
-                ), temporality
-            if temporality == _CUMULATIVE and cumulative is None:
-                return (
-                    f"metric {name!r} arrives with cumulative temporality, which the bridge "
-                    "turns into deltas only with a durable spool (serve --spool FILE); or make "
-                    "the sender use delta temporality "
-                    "(OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta). "
-                    "Its points are not billed"
-                ), temporality
-        # Cumulative sums are turned into deltas below, so they are judged as deltas here.
-        found = usage_stream_problem(
-            name,
-            (kind or "metric without data points").replace("_", " "),
-            unit=metric.unit,
-            monotonic=kind == "sum" and metric.sum.is_monotonic,
-            delta=True,
+    def _log(
+        self,
+        out: Extraction,
+        log: Any,
+        attributes: dict[str, Any],
+        resource: _Resource,
+        allowed_agents: frozenset[str] | None,
+    ) -> None:
+        rules = self.rules
+        resource_digest = resource.message_digest
+        resource_attributes = resource.attributes
+        trace_id, span_id = log.trace_id.hex(), log.span_id.hex()
+        timestamp = log.time_unix_nano or log.observed_time_unix_nano
+        where = f"log record (time {timestamp}" + (
+            f", trace {trace_id}, span {span_id})" if trace_id else ")"
         )
-        return (found[1] if found else None), temporality
+        ref = idempotency_key(
+            "log",
+            canonical_json(attributes),
+            canonical_json(_value(log.body)),
+            log.time_unix_nano,
+            trace_id,
+            span_id,
+        )
+        problem = resource.problem or _too_long(attributes, rules.max_attribute_length)
+        if problem is not None:
+            out.add((), (rules.limit_rejection(problem, where, ref, attributes),))
+            out.rejected_items += 1
+            return
+        result = map_usage(
+            attributes,
+            inherited=(resource_attributes,),
+            defaults=rules.defaults,
+            ref=ref,
+            origin=where,
+            trace_ids=(trace_id, span_id) if trace_id else None,
+            aliases=(_serialized_log_key(resource_digest, log),),
+        )
+        if isinstance(result, UsageRecord):
+            rules.add(out, [result], [], allowed_agents)
+        else:
+            rules.add(out, [], [result], allowed_agents)
+
+
+def _stream_problem(
+    metric: Any, name: str, kind: str | None, cumulative: CumulativeStore | None
+) -> tuple[str | None, int]:
+    """Why a usage metric (quantity ``name``) cannot be billed (or None), and its
+    temporality."""
+    temporality = metric.sum.aggregation_temporality if kind == "sum" else 0
+    if kind == "sum" and metric.sum.is_monotonic:
+        if temporality not in (_DELTA, _CUMULATIVE):
+            return (
+                f"metric {name!r} has no aggregation temporality; usage counters must be "
+                "DELTA or CUMULATIVE. Its points are not billed"
+            ), temporality
+        if temporality == _CUMULATIVE and cumulative is None:
+            return (
+                f"metric {name!r} arrives with cumulative temporality, which the bridge "
+                "turns into deltas only with a durable spool (serve --spool FILE); or make "
+                "the sender use delta temporality "
+                "(OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=delta). "
+                "Its points are not billed"
+            ), temporality
+    # Cumulative sums are turned into deltas below, so they are judged as deltas here.
+    found = usage_stream_problem(
+        name,
+        (kind or "metric without data points").replace("_", " "),
+        unit=metric.unit,
+        monotonic=kind == "sum" and metric.sum.is_monotonic,
+        delta=True,
+    )
+    return (found[1] if found else None), temporality
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One usage metric of one scope and resource, as its points are read."""
+
+    resource: dict[str, Any]
+    resource_digest: str
+    resource_problem: str | None
+    scope: Any
+    name: str
+    framework: Any
+    problem: str | None
+    temporality: int
+
+
+class _MetricReader:
+    """Usage records from the points of usage counters (monotonic sums)."""
+
+    def __init__(self, rules: _Rules) -> None:
+        self.rules = rules
+        self.deltas: list[UsagePoint] = []
+        self.running: list[CumulativePoint] = []
+        self.invalid_points = 0
+        self.out = Extraction(Signal.METRICS)
+
+    def read(
+        self,
+        request: Any,
+        cumulative: CumulativeStore | None,
+        allowed_agents: frozenset[str] | None,
+    ) -> Extraction:
+        for rm in request.resource_metrics:
+            resource = _Resource(rm.resource, None, self.rules.max_attribute_length)
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    stream = self._stream(resource, sm.scope, metric, cumulative)
+                    if stream is None:
+                        continue
+                    kind = metric.WhichOneof("data")
+                    data = getattr(metric, kind) if kind is not None else None
+                    for point in data.data_points if data is not None else ():
+                        if not point.flags & _NO_RECORDED_VALUE:
+                            self._point(stream, point)
+        return self._finish(cumulative, allowed_agents)
+
+    def _stream(
+        self, resource: _Resource, scope: Any, metric: Any, cumulative: CumulativeStore | None
+    ) -> _Stream | None:
+        """The stream of a usage metric (None for other metrics)."""
+        framework = self.rules.frameworks.metric(scope.name, metric.name)
+        name = metric.name if framework is None else framework.quantity
+        if name not in sc.QUANTITIES:
+            return None
+        attributes = resource.attributes
+        kind = metric.WhichOneof("data")
+        problem, temporality = _stream_problem(metric, name, kind, cumulative)
+        return _Stream(
+            attributes,
+            resource.attribute_digest,
+            resource.problem,
+            scope,
+            name,
+            framework,
+            problem,
+            temporality,
+        )
+
+    def _point(self, stream: _Stream, point: Any) -> None:
+        limit = self.rules.max_attribute_length
+        attributes = _attributes(point.attributes, None)
+        if stream.framework is not None:
+            attributes = stream.framework.attributes(attributes)
+        key = idempotency_key(
+            "stream",
+            stream.resource_digest,
+            stream.scope.name,
+            stream.scope.version,
+            stream.name,
+            _attribute_fingerprint(attributes),
+        )
+        where = f"metric {stream.name!r} point at {point.time_unix_nano} (stream {key})"
+        problem = stream.problem or stream.resource_problem or _too_long(attributes, limit)
+        if problem is not None:
+            rejection = Rejection(
+                RejectReason.INVALID,
+                f"usage record from {where} rejected: {problem}",
+                where,
+                idempotency_key("metric-invalid", key, point.time_unix_nano),
+                _clipped(attributes, limit),
+            )
+            self.out.add((), (rejection,))
+            self.invalid_points += 1
+            return
+        is_int = point.WhichOneof("value") == "as_int"
+        usage = UsagePoint(
+            stream.resource,
+            stream.name,
+            attributes,
+            point.start_time_unix_nano,
+            point.time_unix_nano,
+            point.as_int if is_int else point.as_double,
+        )
+        if stream.temporality == _CUMULATIVE:
+            self.running.append(CumulativePoint(key, usage))
+        else:
+            self.deltas.append(usage)
+
+    def _finish(
+        self, cumulative: CumulativeStore | None, allowed_agents: frozenset[str] | None
+    ) -> Extraction:
+        out, deltas = self.out, self.deltas
+        if self.running:
+            assert cumulative is not None
+            converted, out.updates = cumulative.deltas(self.running)
+            deltas += converted
+        records, rejections = records_from_points(
+            deltas, self.rules.defaults, source="otlp metrics"
+        )
+        self.rules.restrict(records, rejections, allowed_agents)
+        out.add(records, rejections)
+        out.rejected_items = self.invalid_points + sum(
+            max(1, sum(1 for name in r.attributes if name in sc.QUANTITIES))
+            for r in rejections
+            if r.reason is RejectReason.INVALID
+        )
+        return out
+
+
+class UsageExtractor:
+    """Turns decoded export requests into usage records with the shared mapping."""
+
+    def __init__(
+        self,
+        defaults: IdentityDefaults,
+        *,
+        genai: bool = False,
+        max_attribute_length: int = 256,
+        frameworks: FrameworkSet | None = None,
+    ) -> None:
+        self.defaults = defaults
+        self.genai = genai
+        self.max_attribute_length = max_attribute_length
+        self.frameworks = frameworks or FrameworkSet()
+        """Framework mappings (``paygent_otel.frameworks``) applied to spans and metrics."""
+        self._rules = _Rules(
+            defaults,
+            genai,
+            max_attribute_length,
+            self.frameworks,
+            (
+                _PAYGENT_PREFIX,
+                *((_GENAI_PREFIX,) if genai else ()),
+                *self.frameworks.attribute_prefixes,
+            ),
+        )
+
+    def spans(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
+        """Every usage record on the request's spans and ``paygent.usage`` span events."""
+        return _SpanReader(self._rules).read(request, allowed_agents)
+
+    def logs(self, request: Any, allowed_agents: frozenset[str] | None = None) -> Extraction:
+        """Every log record that carries ``paygent.usage.kind`` is one usage record."""
+        return _LogReader(self._rules).read(request, allowed_agents)
 
     def metrics(
         self,
@@ -687,80 +905,4 @@ class UsageExtractor:
         :attr:`Extraction.updates`); without a store they are refused. Any other
         instrument type carrying a usage name is refused.
         """
-        out = Extraction(Signal.METRICS)
-        limit = self.max_attribute_length
-        deltas: list[UsagePoint] = []
-        running: list[CumulativePoint] = []
-        invalid_points = 0
-        for rm in request.resource_metrics:
-            resource: dict[str, Any] = {}
-            resource_digest = ""
-            resource_problem: str | None = None
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    framework = self.frameworks.metric(sm.scope.name, metric.name)
-                    name = metric.name if framework is None else framework.quantity
-                    if name not in sc.QUANTITIES:
-                        continue
-                    if not resource_digest:
-                        resource = _attributes(rm.resource.attributes, None)
-                        resource_digest = _attribute_fingerprint(resource)
-                        resource_problem = _too_long(resource, limit)
-                    kind = metric.WhichOneof("data")
-                    problem, temporality = self._stream_problem(metric, name, kind, cumulative)
-                    data = getattr(metric, kind) if kind is not None else None
-                    for point in data.data_points if data is not None else ():
-                        if point.flags & _NO_RECORDED_VALUE:
-                            continue
-                        attributes = _attributes(point.attributes, None)
-                        if framework is not None:
-                            attributes = framework.attributes(attributes)
-                        stream = idempotency_key(
-                            "stream",
-                            resource_digest,
-                            sm.scope.name,
-                            sm.scope.version,
-                            name,
-                            _attribute_fingerprint(attributes),
-                        )
-                        where = f"metric {name!r} point at {point.time_unix_nano} (stream {stream})"
-                        problem_here = problem or resource_problem or _too_long(attributes, limit)
-                        if problem_here is not None:
-                            key = idempotency_key("metric-invalid", stream, point.time_unix_nano)
-                            rejection = Rejection(
-                                RejectReason.INVALID,
-                                f"usage record from {where} rejected: {problem_here}",
-                                where,
-                                key,
-                                _clipped(attributes, limit),
-                            )
-                            out.add((), (rejection,))
-                            invalid_points += 1
-                            continue
-                        is_int = point.WhichOneof("value") == "as_int"
-                        value = point.as_int if is_int else point.as_double
-                        usage = UsagePoint(
-                            resource,
-                            name,
-                            attributes,
-                            point.start_time_unix_nano,
-                            point.time_unix_nano,
-                            value,
-                        )
-                        if temporality == _CUMULATIVE:
-                            running.append(CumulativePoint(stream, usage))
-                        else:
-                            deltas.append(usage)
-        if running:
-            assert cumulative is not None
-            converted, out.updates = cumulative.deltas(running)
-            deltas += converted
-        records, rejections = records_from_points(deltas, self.defaults, source="otlp metrics")
-        self._restrict(records, rejections, allowed_agents)
-        out.add(records, rejections)
-        out.rejected_items = invalid_points + sum(
-            max(1, sum(1 for name in r.attributes if name in sc.QUANTITIES))
-            for r in rejections
-            if r.reason is RejectReason.INVALID
-        )
-        return out
+        return _MetricReader(self._rules).read(request, cumulative, allowed_agents)

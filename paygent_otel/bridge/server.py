@@ -22,18 +22,23 @@ import resource
 import signal
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any, ClassVar, Self, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .._serving import LOOP_IMPLEMENTATION, base_url, bind_socket
+from .._serving import (
+    LOOP_IMPLEMENTATION,
+    StartStop,
+    UvicornThread,
+    base_url,
+    bind_socket,
+    caught_signals,
+)
 from .app import CONNECTION_EXTENSION, BridgeApp
 from .config import DEFAULT_DRAIN_GRACE, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HOST, Limits
 
@@ -323,7 +328,7 @@ def _format_peer(peer: Any) -> str:
     return "an unknown peer"
 
 
-class BridgeServer:
+class BridgeServer(StartStop):
     """The bridge app served by uvicorn in a background thread."""
 
     def __init__(
@@ -344,8 +349,7 @@ class BridgeServer:
         """Seconds :meth:`drain` keeps listening (answering 503) before the stop."""
         self.tls = tls
         self._ssl_context = tls.context() if tls is not None else None  # fails early
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: UvicornThread | None = None
 
     @property
     def port(self) -> int:
@@ -361,11 +365,11 @@ class BridgeServer:
     @property
     def running(self) -> bool:
         """True between :meth:`start` and the end of :meth:`stop`."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._runner is not None and self._runner.alive
 
     def start(self, timeout: float = 10.0, sock: socket.socket | None = None) -> Self:
         """Bind (unless ``sock`` is given) and return once uvicorn accepts connections."""
-        if self._thread is not None:
+        if self._runner is not None:
             raise RuntimeError("the bridge is already running")
         sock = sock or bind_socket(self.host, self._port)
         self._port = sock.getsockname()[1]
@@ -385,19 +389,12 @@ class BridgeServer:
             timeout_graceful_shutdown=self.graceful_timeout,
             ssl_context_factory=None if context is None else lambda _config, _default: context,
         )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="paygent-bridge", daemon=True
-        )
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                self.stop(1.0)
-                sock.close()
-                raise RuntimeError(f"the bridge did not start listening on {self.url}")
-            time.sleep(0.005)
+        runner = UvicornThread(config, sock, "paygent-bridge")
+        self._runner = runner
+        if not runner.start(timeout):
+            self.stop(1.0)
+            sock.close()
+            raise RuntimeError(f"the bridge did not start listening on {self.url}")
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -405,18 +402,14 @@ class BridgeServer:
 
         Blocks at most about ``timeout`` seconds (default: graceful + flush timeouts).
         """
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
+        runner = self._runner
+        if runner is None:
             return
         if timeout is None:
             timeout = self.graceful_timeout + self.app.config.flush_timeout + 5.0
-        server.should_exit = True
-        thread.join(timeout)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(2.0)
+        runner.stop(timeout, 2.0)
         self.app.close()  # idempotent; covers a server that never ran its lifespan
-        self._server = self._thread = None
+        self._runner = None
 
     def drain(self) -> None:
         """Refuse new usage and answer ``/health`` 503 for the drain grace, then :meth:`stop`."""
@@ -431,19 +424,8 @@ class BridgeServer:
 
     def force_exit(self) -> None:
         """Cancel the requests still in progress during a stop (a second Ctrl-C)."""
-        if self._server is not None:
-            self._server.force_exit = True
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if self._runner is not None:
+            self._runner.force_exit()
 
 
 def run_until_signalled(server: BridgeServer) -> bool:
@@ -453,29 +435,18 @@ def run_until_signalled(server: BridgeServer) -> bool:
     signal during the stop cancels the requests still in progress. Returns False
     when the server stopped on its own (it failed) instead of on a signal.
     """
-    stop = threading.Event()
 
-    received: list[int] = []
-
-    def on_signal(signum: int, _: FrameType | None) -> None:
-        if stop.is_set():
+    def on_signal(signum: int, repeated: bool) -> None:
+        if repeated:
             server.force_exit()
-        received.append(signum)
-        stop.set()
         _logger.info("bridge: %s received, stopping", signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        # A timed wait returns to the interpreter regularly, where signal handlers run.
-        while not stop.wait(0.5):
-            if not server.running:
-                _logger.error("bridge: the server stopped unexpectedly")
-                break
-        if received and received[0] == signal.SIGTERM:
+    with caught_signals(on_signal) as signals:
+        first = signals.wait(lambda: server.running)
+        if first is None:
+            _logger.error("bridge: the server stopped unexpectedly")
+        if first == signal.SIGTERM:
             server.drain()  # an orchestrator's stop: let load balancers notice first
         else:
             server.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return stop.is_set()
+    return signals.signalled

@@ -439,7 +439,7 @@ class SandboxApp:
                 Route(USAGE_PATH, self._usage, methods=["POST"]),
                 Route(CUSTOMERS_PATH, self._customer, methods=["POST"]),
                 Route(AUTH_CHECK_PATH, self._auth_check, methods=["GET"]),
-                Route("/healthz", self._health, methods=["GET"]),
+                *(Route(p, self._health, methods=["GET"]) for p in ("/health", "/healthz")),
                 Route("/_sandbox/stats", self._stats, methods=["GET"]),
                 Route("/_sandbox/faults", self._get_faults, methods=["GET"]),
                 Route("/_sandbox/faults", self._post_faults, methods=["POST"]),

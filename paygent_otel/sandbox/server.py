@@ -21,13 +21,19 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Final, Self
 
 import httpx
 import uvicorn
 
-from .._serving import HTTP_IMPLEMENTATION, LOOP_IMPLEMENTATION, base_url, bind_socket
+from .._serving import (
+    HTTP_IMPLEMENTATION,
+    LOOP_IMPLEMENTATION,
+    StartStop,
+    UvicornThread,
+    base_url,
+    bind_socket,
+)
 from .app import Faults, SandboxApp
 from .ledger import Ledger, LedgerWriter
 
@@ -52,7 +58,7 @@ _GRACEFUL_SHUTDOWN_S = 2
 """How long in-flight requests (say, under injected latency) may finish on stop."""
 
 
-class SandboxServer:
+class SandboxServer(StartStop):
     """The sandbox served by uvicorn in a background thread of this process.
 
     ``faults`` are :class:`~paygent_otel.sandbox.app.Faults` fields (``latency_ms=50``, ...);
@@ -86,8 +92,7 @@ class SandboxServer:
         self.ledger = Ledger(self.db_path)
         """Read access to the ledger file (works while running and after stop)."""
         self._app: SandboxApp | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: UvicornThread | None = None
 
     @property
     def port(self) -> int:
@@ -104,7 +109,7 @@ class SandboxServer:
     @property
     def running(self) -> bool:
         """True between a successful :meth:`start` and :meth:`stop`."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._runner is not None and self._runner.alive
 
     @property
     def faults(self) -> Faults:
@@ -127,7 +132,7 @@ class SandboxServer:
 
     def start(self, timeout: float = 10.0) -> Self:
         """Open the ledger, bind the port and return once uvicorn accepts connections."""
-        if self._thread is not None:
+        if self._runner is not None:
             raise RuntimeError("the sandbox is already running")
         writer = LedgerWriter(self.db_path)
         try:
@@ -160,19 +165,12 @@ class SandboxServer:
             ssl_ca_certs=self._client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if self._client_ca else ssl.CERT_NONE,
         )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="paygent-sandbox", daemon=True
-        )
-        self._app, self._server, self._thread = app, server, thread
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                self._halt(timeout=1.0)
-                sock.close()
-                raise RuntimeError(f"the sandbox did not start listening on {self.url}")
-            time.sleep(0.005)
+        runner = UvicornThread(config, sock, "paygent-sandbox")
+        self._app, self._runner = app, runner
+        if not runner.start(timeout):
+            self._halt(timeout=1.0)
+            sock.close()
+            raise RuntimeError(f"the sandbox did not start listening on {self.url}")
         _log.debug("paygent sandbox listening on %s (ledger %s)", self.url, self.db_path)
         return self
 
@@ -181,39 +179,23 @@ class SandboxServer:
 
         Idempotent. Blocks at most about ``timeout`` seconds.
         """
-        if self._thread is None:
+        if self._runner is None:
             return
         self._halt(timeout)
 
     def _halt(self, timeout: float) -> None:
-        server, thread, app = self._server, self._thread, self._app
-        assert server is not None and thread is not None and app is not None
+        runner, app = self._runner, self._app
+        assert runner is not None and app is not None
         self._faults = app.faults
-        server.should_exit = True
-        thread.join(timeout)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(1.0)
-        if thread.is_alive():
+        if not runner.stop(timeout, 1.0):
             # Closing the ledger under a running loop would break its last requests.
             _log.warning("paygent sandbox thread did not stop; leaving its ledger open")
         else:
             app.writer.close()
-        self._app = self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._app = self._runner = None
 
 
-class SandboxProcess:
+class SandboxProcess(StartStop):
     """The sandbox as a child process (``python -m paygent_otel.sandbox``).
 
     Same constructor as :class:`SandboxServer`. Faults change over HTTP
@@ -322,17 +304,6 @@ class SandboxProcess:
                 process.kill()
                 process.wait(timeout)
         return process.returncode
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _tls_files(
