@@ -4,8 +4,10 @@
 :meth:`DeliveryPipeline.submit`, which commits them to the spool and wakes the worker
 (:mod:`._worker`: one daemon thread running an asyncio loop that leases due records, sends
 up to ``max_in_flight`` requests concurrently and settles each one as :mod:`._decision`
-says). The pipeline owns the spool, the producer side and the lifecycle (start, flush,
-shutdown, fork). Nothing here raises into the application, and the application thread
+says). The pipeline owns the producer side (``submit`` and its counters) and the
+lifecycle (start, flush, shutdown, fork); its :class:`SpoolKeeper` owns the spool (opened,
+re-opened after trouble, filed by endpoint) and its ``_SenderFactory`` the HTTP stack the
+worker posts with. Nothing here raises into the application, and the application thread
 never waits on HTTP.
 """
 
