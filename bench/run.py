@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -24,7 +25,7 @@ from bench import workload
 from bench._child import dead_endpoint
 from bench._parent import API_KEY, ROOT, Child, sandbox, wait_for_ledger
 
-ALL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+ALL_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 BSP_SETTINGS = (("default (5 s)", None), ("tuned (100 ms)", 100), ("recommended (200 ms)", 200))
 """Row 9's BatchSpanProcessor schedule delays; docs/delivery.md recommends 200 ms."""
 
@@ -44,6 +45,10 @@ class Settings:
     delay_rate: float = 100.0
     """Row 9: records per second, under the SDK's ~180/s at 50 ms so neither side backs up."""
     exit_records: int = 50
+    stack_records: int = 4_000
+    """Row 11: records each round delivers through one HTTP stack."""
+    stack_rounds: int = 7
+    """Row 11: rounds per stack, interleaved (other processes load the CPU unevenly)."""
     workdir: Path = field(default_factory=lambda: ROOT / "bench" / "out" / "work")
 
 
@@ -288,6 +293,49 @@ def backlog(settings: Settings) -> dict[str, Any]:
         f"  peak RSS {result['peak_rss_mb']:.0f} MB, {result['pending']} pending, "
         f"spooled in {result['spooled_s']:.0f} s, file {result['spool_bytes'] / 1e6:.0f} MB"
     )
+    return out
+
+
+# ----------------------------------------------------------------------------- row 11
+
+STACKS = ("aiohttp", "httpx-aiohttp")
+"""Row 11: the runtime sender, and httpx.AsyncClient over httpx-aiohttp's transport."""
+
+
+def http_stacks(settings: Settings) -> dict[str, Any]:
+    """CPU per delivered record of each HTTP stack against one sandbox, rounds interleaved.
+
+    Each round is a fresh process delivering a pre-filled spool; rounds alternate between
+    the stacks (the first stack of a round alternates too), so load from other processes
+    falls on both alike. The median of the rounds is reported.
+    """
+    work = settings.workdir
+    n = settings.stack_records
+    log(f"http stacks: {settings.stack_rounds} rounds x {STACKS}, {n} records each")
+    cpu_ms: dict[str, list[float]] = {stack: [] for stack in STACKS}
+    problems: list[str] = []
+    with sandbox(work, "stacks", 0) as sb:
+        for round_ in range(settings.stack_rounds):
+            order = STACKS if round_ % 2 == 0 else STACKS[::-1]
+            for stack in order:
+                name = f"stack-{stack}-{round_}"
+                spool = _fresh(work / f"{name}.spool.sqlite3")
+                spec = {"stack": stack, "n": n, "url": sb.url, "api_key": API_KEY,
+                        "spool": spool, "prefix": name}  # fmt: skip
+                child = Child("stack_app", spec, work / f"{name}.log")
+                try:
+                    result = child.expect("result")
+                finally:
+                    child.finish()
+                delivered = result["stats"].get("delivered", 0)
+                if not result["flushed"] or delivered != n:
+                    problems.append(f"{name}: {delivered} of {n} delivered")
+                cpu_ms[stack].append(result["cpu_s"] / max(delivered, 1) * 1e3)
+                log(f"  {name}: {cpu_ms[stack][-1]:.3f} ms CPU per record")
+    medians = {stack: statistics.median(values) for stack, values in cpu_ms.items()}
+    out = {"records": n, "rounds": cpu_ms, "median_cpu_ms": medians, "problems": problems}
+    log(f"  medians: {medians}, httpx-aiohttp / aiohttp = "
+        f"{medians['httpx-aiohttp'] / medians['aiohttp']:.2f}")  # fmt: skip
     return out
 
 
@@ -686,6 +734,27 @@ def other_rows(runs: dict[str, Any], settings: Settings) -> list[Row]:
     return rows
 
 
+def stack_rows(runs: dict[str, Any]) -> list[Row]:
+    """Row 11: the HTTP stack the design card names (httpx) beside the runtime one."""
+    stacks = runs.get("stacks")
+    if not stacks:
+        return []
+    medians = stacks["median_cpu_ms"]
+    httpx_ms, aiohttp_ms = medians["httpx-aiohttp"], medians["aiohttp"]
+    return [
+        Row(
+            "11",
+            f"delivery CPU per record, httpx.AsyncClient over httpx-aiohttp (peer: aiohttp "
+            f"alone), median of {len(stacks['rounds']['aiohttp'])} interleaved rounds",
+            httpx_ms,
+            aiohttp_ms,
+            "ms",
+            "<= 1.1x to switch",
+            httpx_ms <= 1.1 * aiohttp_ms and not stacks["problems"],
+        )
+    ]
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -720,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         settings = Settings(
             records=2_000, backlog=50_000, metric_interval_s=5.0, ingest_requests=40,
-            ack_seconds=3.0, delay_records=300,
+            ack_seconds=3.0, delay_records=300, stack_records=1_000, stack_rounds=3,
         )  # fmt: skip
     if args.records:
         settings.records = args.records
@@ -769,8 +838,11 @@ def main(argv: list[str] | None = None) -> int:
         attempt("ingest-2-workers", lambda: bridge_ingest(settings, workers=2))
     if 6 in rows_wanted:
         attempt("backlog", lambda: backlog(settings))
+    if 11 in rows_wanted:
+        attempt("stacks", lambda: http_stacks(settings))
 
     rows = delivery_rows(runs) + other_rows(runs, settings) + spool_rows(runs) + user_rows(runs)
+    rows += stack_rows(runs)
     info["loadavg_after"] = os.getloadavg()
     info["runtime_s"] = time.monotonic() - began
     print(table(rows))

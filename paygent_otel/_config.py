@@ -59,8 +59,8 @@ DEFAULT_ENDPOINT: Final = "https://cp-api.withpaygent.com"
 DEFAULT_TIMEOUT: Final = 10.0
 """Seconds one tracking request may take (the SDK's timeout)."""
 DEFAULT_MAX_IN_FLIGHT: Final = 128
-"""Tracking requests in flight at once. At 50 ms per request, 64 delivered ~700 records/s
-on 2 cores and 128 ~1,000/s (``bench/RESULTS.md``); connections open only under backlog."""
+"""Tracking requests in flight at once: enough to keep up at a real network's latency
+(``bench/RESULTS.md`` has the figures); connections open only under backlog."""
 DEFAULT_SPOOL_MAX_BYTES: Final = 1 << 30
 """Size cap of the durable spool file (1 GiB); new records are refused past it."""
 DEFAULT_FLUSH_TIMEOUT: Final = 10.0

@@ -108,10 +108,9 @@ def decide(
     - past ``max_retry_seconds`` since the record was created: dead-letter as ``gave_up``.
     """
     if isinstance(outcome, Failure):
+        delay = policy.delay(endpoint.failures + 1 if outcome.unreachable else attempts, rng)
         if outcome.unreachable:
-            delay = policy.delay(endpoint.failures + 1, rng)
             return _paused(outcome.cause, outcome.detail, delay, created, max_retry_seconds, now)
-        delay = policy.delay(attempts, rng)
         return _retry(outcome.cause, outcome.detail, delay, None, created, max_retry_seconds, now)
     status = outcome.status
     kind = classify_status(status)
@@ -135,14 +134,18 @@ def decide(
         decision = _paused(cause, detail, policy.max_interval, created, max_retry_seconds, now)
         return _misconfigured(decision)
     if kind is Outcome.ENDPOINT and not (endpoint.verified and status in (404, 410)):
-        detail = (
-            f"{cause} for POST {url}: the endpoint looks wrong (it must be the API's base URL, "
-            "for example https://cp-api.withpaygent.com; OTEL_EXPORTER_PAYGENT_ENDPOINT); "
-            f"delivery paused, records kept. Answer: {excerpt[:200]}"
-        )
+        detail = _wrong_endpoint(cause, url, excerpt)
         delay = policy.delay(endpoint.failures + 1, rng)
         return _misconfigured(_paused(cause, detail, delay, created, max_retry_seconds, now))
     return Decision(Verdict.DEAD, status=str(status), cause=cause, detail=excerpt)
+
+
+def _wrong_endpoint(cause: str, url: str, excerpt: str) -> str:
+    return (
+        f"{cause} for POST {url}: the endpoint looks wrong (it must be the API's base URL, "
+        "for example https://cp-api.withpaygent.com; OTEL_EXPORTER_PAYGENT_ENDPOINT); "
+        f"delivery paused, records kept. Answer: {excerpt[:200]}"
+    )
 
 
 def _retry(

@@ -4,14 +4,15 @@
 :meth:`DeliveryPipeline.submit`, which commits them to the spool and wakes the worker
 (:mod:`._worker`: one daemon thread running an asyncio loop that leases due records, sends
 up to ``max_in_flight`` requests concurrently and settles each one as :mod:`._decision`
-says). The pipeline owns the spool, the producer side and the lifecycle (start, flush,
-shutdown, fork). Nothing here raises into the application, and the application thread
+says). The pipeline owns the producer side (``submit`` and its counters) and the
+lifecycle (start, flush, shutdown, fork); its :class:`SpoolKeeper` owns the spool (opened,
+re-opened after trouble, filed by endpoint) and its ``_SenderFactory`` the HTTP stack the
+worker posts with. Nothing here raises into the application, and the application thread
 never waits on HTTP.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
@@ -19,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -27,9 +28,9 @@ import httpx
 from ._config import ExporterConfig
 from ._forking import register_at_fork_once
 from ._mapping import Rejection, RejectReason, UsageRecord
-from ._reporting import DeliveryProgress, FailureReport
+from ._reporting import BacklogProgress, DeliveryProgress, FailureReport
 from ._retry import RetryPolicy
-from ._spool import MemorySpool, Spool, destination_id, open_spool
+from ._spool import AddResult, MemorySpool, Spool, destination_id, open_spool
 from ._transport import AiohttpSender, HttpxSender, Route, Sender, route_for
 from ._version import __version__
 from ._worker import DeliveryWorker, WorkerSettings
@@ -74,6 +75,242 @@ class DeliveryStats:
             return dict(self.counts)
 
 
+def _route(config: ExporterConfig, api_key_hint: str) -> tuple[Route, str | None]:
+    """The route to the endpoint, and why nothing can be sent there (None: it can)."""
+    url = config.endpoint + USAGE_PATH
+    if config.delivery_blocked:
+        return Route(url), config.delivery_blocked
+    try:
+        route = route_for(
+            url,
+            certificate=config.certificate,
+            client_certificate=config.client_certificate,
+            client_key=config.client_key,
+        )
+    except ValueError as exc:
+        return Route(url), f"the TLS settings cannot be used ({exc})"
+    if not config.api_key:
+        return route, f"no Paygent API key ({api_key_hint})"
+    return route, None
+
+
+class SpoolKeeper:
+    """One pipeline's spool while it lives: opened, re-opened after trouble, filed by endpoint.
+
+    An unwritable path or a full disk must not stop the application: a spool that cannot
+    be opened is replaced by a stand-in that refuses everything, the error is logged once,
+    and the real spool is tried again every :data:`SPOOL_REOPEN_SECONDS` (at the next
+    export).
+    """
+
+    def __init__(self, config: ExporterConfig, name: str, spool: Spool | None) -> None:
+        self._config = config
+        self._name = name
+        self.error: str | None = None
+        """Why the configured spool could not be opened (None: it is in use)."""
+        self._retry_at = 0.0
+        self.lock = threading.Lock()
+        self.spool = spool if spool is not None else self._open()
+
+    def _open(self) -> Spool:
+        """The configured spool; if it cannot be opened, a stand-in that refuses everything."""
+        try:
+            opened = open_spool(self._config.spool_path, max_bytes=self._config.spool_max_bytes)
+        except (OSError, sqlite3.Error) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self.error:
+                _logger.error(
+                    "%s: cannot use the spool %s (%s). Usage records are refused (counted as "
+                    "`refused`; export() returns FAILURE) until it is writable; it is tried "
+                    "again every %.0f s. Point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at a writable "
+                    "file, free disk space, or set it to :memory: to opt out of durability",
+                    self._name,
+                    self._config.spool_path,
+                    error,
+                    SPOOL_REOPEN_SECONDS,
+                )
+            self.error = error
+            self._retry_at = time.monotonic() + SPOOL_REOPEN_SECONDS
+            return MemorySpool(max_records=0)
+        if self.error is not None:
+            _logger.warning(
+                "%s: the spool %s is usable again; usage records are accepted",
+                self._name,
+                self._config.spool_path,
+            )
+            self.error = None
+        return opened
+
+    def usable(self) -> bool:
+        """False while the spool could not be opened (tries again when it is time)."""
+        if self.error is None:
+            return True
+        with self.lock:
+            if self.error is not None and time.monotonic() >= self._retry_at:
+                self.spool = self._open()
+        return self.error is None
+
+    def after_fork(self) -> None:
+        """In a forked child: the lock may be held by a thread that no longer exists."""
+        self.lock = threading.Lock()
+
+    def file_under_endpoint(self, dest: str) -> None:
+        """Remember this endpoint's URL in the spool, and say if records wait for others.
+
+        Records are filed by endpoint and only sent to it (a spool once used against a
+        sandbox must not bill its records to production): after an endpoint change, the
+        old endpoint's records wait until ``paygent-otel spool retarget`` moves them.
+        """
+        if not self.spool.durable:
+            return
+        config = self._config
+        try:
+            self.spool.remember_endpoint(dest, config.endpoint)
+            stranded = [e for e in self.spool.endpoints() if e.dest != dest and e.pending]
+        except Exception:  # the first export reports spool trouble with its reason
+            return
+        for other in stranded:
+            url = other.url or f"an endpoint used before this version (id {other.dest})"
+            _logger.warning(
+                "%s: %d usage records in the spool %s are filed under %s, not under the "
+                "configured endpoint %s, and are not sent. If that endpoint was a mistake, "
+                "move them: paygent-otel spool retarget --spool %s --from %s --to %s",
+                self._name,
+                other.pending,
+                config.spool_path,
+                url,
+                config.endpoint,
+                config.spool_path,
+                other.url or other.dest,
+                config.endpoint,
+            )
+
+
+def _note_rejections(
+    stats: DeliveryStats, records: Sequence[UsageRecord], rejections: Sequence[Rejection]
+) -> list[Rejection]:
+    """Log the warnings of a batch and count what was not mapped; returns the invalid."""
+    for record in records:
+        for warning in record.warnings:
+            _logger.warning("%s", warning)
+    reasons = Counter(r.reason for r in rejections)
+    invalid = [r for r in rejections if r.reason is RejectReason.INVALID]
+    for rejection in invalid:
+        _logger.warning("%s", rejection.message)
+    for message in dict.fromkeys(r.message for r in rejections if r.reason is RejectReason.LOST):
+        _logger.warning("%s", message)
+    stats.add("invalid", len(invalid))
+    stats.add("skipped_zero", reasons[RejectReason.ZERO])
+    stats.add("lost_to_span_event_limit", reasons[RejectReason.LOST])
+    return invalid
+
+
+def _count_stored(
+    stats: DeliveryStats,
+    result: AddResult,
+    conflicts: list[Rejection] | None,
+    name: str,
+    spool_path: object,
+) -> None:
+    """Count (and log) what the spool did with a batch."""
+    stats.add("accepted", result.accepted)
+    stats.add("duplicate_suppressed", result.duplicates)
+    stats.add("conflict", len(result.conflicts))
+    for conflict in result.conflicts:
+        _logger.warning("%s", conflict.message)
+    if conflicts is not None:
+        conflicts.extend(result.conflicts)
+    if result.refused:
+        stats.add("refused", result.refused)
+        _logger.error(
+            "%s: spool full (%s); %d usage records refused. Raise the cap or restore "
+            "delivery; see `paygent-otel spool status`",
+            name,
+            spool_path,
+            result.refused,
+        )
+
+
+def _say_blocked(name: str, config: ExporterConfig, blocked: str, durable: bool) -> None:
+    """The one ERROR line of a pipeline that cannot send anything."""
+    _logger.error(
+        "%s: nothing is sent to %s: %s. Usage is %s until this is fixed",
+        name,
+        config.endpoint,
+        blocked,
+        "kept in the spool " + str(config.spool_path)
+        if durable
+        else "counted as dropped (in-memory mode)",
+    )
+
+
+def _wait_delivered(
+    worker: DeliveryWorker,
+    pending: Callable[[], int],
+    timeout: float,
+    progress: DeliveryProgress | None,
+    at_shutdown: bool,
+    durable: bool,
+) -> None:
+    """Keep the worker awake until nothing is pending, the timeout passes, or nothing can be
+    delivered before it (see :meth:`DeliveryPipeline.force_flush`)."""
+    deadline = time.monotonic() + timeout
+    wall_deadline = time.time() + timeout
+    while time.monotonic() < deadline:
+        left = pending()
+        if left == 0:
+            return
+        endpoint = worker.endpoint
+        hopeless = endpoint.misconfigured or (
+            durable and endpoint.unreachable >= EXIT_CONNECT_ATTEMPTS
+        )
+        if endpoint.paused_until > wall_deadline or (at_shutdown and hopeless):
+            return
+        if progress is not None:
+            progress.update(left)
+        worker.notify()
+        time.sleep(0.02)
+
+
+def _worker_settings(
+    config: ExporterConfig, name: str, dest: str, route: Route, policy: RetryPolicy
+) -> WorkerSettings:
+    return WorkerSettings(
+        name=name,
+        dest=dest,
+        route=route,
+        timeout=config.timeout,
+        max_in_flight=config.max_in_flight,
+        max_retry_seconds=config.max_retry_seconds,
+        spool_path=str(config.spool_path),
+        policy=policy,
+    )
+
+
+class _SenderFactory:
+    """Makes the worker's sender (in its loop): the runtime HTTP stack, or the injected
+    httpx transport (tests, custom networking)."""
+
+    def __init__(
+        self, config: ExporterConfig, route: Route, transport: httpx.AsyncBaseTransport | None
+    ) -> None:
+        self._config, self._route, self._transport = config, route, transport
+        self._headers = {
+            **config.headers,
+            "Content-Type": "application/json",
+            "User-Agent": f"paygent-otel/{__version__}",
+        }
+        if config.api_key:
+            self._headers["paygent-api-key"] = config.api_key
+
+    def __call__(self) -> Sender:
+        config = self._config
+        if self._transport is not None:
+            url = config.endpoint + USAGE_PATH
+            return HttpxSender(self._transport, url, self._headers, config.timeout)
+        return AiohttpSender(self._route, self._headers, config.max_in_flight)
+
+
 class DeliveryPipeline:
     """Spool + worker for one destination. Thread-safe; fork-aware; never raises."""
 
@@ -91,138 +328,34 @@ class DeliveryPipeline:
         self.name = name
         self.retry_policy = retry_policy or RetryPolicy()
         self.stats = DeliveryStats()
-        self._transport = transport
         self._dest = destination_id(config.endpoint)
-        self._url = config.endpoint + USAGE_PATH
-        self.route, self.blocked = self._route(config, api_key_hint)
-        self._headers = {
-            **config.headers,
-            "Content-Type": "application/json",
-            "User-Agent": f"paygent-otel/{__version__}",
-        }
-        if config.api_key:
-            self._headers["paygent-api-key"] = config.api_key
+        self.route, self.blocked = _route(config, api_key_hint)
+        self._sender = _SenderFactory(config, self.route, transport)
         self._lock = threading.Lock()
         self._worker: DeliveryWorker | None = None
         self._shutdown = False
         self._pid = os.getpid()
-        self._spool_error: str | None = None
-        self._spool_retry_at = 0.0
-        self._backlog: DeliveryProgress | None = None
-        self._backlog_checked = 0.0
-        self.spool = spool if spool is not None else self._open_spool()
-        self.report = FailureReport(
-            _logger, name, self.route.describe(), lambda: self.spool.pending(self._dest)
-        )
+        self._keeper = SpoolKeeper(config, name, spool)
+        self._backlog = BacklogProgress(_logger, name, str(config.spool_path), self._pending)
+        self.report = FailureReport(_logger, name, self.route.describe(), self._pending)
         _live_pipelines.add(self)
         register_at_fork_once("delivery", after_in_child=_after_fork_in_child)
-        self._file_under_endpoint()
+        self._keeper.file_under_endpoint(self._dest)
         if self.blocked:
-            _logger.error(
-                "%s: nothing is sent to %s: %s. Usage is %s until this is fixed",
-                name,
-                config.endpoint,
-                self.blocked,
-                "kept in the spool " + str(config.spool_path)
-                if self.spool.durable
-                else "counted as dropped (in-memory mode)",
-            )
+            _say_blocked(name, config, self.blocked, self.spool.durable)
 
-    def _file_under_endpoint(self) -> None:
-        """Remember this endpoint's URL in the spool, and say if records wait for others.
+    @property
+    def spool(self) -> Spool:
+        """The spool in use (a refusing stand-in while the configured one cannot be opened)."""
+        return self._keeper.spool
 
-        Records are filed by endpoint and only sent to it (a spool once used against a
-        sandbox must not bill its records to production): after an endpoint change, the
-        old endpoint's records wait until ``paygent-otel spool retarget`` moves them.
-        """
-        if not self.spool.durable:
-            return
-        try:
-            self.spool.remember_endpoint(self._dest, self.config.endpoint)
-            stranded = [e for e in self.spool.endpoints() if e.dest != self._dest and e.pending]
-        except Exception:  # the first export reports spool trouble with its reason
-            return
-        for other in stranded:
-            url = other.url or f"an endpoint used before this version (id {other.dest})"
-            _logger.warning(
-                "%s: %d usage records in the spool %s are filed under %s, not under the "
-                "configured endpoint %s, and are not sent. If that endpoint was a mistake, "
-                "move them: paygent-otel spool retarget --spool %s --from %s --to %s",
-                self.name,
-                other.pending,
-                self.config.spool_path,
-                url,
-                self.config.endpoint,
-                self.config.spool_path,
-                other.url or other.dest,
-                self.config.endpoint,
-            )
-
-    @staticmethod
-    def _route(config: ExporterConfig, api_key_hint: str) -> tuple[Route, str | None]:
-        """The route to the endpoint, and why nothing can be sent there (None: it can)."""
-        url = config.endpoint + USAGE_PATH
-        if config.delivery_blocked:
-            return Route(url), config.delivery_blocked
-        try:
-            route = route_for(
-                url,
-                certificate=config.certificate,
-                client_certificate=config.client_certificate,
-                client_key=config.client_key,
-            )
-        except ValueError as exc:
-            return Route(url), f"the TLS settings cannot be used ({exc})"
-        if not config.api_key:
-            return route, f"no Paygent API key ({api_key_hint})"
-        return route, None
-
-    def _open_spool(self) -> Spool:
-        """The configured spool; if it cannot be opened, a stand-in that refuses everything.
-
-        An unwritable path or a full disk must not stop the application: the error is
-        logged once here, each refused batch is counted and logged, and the spool is tried
-        again every :data:`SPOOL_REOPEN_SECONDS`.
-        """
-        try:
-            opened = open_spool(self.config.spool_path, max_bytes=self.config.spool_max_bytes)
-        except (OSError, sqlite3.Error) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if error != self._spool_error:
-                _logger.error(
-                    "%s: cannot use the spool %s (%s). Usage records are refused (counted as "
-                    "`refused`; export() returns FAILURE) until it is writable; it is tried "
-                    "again every %.0f s. Point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at a writable "
-                    "file, free disk space, or set it to :memory: to opt out of durability",
-                    self.name,
-                    self.config.spool_path,
-                    error,
-                    SPOOL_REOPEN_SECONDS,
-                )
-            self._spool_error = error
-            self._spool_retry_at = time.monotonic() + SPOOL_REOPEN_SECONDS
-            return MemorySpool(max_records=0)
-        if self._spool_error is not None:
-            _logger.warning(
-                "%s: the spool %s is usable again; usage records are accepted",
-                self.name,
-                self.config.spool_path,
-            )
-            self._spool_error = None
-        return opened
-
-    def _spool_usable(self) -> bool:
-        """False while the spool could not be opened (tries again when it is time)."""
-        if self._spool_error is None:
-            return True
-        with self._lock:
-            if self._spool_error is not None and time.monotonic() >= self._spool_retry_at:
-                self.spool = self._open_spool()
-        return self._spool_error is None
+    def _pending(self) -> int:
+        return self.spool.pending(self._dest)
 
     def _after_fork(self) -> None:
         """In a forked child: the worker thread, its loop and every lock holder are gone."""
         self._lock = threading.Lock()
+        self._keeper.after_fork()
         self.stats._lock = threading.Lock()
         self._pid = os.getpid()
         self._worker = None
@@ -243,39 +376,8 @@ class DeliveryPipeline:
         ``conflicts`` when given. Never raises: a storage failure is logged and the
         records are counted as refused.
         """
-        for record in records:
-            for warning in record.warnings:
-                _logger.warning("%s", warning)
-        reasons = Counter(r.reason for r in rejections)
-        invalid = [r for r in rejections if r.reason is RejectReason.INVALID]
-        for rejection in invalid:
-            _logger.warning("%s", rejection.message)
-        for message in dict.fromkeys(
-            r.message for r in rejections if r.reason is RejectReason.LOST
-        ):
-            _logger.warning("%s", message)
-        self.stats.add("invalid", len(invalid))
-        self.stats.add("skipped_zero", reasons[RejectReason.ZERO])
-        self.stats.add("lost_to_span_event_limit", reasons[RejectReason.LOST])
-        if self._shutdown:
-            self.stats.add("refused_after_shutdown", len(records))
-            _logger.error("%s: %d usage records after shutdown refused", self.name, len(records))
-            return len(records)
-        if self.blocked and not self.spool.durable:
-            self.stats.add(
-                "dropped_no_api_key" if not self.config.api_key else "dropped_delivery_stopped",
-                len(records),
-            )
-            return len(records)
-        if not self._spool_usable():
-            self.stats.add("refused", len(records))
-            _logger.error(
-                "%s: %d usage records refused: the spool %s is unusable (%s)",
-                self.name,
-                len(records),
-                self.config.spool_path,
-                self._spool_error,
-            )
+        invalid = _note_rejections(self.stats, records, rejections)
+        if self._refuses(len(records)):
             return len(records)
         try:
             if invalid:
@@ -290,25 +392,34 @@ class DeliveryPipeline:
             )
             self.stats.add("refused", len(records))
             return len(records)
-        self.stats.add("accepted", result.accepted)
-        self.stats.add("duplicate_suppressed", result.duplicates)
-        self.stats.add("conflict", len(result.conflicts))
-        for conflict in result.conflicts:
-            _logger.warning("%s", conflict.message)
-        if conflicts is not None:
-            conflicts.extend(result.conflicts)
-        if result.refused:
-            self.stats.add("refused", result.refused)
-            _logger.error(
-                "%s: spool full (%s); %d usage records refused. Raise the cap or restore "
-                "delivery; see `paygent-otel spool status`",
-                self.name,
-                self.config.spool_path,
-                result.refused,
-            )
+        _count_stored(self.stats, result, conflicts, self.name, self.config.spool_path)
         if result.accepted and not self.blocked:
             self._ensure_worker().notify()
         return result.refused
+
+    def _refuses(self, n: int) -> bool:
+        """True (counted, logged) if ``n`` new records cannot be taken at all now."""
+        if self._shutdown:
+            self.stats.add("refused_after_shutdown", n)
+            _logger.error("%s: %d usage records after shutdown refused", self.name, n)
+            return True
+        if self.blocked and not self.spool.durable:
+            self.stats.add(
+                "dropped_no_api_key" if not self.config.api_key else "dropped_delivery_stopped",
+                n,
+            )
+            return True
+        if not self._keeper.usable():
+            self.stats.add("refused", n)
+            _logger.error(
+                "%s: %d usage records refused: the spool %s is unusable (%s)",
+                self.name,
+                n,
+                self.config.spool_path,
+                self._keeper.error,
+            )
+            return True
+        return False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -326,30 +437,14 @@ class DeliveryPipeline:
             return self._worker
 
     def _new_worker(self) -> DeliveryWorker:
-        settings = WorkerSettings(
-            name=self.name,
-            dest=self._dest,
-            route=self.route,
-            timeout=self.config.timeout,
-            max_in_flight=self.config.max_in_flight,
-            max_retry_seconds=self.config.max_retry_seconds,
-            spool_path=str(self.config.spool_path),
-            policy=self.retry_policy,
-        )
         return DeliveryWorker(
-            settings,
+            _worker_settings(self.config, self.name, self._dest, self.route, self.retry_policy),
             spool=lambda: self.spool,
             sender=self._sender,
             stats=self.stats,
             report=self.report,
-            after_settle=self._report_backlog,
+            after_settle=self._backlog.check,
         )
-
-    def _sender(self) -> Sender:
-        """The runtime HTTP stack, or the injected httpx transport (tests, custom network)."""
-        if self._transport is not None:
-            return HttpxSender(self._transport, self._url, self._headers, self.config.timeout)
-        return AiohttpSender(self.route, self._headers, self.config.max_in_flight)
 
     @property
     def is_shut_down(self) -> bool:
@@ -359,35 +454,8 @@ class DeliveryPipeline:
     def start(self) -> None:
         """Start delivering what the spool holds (records left by an earlier process)."""
         if not self.blocked and not self._shutdown:
-            if not self._backlog_checked:
-                self._backlog_checked = time.monotonic()
-                with contextlib.suppress(Exception):  # the worker reports spool trouble
-                    if backlog := self.spool.pending(self._dest):
-                        _logger.info(
-                            "%s: %d usage records wait in the spool %s; delivering them",
-                            self.name,
-                            backlog,
-                            self.config.spool_path,
-                        )
-                        self._backlog = DeliveryProgress(_logger, self.name, "backlog", backlog)
+            self._backlog.find()
             self._ensure_worker().notify()
-
-    def _report_backlog(self) -> None:
-        """Progress of the backlog found at start (worker thread, at most once a second)."""
-        progress = self._backlog
-        now = time.monotonic()
-        if progress is None or now - self._backlog_checked < 1.0:
-            return
-        self._backlog_checked = now
-        try:
-            left = self.spool.pending(self._dest)
-        except Exception:
-            return  # the next lease reports the trouble
-        if left:
-            progress.update(left)
-        else:
-            progress.finish(0)
-            self._backlog = None
 
     def force_flush(self, timeout: float = 30.0, progress: DeliveryProgress | None = None) -> bool:
         """Wait until this destination has nothing pending; False on timeout.
@@ -401,24 +469,9 @@ class DeliveryPipeline:
         if self.blocked or (self._shutdown and self._worker is None):
             return self.spool.pending(self._dest) == 0
         worker = self._ensure_worker()
-        deadline = time.monotonic() + timeout
-        wall_deadline = time.time() + timeout
-        while time.monotonic() < deadline:
-            left = self.spool.pending(self._dest)
-            if left == 0:
-                return True
-            if worker.paused_until > wall_deadline or (self._shutdown and self._hopeless(worker)):
-                break
-            if progress is not None:
-                progress.update(left)
-            worker.notify()
-            time.sleep(0.02)
+        durable = self.spool.durable
+        _wait_delivered(worker, self._pending, timeout, progress, self._shutdown, durable)
         return self.spool.pending(self._dest) == 0
-
-    def _hopeless(self, worker: DeliveryWorker) -> bool:
-        return worker.misconfigured or (
-            self.spool.durable and worker.unreachable >= EXIT_CONNECT_ATTEMPTS
-        )
 
     def shutdown(self, timeout: float = 10.0) -> int:
         """Deliver what is pending within ``timeout``, then stop. Idempotent.
@@ -433,30 +486,49 @@ class DeliveryPipeline:
         worker = self._worker
         progress: DeliveryProgress | None = None
         if worker is not None and self._pid == os.getpid():
-            deadline = time.monotonic() + timeout
-            if pending := self.spool.pending(self._dest):
-                _logger.info(
-                    "%s: delivering %d pending usage records before shutdown (at most %.0f s)",
-                    self.name,
-                    pending,
-                    timeout,
-                )
-                progress = DeliveryProgress(_logger, self.name, "delivery at shutdown", pending)
-            self.force_flush(timeout, progress)
-            # Requests still in flight get what is left of the timeout, then are cancelled:
-            # their records go back to the spool with the same key (at-least-once).
-            if not worker.stop(deadline):
-                # Closing the spool under the worker would lose its last settlements.
-                _logger.warning(
-                    "%s: the delivery worker did not stop in time; records it holds are "
-                    "re-sent with the same key by the next process on %s",
-                    self.name,
-                    self.config.spool_path,
-                )
-                return self.spool.pending(self._dest)
-        left = self.spool.pending(self._dest)
+            stopped, progress = self._drain(worker, timeout)
+            if not stopped:
+                return self._pending()  # the worker holds records: the spool stays open
+        left = self._pending()
         if progress is not None:
             progress.finish(left)
+        self._say_left(left)
+        self.spool.close()
+        return left
+
+    def _drain(
+        self, worker: DeliveryWorker, timeout: float
+    ) -> tuple[bool, DeliveryProgress | None]:
+        """Deliver what is pending, then stop the worker by the deadline.
+
+        Returns whether the worker stopped (if not, closing the spool under it would lose
+        its last settlements) and the progress lines started (None: nothing was pending).
+        """
+        deadline = time.monotonic() + timeout
+        progress: DeliveryProgress | None = None
+        if pending := self._pending():
+            _logger.info(
+                "%s: delivering %d pending usage records before shutdown (at most %.0f s)",
+                self.name,
+                pending,
+                timeout,
+            )
+            progress = DeliveryProgress(_logger, self.name, "delivery at shutdown", pending)
+        self.force_flush(timeout, progress)
+        # Requests still in flight get what is left of the timeout, then are cancelled:
+        # their records go back to the spool with the same key (at-least-once).
+        if worker.stop(deadline):
+            return True, progress
+        _logger.warning(
+            "%s: the delivery worker did not stop in time; records it holds are "
+            "re-sent with the same key by the next process on %s",
+            self.name,
+            self.config.spool_path,
+        )
+        return False, progress
+
+    def _say_left(self, left: int) -> None:
+        """Count and log the records shutdown leaves undelivered."""
         if left and not self.spool.durable:
             self.stats.add("dropped_at_shutdown", left)
             _logger.error(
@@ -478,5 +550,3 @@ class DeliveryPipeline:
                 self.config.spool_path,
                 self.config.spool_path,
             )
-        self.spool.close()
-        return left

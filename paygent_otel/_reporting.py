@@ -9,12 +9,19 @@ with how many records wait and when the next try is; recovery is logged once too
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["PROGRESS_SECONDS", "SUMMARY_INTERVAL_SECONDS", "DeliveryProgress", "FailureReport"]
+__all__ = [
+    "PROGRESS_SECONDS",
+    "SUMMARY_INTERVAL_SECONDS",
+    "BacklogProgress",
+    "DeliveryProgress",
+    "FailureReport",
+]
 
 SUMMARY_INTERVAL_SECONDS = 30.0
 """Least time between two summaries of the same failure."""
@@ -139,3 +146,48 @@ class DeliveryProgress:
             time.monotonic() - self._started,
             left,
         )
+
+
+class BacklogProgress:
+    """The backlog an earlier process left in the spool: said once at start, then followed
+    with :class:`DeliveryProgress` lines (checked at most once a second) until it is gone."""
+
+    def __init__(
+        self, logger: logging.Logger, name: str, spool_path: str, pending: Callable[[], int]
+    ) -> None:
+        self._logger = logger
+        self._name, self._spool_path, self._pending = name, spool_path, pending
+        self._progress: DeliveryProgress | None = None
+        self._checked = 0.0
+
+    def find(self) -> None:
+        """Look once for records waiting in the spool; say how many (start of delivery)."""
+        if self._checked:
+            return
+        self._checked = time.monotonic()
+        with contextlib.suppress(Exception):  # the worker reports spool trouble
+            if backlog := self._pending():
+                self._logger.info(
+                    "%s: %d usage records wait in the spool %s; delivering them",
+                    self._name,
+                    backlog,
+                    self._spool_path,
+                )
+                self._progress = DeliveryProgress(self._logger, self._name, "backlog", backlog)
+
+    def check(self) -> None:
+        """Log progress if it is time (worker thread, after each settlement)."""
+        progress = self._progress
+        now = time.monotonic()
+        if progress is None or now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            left = self._pending()
+        except Exception:
+            return  # the next lease reports the trouble
+        if left:
+            progress.update(left)
+        else:
+            progress.finish(0)
+            self._progress = None

@@ -1,9 +1,10 @@
 """The HTTP side of delivery: one POST of one usage record, and nothing else.
 
-The worker (:mod:`paygent_otel._delivery`) decides what to send and what an answer means;
+The worker (:mod:`paygent_otel._worker`) decides what to send and what an answer means;
 a sender only posts a body with its idempotency key and reports (status, Retry-After,
-text). Production uses :class:`AiohttpSender`; :class:`HttpxSender` takes an injected
-httpx transport (tests, custom networking).
+text). The runtime stack is :class:`AiohttpSender`; :class:`HttpxSender` serves only an
+httpx transport injected through the exporters' ``transport`` argument (tests scripting
+answers, custom networking).
 """
 
 from __future__ import annotations
@@ -254,11 +255,12 @@ class _ThreadFilter(logging.Filter):
 
 
 class AiohttpSender:
-    """POSTs with aiohttp itself: the default.
+    """POSTs with aiohttp itself: the runtime HTTP stack.
 
-    httpx's client layers (URL merging, cookies, auth and redirect handling, its own
-    request and response objects) over the aiohttp transport cost about 60% more CPU per
-    request than aiohttp alone on this path (``bench/README.md``, delivery profile).
+    Not ``httpx.AsyncClient`` over an aiohttp transport: httpx's client layers (URL
+    merging, cookies, auth and redirect handling, its own request and response objects)
+    cost more CPU per delivered record than the switch allows (``make bench`` row 11;
+    figures in ``bench/RESULTS.md``, the decision in the README's dependency notes).
     """
 
     def __init__(self, route: Route, headers: dict[str, str], max_in_flight: int) -> None:

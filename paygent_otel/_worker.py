@@ -60,6 +60,46 @@ class WorkerSettings:
     policy: RetryPolicy
 
 
+class EndpointWatch:
+    """What the worker knows of its endpoint, updated from each attempt's decision: when
+    sending may resume, whether waiting can help, whether to probe with one request."""
+
+    def __init__(self) -> None:
+        self.paused_until = 0.0
+        """No request is sent before this time (Unix seconds)."""
+        self.state = EndpointState()
+        self.misconfigured = False
+        """The last answer said the key or the endpoint is wrong: waiting cannot help."""
+        self.unreachable = 0
+        """Connection attempts that failed in a row (reset by any answer)."""
+        self.probing = False
+        """After the endpoint's own failure, one request at a time until one is answered."""
+
+    def pause(self, until: float) -> None:
+        """Send nothing before ``until`` (a later pause already in effect stays)."""
+        self.paused_until = max(self.paused_until, until)
+
+    def note(self, outcome: Answer | Failure, decision: Decision, now: float) -> None:
+        """Learn from one attempt's outcome and what :func:`decide` made of it."""
+        answered = isinstance(outcome, Answer)
+        unreachable = isinstance(outcome, Failure) and outcome.unreachable
+        self.unreachable = self.unreachable + 1 if unreachable else 0
+        self.probing = decision.endpoint_problem
+        if decision.verdict is Verdict.DELIVERED:
+            self.state = EndpointState(verified=True)
+            self.misconfigured = False
+            return
+        if decision.endpoint_problem and now >= self.paused_until:
+            # Counted once per pause: the requests in flight when it began fail together.
+            self.state = EndpointState(self.state.verified, self.state.failures + 1)
+        elif answered and not decision.endpoint_problem:
+            self.state = EndpointState(self.state.verified)
+        if answered:
+            self.misconfigured = decision.misconfigured
+        if decision.pause_until is not None:
+            self.pause(decision.pause_until)
+
+
 class DeliveryWorker:
     """Delivers one destination's records from the spool until told to stop."""
 
@@ -85,16 +125,8 @@ class DeliveryWorker:
         self._wake: asyncio.Event | None = None
         self._stopping = threading.Event()
         self._drain_deadline = 0.0
-        self.paused_until = 0.0
-        """No request is sent before this time (Unix seconds)."""
-        self._endpoint = EndpointState()
-        self.misconfigured = False
-        """The last answer said the key or the endpoint is wrong: waiting cannot help."""
-        self.unreachable = 0
-        """Connection attempts that failed in a row (reset by any answer)."""
-        self._probing = False
-        """After the endpoint's own failure, one request at a time until one is answered."""
-        self._spool_failing = False
+        self.endpoint = EndpointWatch()
+        self._spool_health = _SpoolHealth(settings)
         self._last_prune = 0.0
 
     # ------------------------------------------------------------------ control (any thread)
@@ -138,16 +170,7 @@ class DeliveryWorker:
     # ------------------------------------------------------------------ the loop (its thread)
 
     def _run(self, ready: threading.Event) -> None:
-        from opentelemetry import context
-
-        # The worker's own HTTP calls must not be traced by instrumented clients.
-        context.attach(
-            context.set_value(
-                context._SUPPRESS_HTTP_INSTRUMENTATION_KEY,
-                True,
-                context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True),
-            )
-        )
+        _suppress_instrumentation()
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self._main(loop, ready))
@@ -197,10 +220,10 @@ class DeliveryWorker:
     def _capacity(self) -> int:
         """Requests allowed in flight. While probing a failed endpoint, one request finds
         out whether it is back: not every pending record at once at each backoff interval."""
-        return 1 if self._probing else self.settings.max_in_flight
+        return 1 if self.endpoint.probing else self.settings.max_in_flight
 
     def _lease(self, free: int, now: float) -> list[SpooledItem]:
-        if free <= 0 or now < self.paused_until:
+        if free <= 0 or now < self.endpoint.paused_until:
             return []
         spool = self._spool()
         try:
@@ -211,14 +234,14 @@ class DeliveryWorker:
         except Exception as exc:
             self._spool_trouble(exc, now)
             return []
-        self._spool_recovered()
+        self._spool_health.recovered()
         return items
 
     async def _wait(self, in_flight: set[asyncio.Task[None]], now: float) -> None:
         """Sleep until a request finishes, new records arrive, or a retry falls due."""
         assert self._wake is not None
-        if now < self.paused_until:
-            delay = self.paused_until - now
+        if now < self.endpoint.paused_until:
+            delay = self.endpoint.paused_until - now
         elif len(in_flight) >= self._capacity():
             # Nothing can be leased before a request finishes, and a finished request wakes
             # the loop: waiting for a due record here would spin on the spool.
@@ -240,23 +263,13 @@ class DeliveryWorker:
             await asyncio.sleep(BATCH_WINDOW_SECONDS)
 
     async def _send(self, sender: Sender, item: SpooledItem, settled: _Settlement) -> None:
-        timeout = self.settings.timeout
-        outcome: Answer | Failure
-        try:
-            # asyncio.timeout, not wait_for: no extra task per request.
-            async with asyncio.timeout(timeout):
-                status, retry_after, text = await sender.post(item.body, item.key)
-        except Exception as exc:
-            detail = describe_error(exc, self.settings.route, timeout)
-            outcome = Failure(type(exc).__name__, detail, is_connect_failure(exc))
-        else:
-            outcome = Answer(status, retry_after, text)
+        outcome = await _attempt(sender, item, self.settings.route, self.settings.timeout)
         now = time.time()
         decision = decide(
             outcome,
             attempts=item.attempts + 1,
             created=item.created,
-            endpoint=self._endpoint,
+            endpoint=self.endpoint.state,
             url=self.settings.route.url,
             policy=self.settings.policy,
             max_retry_seconds=self.settings.max_retry_seconds,
@@ -274,31 +287,15 @@ class DeliveryWorker:
         now: float,
     ) -> None:
         """Update what the worker knows of its endpoint, and queue the record's settlement."""
-        answered = isinstance(outcome, Answer)
-        unreachable = isinstance(outcome, Failure) and outcome.unreachable
-        self.unreachable = self.unreachable + 1 if unreachable else 0
-        self._probing = decision.endpoint_problem
+        self.endpoint.note(outcome, decision, now)
         if decision.verdict is Verdict.DELIVERED:
-            self._endpoint = EndpointState(verified=True)
-            self.misconfigured = False
             self._report.recovered()
             settled.delivered.append(item)
-            return
-        if decision.endpoint_problem and now >= self.paused_until:
-            # Counted once per pause: the requests in flight when it began fail together.
-            self._endpoint = EndpointState(self._endpoint.verified, self._endpoint.failures + 1)
-        elif answered and not decision.endpoint_problem:
-            self._endpoint = EndpointState(self._endpoint.verified)
-        if answered:
-            self.misconfigured = decision.misconfigured
-        if decision.pause_until is not None:
-            self.paused_until = max(self.paused_until, decision.pause_until)
-        if decision.verdict is Verdict.RETRY:
+        elif decision.verdict is Verdict.RETRY:
             assert decision.retry_at is not None
             settled.retry.append((item, decision.retry_at, decision.detail))
-            self._report.failed(
-                decision.cause, decision.detail, max(self.paused_until, decision.retry_at) - now
-            )
+            retry_in = max(self.endpoint.paused_until, decision.retry_at) - now
+            self._report.failed(decision.cause, decision.detail, retry_in)
         elif decision.status == "gave_up":
             settled.gave_up.append((item, decision.detail))
         else:
@@ -322,26 +319,12 @@ class DeliveryWorker:
         if not settled:
             return
         now = time.time()
-        spool = self._spool()
         try:
-            while settled.delivered:
-                chunk = settled.delivered[:_SETTLE_BATCH]
-                spool.complete([i.rowid for i in chunk], [i.key for i in chunk], now)
-                del settled.delivered[: len(chunk)]
-                self._stats.add("delivered", len(chunk))
-            retry = settled.retry
-            spool.reschedule([(i.rowid, when, err) for i, when, err in retry])
-            settled.retry = []
-            self._stats.add("retried", len(retry))
-            rejected, gave_up = settled.rejected, settled.gave_up
-            dead = [(i.rowid, status, body) for i, status, body in rejected]
-            dead += [(i.rowid, "gave_up", err) for i, err in gave_up]
-            spool.dead_letter(dead, now)
-            settled.rejected, settled.gave_up = [], []
+            rejected, gave_up = settled.write(self._spool(), self._stats, now)
         except Exception as exc:
             self._spool_trouble(exc, now)
             return
-        self._spool_recovered()
+        self._spool_health.recovered()
         self._stats.add("rejected", len(rejected))
         self._stats.add("gave_up", len(gave_up))
         for item, err in gave_up:
@@ -356,24 +339,60 @@ class DeliveryWorker:
 
     def _spool_trouble(self, exc: Exception, now: float) -> None:
         """The spool failed to answer: pause leasing for a moment instead of dying."""
-        self.paused_until = max(self.paused_until, now + SPOOL_ERROR_PAUSE_SECONDS)
-        if not self._spool_failing:
-            self._spool_failing = True
+        self.endpoint.pause(now + SPOOL_ERROR_PAUSE_SECONDS)
+        self._spool_health.failed(exc)
+
+
+def _suppress_instrumentation() -> None:
+    """The worker's own HTTP calls must not be traced by instrumented clients."""
+    from opentelemetry import context
+
+    context.attach(
+        context.set_value(
+            context._SUPPRESS_HTTP_INSTRUMENTATION_KEY,
+            True,
+            context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True),
+        )
+    )
+
+
+async def _attempt(
+    sender: Sender, item: SpooledItem, route: Route, timeout: float
+) -> Answer | Failure:
+    """Post one record: the answer, or the failure that came instead."""
+    try:
+        # asyncio.timeout, not wait_for: no extra task per request.
+        async with asyncio.timeout(timeout):
+            status, retry_after, text = await sender.post(item.body, item.key)
+    except Exception as exc:
+        detail = describe_error(exc, route, timeout)
+        return Failure(type(exc).__name__, detail, is_connect_failure(exc))
+    return Answer(status, retry_after, text)
+
+
+class _SpoolHealth:
+    """Says once that the spool fails (disk full, locked too long), and once that it works."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._name, self._path = settings.name, settings.spool_path
+        self._failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self._failing:
+            self._failing = True
             _logger.error(
                 "%s: the spool %s cannot be read or written (%s: %s); delivery paused until "
                 "it can, records and outcomes are kept",
-                self.settings.name,
-                self.settings.spool_path,
+                self._name,
+                self._path,
                 type(exc).__name__,
                 exc,
             )
 
-    def _spool_recovered(self) -> None:
-        if self._spool_failing:
-            self._spool_failing = False
-            _logger.warning(
-                "%s: the spool %s works again", self.settings.name, self.settings.spool_path
-            )
+    def recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            _logger.warning("%s: the spool %s works again", self._name, self._path)
 
 
 @dataclass
@@ -387,3 +406,25 @@ class _Settlement:
 
     def __bool__(self) -> bool:
         return bool(self.delivered or self.retry or self.rejected or self.gave_up)
+
+    def write(
+        self, spool: Spool, stats: DeliveryStats, now: float
+    ) -> tuple[list[tuple[SpooledItem, str, str]], list[tuple[SpooledItem, str]]]:
+        """Write every outcome, emptying the lists as each part is written (delivered ones
+        are counted here, chunk by chunk); returns the dead letters written. Raises what
+        the spool raises, keeping what was not written."""
+        while self.delivered:
+            chunk = self.delivered[:_SETTLE_BATCH]
+            spool.complete([i.rowid for i in chunk], [i.key for i in chunk], now)
+            del self.delivered[: len(chunk)]
+            stats.add("delivered", len(chunk))
+        retry = self.retry
+        spool.reschedule([(i.rowid, when, err) for i, when, err in retry])
+        self.retry = []
+        stats.add("retried", len(retry))
+        rejected, gave_up = self.rejected, self.gave_up
+        dead = [(i.rowid, status, body) for i, status, body in rejected]
+        dead += [(i.rowid, "gave_up", err) for i, err in gave_up]
+        spool.dead_letter(dead, now)
+        self.rejected, self.gave_up = [], []
+        return rejected, gave_up

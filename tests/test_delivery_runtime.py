@@ -1,4 +1,4 @@
-"""The worker's timing rules through the runtime HTTP stack (aiohttp) against a real server.
+"""The worker's retry rules through the runtime HTTP stack (aiohttp) against a real server.
 
 No injected transport here: the pipeline posts with the same sender production uses, to the
 sandbox, whose request log says when each request arrived and what it was answered.
@@ -93,3 +93,58 @@ def test_an_unreachable_endpoint_is_probed_by_one_request_at_a_time(
     said = [r.getMessage() for r in caplog.records if r.name == "paygent_otel.delivery"]
     assert f"connection refused by 127.0.0.1:{sandbox.port}" in said[0]
     assert said[-1].endswith("works again (it had failed: ClientConnectorError)")
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_retryable_answers_are_retried_with_the_same_key_until_accepted(
+    tmp_path: Path, sandbox: SandboxServer, status: int
+) -> None:
+    sandbox.set_faults(fail_rate=1.0, fail_status=status)
+    fast = RetryPolicy(initial_interval=0.02, max_interval=0.05)
+    pipeline = pipeline_for(tmp_path, sandbox.url, fast)
+    try:
+        pipeline.submit([usage(1)])
+        wait_for(lambda: len(sandbox.ledger.request_log()) >= 3, message="three refused tries")
+        sandbox.set_faults(fail_rate=0.0)
+        assert pipeline.force_flush(15)
+        log = sandbox.ledger.request_log()
+    finally:
+        pipeline.shutdown(2)
+
+    assert {r["idempotency_key"] for r in log} == {"runtime-key-0001"}
+    assert [r["status"] for r in log[:3]] == [status] * 3 and log[-1]["status"] == 200
+    assert sandbox.ledger.keys() == ["runtime-key-0001"]
+    assert pipeline.stats.snapshot()["retried"] == len(log) - 1
+
+
+def test_an_answer_later_than_the_timeout_is_retried_with_the_same_key(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    sandbox.set_faults(latency_ms=1_000)
+    fast = RetryPolicy(initial_interval=0.02, max_interval=0.05)
+    pipeline = pipeline_for(tmp_path, sandbox.url, fast, timeout=0.2)
+    try:
+        pipeline.submit([usage(1)])
+        wait_for(lambda: pipeline.stats.snapshot().get("retried", 0) >= 1, message="a timeout")
+        sandbox.set_faults(latency_ms=0)
+        assert pipeline.force_flush(15)
+    finally:
+        pipeline.shutdown(2)
+    # The timed-out request is not in the request log (the client hung up): the ledger
+    # holds the one record, once.
+    assert sandbox.ledger.keys() == ["runtime-key-0001"]
+
+
+def test_a_definitive_rejection_is_dead_lettered_and_not_retried(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    sandbox.set_faults(reject_rate=1.0)
+    pipeline = pipeline_for(tmp_path, sandbox.url, RetryPolicy(initial_interval=0.02))
+    try:
+        pipeline.submit([usage(1)])
+        assert pipeline.force_flush(15)
+        dead = pipeline.spool.dead_letters()
+    finally:
+        pipeline.shutdown(2)
+    assert len(sandbox.ledger.request_log()) == 1
+    assert [(d.status, "sandbox injected rejection" in d.reason) for d in dead] == [("400", True)]

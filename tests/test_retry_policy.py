@@ -1,21 +1,21 @@
 """What a tracking answer does to a record: the retry policy and the delivery worker's rules.
 
-``_retry`` is tested as plain functions; the worker (``DeliveryPipeline``) against
-``httpx.MockTransport`` backends that answer what each test needs, with a real SQLite spool,
-and its counters read back through a real ``MeterProvider``.
+``_retry`` is tested as plain functions; the worker (``DeliveryPipeline``, posting through
+its runtime HTTP stack) against loopback HTTP servers that answer what each test needs,
+with a real SQLite spool, and its counters read back through a real ``MeterProvider``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from conftest import wait_for
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -30,7 +31,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import paygent_otel._delivery as delivery
 from paygent_otel import PaygentMetricExporter, PaygentSpanExporter
 from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
+from paygent_otel._delivery import USAGE_PATH, DeliveryPipeline
 from paygent_otel._mapping import UsageRecord
 from paygent_otel._retry import (
     AUTH_STATUSES,
@@ -164,26 +165,68 @@ def test_the_default_policy() -> None:
 # ---------------------------------------------------------------- the worker
 
 
-@dataclass
 class Backend:
-    """A scripted Paygent behind ``httpx.MockTransport``; ``answer(request, n)`` decides."""
+    """A scripted Paygent on a loopback port; ``answer(request, n)`` decides each answer.
 
-    answer: Callable[[httpx.Request, int], httpx.Response]
-    requests: list[tuple[float, httpx.Request]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    A real HTTP server (aiohttp's, in a thread of its own), so the pipeline posts through
+    its runtime HTTP stack, as in production. ``answer`` gets the request as an
+    ``httpx.Request`` and returns an ``httpx.Response``; status 599 means "hang".
+    """
 
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        with self.lock:
-            self.requests.append((time.time(), request))
-            n = len(self.requests)
-        response = self.answer(request, n)
-        if response.status_code == 599:  # the scripted way to say "hang"
-            await asyncio.sleep(3600)
-        return response
+    def __init__(self, answer: Callable[[httpx.Request, int], httpx.Response]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[float, httpx.Request]] = []
+        self.lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        app = web.Application()
+        app.router.add_post(USAGE_PATH, self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._call(self._runner.setup())
+        self._site: web.TCPSite | None = None
+        self.port = 0
+        self.listen()
+        _backends.append(self)
 
     @property
-    def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def listen(self) -> None:
+        """Accept connections (again, on the same port)."""
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        self._call(self._site.start())
+        server = self._site._server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    def refuse(self) -> None:
+        """Stop listening: connections to the port are refused (an outage)."""
+        assert self._site is not None
+        self._call(self._site.stop())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._call(self._runner.cleanup())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        seen = httpx.Request(
+            request.method, str(request.url), headers=request.headers, content=await request.read()
+        )
+        with self.lock:
+            self.requests.append((time.time(), seen))
+            n = len(self.requests)
+        response = self.answer(seen, n)
+        if response.status_code == 599:  # the scripted way to say "hang"
+            await asyncio.sleep(3600)
+        headers = {k: v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+        return web.Response(status=response.status_code, body=response.content, headers=headers)
 
     def keys(self) -> list[str]:
         with self.lock:
@@ -192,6 +235,17 @@ class Backend:
     def bodies(self) -> list[bytes]:
         with self.lock:
             return [r.content for _, r in self.requests]
+
+
+_PASSED_HEADERS = {"retry-after", "content-type", "location"}
+_backends: list[Backend] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_backends() -> Iterator[None]:
+    yield
+    while _backends:
+        _backends.pop().close()
 
 
 def usage(i: int) -> UsageRecord:
@@ -216,14 +270,12 @@ def make_pipeline(
 ) -> DeliveryPipeline:
     resolved = ExporterConfig.resolve(
         "traces",
-        endpoint="http://paygent.test",
+        endpoint=backend.url,
         api_key=api_key,
         spool_path=spool or str(tmp_path / "spool.sqlite3"),
         **config,
     )
-    return DeliveryPipeline(
-        resolved, name="traces", retry_policy=policy, transport=backend.transport
-    )
+    return DeliveryPipeline(resolved, name="traces", retry_policy=policy)
 
 
 def counted(pipeline: DeliveryPipeline, outcome: str, expected: int) -> dict[str, int]:
@@ -363,24 +415,17 @@ def test_retry_after_pauses_every_send_not_just_the_throttled_record(tmp_path: P
 
 
 def test_connection_failures_pause_all_sends_and_the_records_go_out_later(tmp_path: Path) -> None:
-    down = threading.Event()
-    down.set()
-
-    def answer(request: httpx.Request, n: int) -> httpx.Response:
-        if down.is_set():
-            raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(200)
-
-    backend = Backend(answer)
+    backend = Backend(always(200))
+    backend.refuse()  # an outage: connections are refused
     pipeline = make_pipeline(tmp_path, backend, max_in_flight=8)
     pipeline.submit([usage(i) for i in range(20)])
     time.sleep(0.5)
-    failed = len(backend.requests)
-    down.clear()
+    failed = pipeline.stats.snapshot().get("retried", 0)
+    backend.listen()
 
     assert pipeline.force_flush(10)
     # Backing off together: far fewer attempts than 20 records hammering for 0.5 s.
-    assert failed < 20 * 10
+    assert 0 < failed < 20 * 10
     assert sorted(set(backend.keys())) == [f"usage-key-{i:04d}" for i in range(20)]
     counted(pipeline, "delivered", 20)
     pipeline.shutdown(1)
@@ -495,11 +540,10 @@ def test_the_api_key_never_reaches_logs_reprs_dead_letters_or_the_spool_file(
     statuses = iter([401, 503, 400])
     backend = Backend(lambda request, n: httpx.Response(next(statuses, 200), text="no"))
     exporter = PaygentSpanExporter(
-        endpoint="http://paygent.test",
+        endpoint=backend.url,
         api_key=SECRET_KEY,
         spool_path=tmp_path / "spool.sqlite3",
         retry_policy=FAST,
-        transport=backend.transport,
     )
     pipeline = exporter.pipeline
     pipeline.submit([usage(1), usage(2)])
@@ -554,21 +598,19 @@ def test_self_metrics_count_each_fate_through_the_users_meter_provider(tmp_path:
 
     backend = Backend(answer)
     span_exporter = PaygentSpanExporter(
-        endpoint="http://paygent.test",
+        endpoint=backend.url,
         api_key=SECRET_KEY,
         spool_path=tmp_path / "spool.sqlite3",
         spool_max_bytes=128 * 1024,  # the empty schema alone takes about 60 KiB
         retry_policy=FAST,
         meter_provider=provider,
-        transport=backend.transport,
     )
     # The metric route on the same provider must be reported too, not silently dropped.
     metric_exporter = PaygentMetricExporter(
-        endpoint="http://paygent.test",
+        endpoint=backend.url,
         api_key=SECRET_KEY,
         spool_path=tmp_path / "metric-spool.sqlite3",
         meter_provider=provider,
-        transport=backend.transport,
     )
     metric_exporter.pipeline.submit([usage(100)])
     pipeline = span_exporter.pipeline
