@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import API_KEY, collect_lines, env_file_settings, wait_for
+from conftest import API_KEY, collect_lines, env_file_settings, prometheus_sample, wait_for
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -159,9 +159,7 @@ def start_bridge(
 
 
 def bridge_counter(url: str, sample: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=5.0).text
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
+    return prometheus_sample(httpx.get(url + "/metrics", timeout=5.0).text, sample) or 0.0
 
 
 def log_problems(output: str) -> list[str]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sqlite3
 import sys
-import threading
 import time
 import zoneinfo
 from collections.abc import Sequence
@@ -15,6 +13,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
 from .._output import add_command, add_format_arguments, format_table, print_rows, program_parser
+from .._serving import caught_signals
 from .._units import flag_type, parse_duration, parse_instant
 from .ledger import PERIODS, Ledger
 
@@ -221,24 +220,15 @@ def run_sandbox(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
         print(f"paygent-otel sandbox: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda _sig, _frame: stop.set())
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        # SandboxProcess and scripts wait for this exact line (server.LISTENING_LINE).
-        print(f"paygent sandbox listening on {server.url}", flush=True)
-        print(f"ledger: {server.db_path} (Ctrl-C to stop)", flush=True)
-        print(f"usage page: {server.url}/usage", flush=True)
-        # A timed wait keeps the main thread returning to the interpreter, where the
-        # signal handlers run.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with caught_signals() as signals:
+        try:
+            # SandboxProcess and scripts wait for this exact line (server.LISTENING_LINE).
+            print(f"paygent sandbox listening on {server.url}", flush=True)
+            print(f"ledger: {server.db_path} (Ctrl-C to stop)", flush=True)
+            print(f"usage page: {server.url}/usage", flush=True)
+            signals.wait()
+        finally:
+            server.stop()
     count = server.ledger.count()
     print(f"stopped; {count} usage records in {server.db_path}", flush=True)
     return 0
