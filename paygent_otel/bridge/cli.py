@@ -21,6 +21,7 @@ from .._config import (
     flag_values,
     read_setting,
 )
+from .._output import add_command
 from .._units import parse_duration, parse_size
 from .auth import BearerAuth, TokenError, is_loopback
 from .config import (
@@ -137,18 +138,19 @@ help."""
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``serve`` command to the ``paygent-otel`` parser."""
-    serve = commands.add_parser(
+    serve = add_command(
+        commands,
         "serve",
         help="receive OTLP/HTTP (from a Collector) and bill the usage it carries",
         description=(
-            "Run the OTLP/HTTP bridge: a receiver for /v1/traces, /v1/metrics and /v1/logs "
-            "that turns usage-bearing spans, metric points and log records into Paygent "
-            "tracking calls. A request is acknowledged once its records are in the durable "
-            "spool; delivery to Paygent follows in the background, with retries. The API "
+            "Run the OTLP/HTTP bridge: a receiver for /v1/traces, /v1/metrics and /v1/logs\n"
+            "that turns usage-bearing spans, metric points and log records into Paygent\n"
+            "tracking calls. A request is acknowledged once its records are in the durable\n"
+            "spool; delivery to Paygent follows in the background, with retries. The API\n"
             "key comes from --api-key-file or PAYGENT_API_KEY."
         ),
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=run_serve,
     )
     _add_listening_flags(serve.add_argument_group("listening"))
     delivery = serve.add_argument_group(
@@ -173,7 +175,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 metavar=metavar,
                 help=f"{text} (default {shown})",
             )
-    serve.set_defaults(handler=run_serve)
 
 
 def _add_listening_flags(listen: argparse._ArgumentGroup) -> None:
