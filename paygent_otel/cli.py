@@ -23,6 +23,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bridge.cli import register as register_bridge
     from .demo import register as register_demo
     from .doctor import register as register_doctor
+    from .frameworks.dry_run import register as register_dry_run
     from .reconcile import register as register_reconcile
     from .sandbox.cli import register as register_sandbox
     from .spool_cli import register as register_spool
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
         register_spool,
         register_reconcile,
         register_doctor,
+        register_dry_run,
     ):
         register(commands)
     for command in _with_subcommands(parser):

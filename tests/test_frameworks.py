@@ -65,10 +65,11 @@ SPANS = {
 
 
 def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``paygent-otel dry-run`` on a file of the spans above."""
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps(SPANS) + "\n")
     return subprocess.run(
-        [sys.executable, "-m", "paygent_otel.frameworks.dry_run", *args, str(path)],
+        [sys.executable, "-m", "paygent_otel.cli", "dry-run", *args, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
