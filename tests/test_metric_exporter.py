@@ -36,6 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from paygent_otel import Identity
 from paygent_otel import semconv as sc
 from paygent_otel._mapping import IdentityDefaults, UsageRecord
 from paygent_otel._metrics import UsagePoint, records_from_points
@@ -298,6 +299,30 @@ def test_baggage_fills_identity_a_call_does_not_give_when_asked_to(
     }
 
 
+def test_one_identity_serves_every_call_and_a_calls_arguments_win(
+    route: Callable[..., Route], sandbox: SandboxServer
+) -> None:
+    _, _, provider = route()
+    usage = UsageInstruments(provider.get_meter("app"))
+    caller = Identity("a", "c", "voice", "deepgram", "nova-2", meta_tags={"region": "eu"})
+    assert usage.add_stt(seconds=30.0, identity=caller)
+    assert usage.add_tts(
+        characters=5, provider="elevenlabs", model="turbo", meta_tags={"n": 1}, identity=caller
+    )
+    assert usage.add_sts(input_text_tokens=7, provider="openai", model="rt", identity=caller)
+    provider.force_flush()
+
+    billed = sorted(
+        (p["customerId"], p["rawUsage"]["provider"], p["rawUsage"]["model"], p["metaTags"])
+        for p in _payloads(sandbox)
+    )
+    assert billed == [
+        ("c", "deepgram", "nova-2", {"region": "eu"}),
+        ("c", "elevenlabs", "turbo", {"n": "1", "region": "eu"}),
+        ("c", "openai", "rt", {"region": "eu"}),
+    ]
+
+
 # ------------------------------------------------------------------ wrong instruments
 
 
@@ -508,6 +533,14 @@ def test_helpers_refuse_bad_arguments_without_raising(
                 **NOVA,
             ),
             "given both in usage_metadata and as an argument",
+        ),
+        (
+            lambda: usage.add_tts(characters=3, identity=Identity(customer_id="c", model=7)),  # type: ignore[arg-type]
+            "argument model: paygent.model: must be a string",
+        ),
+        (
+            lambda: usage.add_stt(seconds=1.0, identity=("a", "c")),  # type: ignore[arg-type]
+            "nothing recorded: identity: must be an Identity, got tuple",
         ),
         (lambda: usage.add_tts(characters=0, customer_id="c", **NOVA), None),
     ]
