@@ -396,27 +396,8 @@ def _map(
             dict(record),
         )
     layers = (record, *inherited)
-    agent_id = _text(sc.AGENT_ID, _resolve(sc.AGENT_ID, layers, defaults.agent_id) or "")
-    customer_id = _text(
-        sc.CUSTOMER_ID, _resolve(sc.CUSTOMER_ID, layers, defaults.customer_id) or ""
-    )
-    if not agent_id:
-        raise _Invalid(
-            sc.AGENT_ID,
-            "is missing or blank (set it on the record, span, resource or PAYGENT_AGENT_ID)",
-        )
-    if not customer_id:
-        raise _Invalid(
-            sc.CUSTOMER_ID, "is missing or blank (set it on the record, span, resource or baggage)"
-        )
-    indicator = _text(sc.INDICATOR, _resolve(sc.INDICATOR, layers, defaults.indicator) or "")
-    provider = _text(sc.PROVIDER, _resolve(sc.PROVIDER, layers, None) or "")
-    model = _text(sc.MODEL, _resolve(sc.MODEL, layers, None) or "")
-    if not provider:
-        raise _Invalid(sc.PROVIDER, "is missing or blank (Paygent cannot price the record)")
-    if not model:
-        raise _Invalid(sc.MODEL, "is missing or blank (Paygent cannot price the record)")
-    plan = _text(sc.PLAN, _resolve(sc.PLAN, layers, None) or "") or "default"
+    agent_id, customer_id, indicator = _payer(layers, defaults)
+    provider, model, plan = _pricing(layers)
 
     payload: dict[str, Any] = {
         "agentId": agent_id,
@@ -440,3 +421,34 @@ def _map(
         payload["metaTags"] = tags
     key = idempotency_key("ref", ref)[:REF_DIGITS] + idempotency_key(ref, usage)[REF_DIGITS:]
     return UsageRecord(key, payload, origin, warnings, ref, aliases)
+
+
+def _payer(layers: Sequence[Attributes], defaults: IdentityDefaults) -> tuple[str, str, str]:
+    """Agent id, customer id and indicator, resolved through the layers, then defaults."""
+    agent_id = _text(sc.AGENT_ID, _resolve(sc.AGENT_ID, layers, defaults.agent_id) or "")
+    customer_id = _text(
+        sc.CUSTOMER_ID, _resolve(sc.CUSTOMER_ID, layers, defaults.customer_id) or ""
+    )
+    if not agent_id:
+        raise _Invalid(
+            sc.AGENT_ID,
+            "is missing or blank (set it on the record, span, resource or PAYGENT_AGENT_ID)",
+        )
+    if not customer_id:
+        raise _Invalid(
+            sc.CUSTOMER_ID, "is missing or blank (set it on the record, span, resource or baggage)"
+        )
+    indicator = _text(sc.INDICATOR, _resolve(sc.INDICATOR, layers, defaults.indicator) or "")
+    return agent_id, customer_id, indicator
+
+
+def _pricing(layers: Sequence[Attributes]) -> tuple[str, str, str]:
+    """Provider, model and plan (``default`` when none is set), resolved through the layers."""
+    provider = _text(sc.PROVIDER, _resolve(sc.PROVIDER, layers, None) or "")
+    model = _text(sc.MODEL, _resolve(sc.MODEL, layers, None) or "")
+    if not provider:
+        raise _Invalid(sc.PROVIDER, "is missing or blank (Paygent cannot price the record)")
+    if not model:
+        raise _Invalid(sc.MODEL, "is missing or blank (Paygent cannot price the record)")
+    plan = _text(sc.PLAN, _resolve(sc.PLAN, layers, None) or "") or "default"
+    return provider, model, plan
