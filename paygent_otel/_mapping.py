@@ -33,6 +33,7 @@ __all__ = [
     "conflict_rejection",
     "idempotency_key",
     "map_usage",
+    "rejected",
     "rejection_key",
     "source_layer",
     "validate_quantities",
@@ -159,6 +160,19 @@ def rejection_key(ref: str, attributes: Attributes) -> str:
     """The dead-letter key of an invalid record: never the key of a valid record, so a
     corrected record sent again is not taken for the invalid one."""
     return idempotency_key("invalid", ref, canonical_json(dict(attributes)))
+
+
+def rejected(origin: str, problem: str, key: str, attributes: Attributes) -> Rejection:
+    """The :class:`Rejection` of an invalid record from ``origin``, worded as every front end
+    words it (``usage record from <origin> rejected: <problem>``); ``key`` is its
+    dead-letter key (:func:`rejection_key` unless the front end has a better one)."""
+    return Rejection(
+        RejectReason.INVALID,
+        f"usage record from {origin} rejected: {problem}",
+        origin,
+        key,
+        dict(attributes),
+    )
 
 
 def conflict_rejection(record: UsageRecord, held: str) -> Rejection:
@@ -361,13 +375,7 @@ def map_usage(
             ref, aliases = explicit, (ref, *aliases)
         return _map(record, inherited, defaults, ref, aliases, origin, trace_ids)
     except _Invalid as exc:
-        return Rejection(
-            RejectReason.INVALID,
-            f"usage record from {origin} rejected: {exc.attribute} {exc.rule}",
-            origin,
-            rejection_key(ref, record),
-            dict(record),
-        )
+        return rejected(origin, f"{exc.attribute} {exc.rule}", rejection_key(ref, record), record)
 
 
 def _map(

@@ -20,14 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import semconv as sc
-from ._mapping import (
-    IdentityDefaults,
-    Rejection,
-    RejectReason,
-    UsageRecord,
-    idempotency_key,
-    map_usage,
-)
+from ._mapping import IdentityDefaults, Rejection, UsageRecord, idempotency_key, map_usage, rejected
 
 __all__ = [
     "OVERFLOW_ATTRIBUTE",
@@ -130,14 +123,12 @@ def _fingerprint(attributes: Mapping[str, Any]) -> str:
 def _overflow_rejection(point: UsagePoint, resource_key: str, source: str) -> Rejection:
     key = idempotency_key("metric-overflow", resource_key, point.name, point.start_ns, point.end_ns)
     origin = f"{source} stream {point.name} interval {point.start_ns}..{point.end_ns}"
-    return Rejection(
-        RejectReason.INVALID,
-        f"usage record from {origin} rejected: {point.value} of {point.name} "
-        f"landed in the SDK's overflow point ({OVERFLOW_ATTRIBUTE}=true): the stream had more "
-        f"attribute sets in one interval than the reader's cardinality limit, so this usage "
-        f"cannot be attributed to a customer. Raise cardinality_limits on the metric reader "
-        f"or shorten the export interval",
+    return rejected(
         origin,
+        f"{point.value} of {point.name} landed in the SDK's overflow point "
+        f"({OVERFLOW_ATTRIBUTE}=true): the stream had more attribute sets in one interval than "
+        f"the reader's cardinality limit, so this usage cannot be attributed to a customer. "
+        f"Raise cardinality_limits on the metric reader or shorten the export interval",
         key,
         {**point.attributes, point.name: point.value},
     )

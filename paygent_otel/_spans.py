@@ -29,6 +29,7 @@ from ._mapping import (
     UsageRecord,
     idempotency_key,
     map_usage,
+    rejected,
     rejection_key,
     source_layer,
 )
@@ -221,15 +222,7 @@ class _SpanMapping:
         return idempotency_key("span", self.trace_id, self.span_id, position, kind)
 
     def refuse(self, ref: str, record: Attributes, origin: str, problem: str) -> None:
-        self.rejections.append(
-            Rejection(
-                RejectReason.INVALID,
-                f"usage record from {origin} rejected: {problem}",
-                origin,
-                rejection_key(ref, record),
-                dict(record),
-            )
-        )
+        self.rejections.append(rejected(origin, problem, rejection_key(ref, record), record))
 
     def add(
         self, position: int, own: _Own, origin: str, defaults: IdentityDefaults | None = None
