@@ -124,7 +124,13 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class IdentityDefaults:
-    """Exporter-level defaults, the last step of identity resolution."""
+    """Exporter-level defaults, the last step of identity resolution.
+
+    Not a :class:`~paygent_otel.Identity`: that is what one conversation's records say
+    about who pays and how the usage is priced, given when usage is recorded, and it wins
+    over these. These are an exporter's settings (``PAYGENT_AGENT_ID``, ...): fallbacks for
+    the agent, customer and indicator only (pricing is never defaulted), plus the switch
+    for trace-id meta tags."""
 
     agent_id: str | None = None
     customer_id: str | None = None
