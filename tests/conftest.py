@@ -14,6 +14,8 @@
   aimed at the sandbox, wait for its thread pool, return the bodies the SDK got recorded.
 - ``ledger_bodies(sandbox, keyed=None)``: parsed request bodies the sandbox recorded;
   ``keyed=True`` only ours (they carry an Idempotency-Key), ``False`` only the SDK's.
+- ``QuietHandler``: base of the loopback HTTP handlers tests run (no access log);
+  ``self.reply(body, content_type)`` answers 200 with ``body``.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
   ``XDG_STATE_HOME`` (the default spool folder) into ``tmp_path``, so the developer's own
   environment can neither change a result nor receive a test's spool.
@@ -26,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,3 +165,18 @@ def tracing(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Tr
         # Bounded: the processor would give the exporter its default 10 s.
         pipeline.exporter.shutdown(timeout_millis=2000)
         pipeline.shutdown()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the loopback HTTP servers tests run: no access log, and :meth:`reply`."""
+
+    def reply(self, body: bytes, content_type: str) -> None:
+        """Answer 200 with ``body``."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
