@@ -14,6 +14,8 @@
   aimed at the sandbox, wait for its thread pool, return the bodies the SDK got recorded.
 - ``ledger_bodies(sandbox, keyed=None)``: parsed request bodies the sandbox recorded;
   ``keyed=True`` only ours (they carry an Idempotency-Key), ``False`` only the SDK's.
+- ``USAGE_IDENTITY`` / ``STT_ATTRIBUTES``: a span record's complete identity and pricing,
+  and a valid STT record with it (0.45 minutes).
 - ``QuietHandler``: base of the loopback HTTP handlers tests run (no access log);
   ``self.reply(body, content_type)`` answers 200 with ``body``.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
@@ -38,10 +40,21 @@ from opentelemetry.sdk.trace import SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter
+from paygent_otel import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 API_KEY = "pg_test_3f9c2a7d41b8e6a0"
 """The API key the fixtures configure; tests assert it never leaks into logs."""
+
+USAGE_IDENTITY = {
+    sc.AGENT_ID: "agent-support-voice",
+    sc.CUSTOMER_ID: "cust_8812",
+    sc.PROVIDER: "deepgram",
+    sc.MODEL: "nova-2",
+}
+"""Who pays and how it is priced: everything a span record needs besides its usage."""
+STT_ATTRIBUTES = {**USAGE_IDENTITY, sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 0.45}
+"""A valid STT record as span attributes."""
 
 T = TypeVar("T")
 
