@@ -3,6 +3,7 @@ value never reaches the application (a warning, nothing recorded)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -411,3 +412,19 @@ def test_identity_gives_the_attributes_it_names() -> None:
     with pytest.raises(ValueError, match=f"{sc.MODEL}: must not be blank") as raised:
         Identity(model="").attributes()
     assert getattr(raised.value, "field", None) == "model"
+
+
+@pytest.mark.parametrize("function", ["record_sts", "add_sts"])
+def test_every_sts_quantity_argument_is_read(function: str) -> None:
+    """The STS helpers read their quantity keywords by name: each must name a quantity."""
+    from paygent_otel.instruments import UsageInstruments
+
+    helper = record_sts if function == "record_sts" else UsageInstruments.add_sts
+    not_quantities = {"self", "agent_id", "customer_id", "indicator", "usage_metadata", "span"}
+    not_quantities |= {"service_provider", "provider", "model", "plan", "meta_tags", "identity"}
+    arguments = set(inspect.signature(helper).parameters) - not_quantities
+    assert arguments <= set(recording_module._STS_ARGUMENTS), function
+    if function == "add_sts":
+        assert arguments == set(recording_module._STS_ARGUMENTS)
+    for argument in arguments:
+        assert recording_module._STS_ARGUMENTS[argument].replace(".", "_").endswith(argument)
