@@ -12,13 +12,14 @@ from ._version import __version__
 from .baggage import PaygentBaggageSpanProcessor
 from .instruments import UsageInstruments, create_usage_counters
 from .metric_exporter import PaygentMetricExporter
-from .recording import record_sts, record_stt, record_tts
+from .recording import Identity, record_sts, record_stt, record_tts
 from .sampling import UsageSampler, UsageSpanProcessor
 from .semconv import UsageKind
 from .trace_exporter import PaygentSpanExporter
 
 __all__ = [
     "ExporterConfig",
+    "Identity",
     "IdentityDefaults",
     "PaygentBaggageSpanProcessor",
     "PaygentMetricExporter",

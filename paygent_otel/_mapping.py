@@ -33,6 +33,7 @@ __all__ = [
     "conflict_rejection",
     "idempotency_key",
     "map_usage",
+    "rejected",
     "rejection_key",
     "source_layer",
     "validate_quantities",
@@ -123,7 +124,13 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class IdentityDefaults:
-    """Exporter-level defaults, the last step of identity resolution."""
+    """Exporter-level defaults, the last step of identity resolution.
+
+    Not a :class:`~paygent_otel.Identity`: that is what one conversation's records say
+    about who pays and how the usage is priced, given when usage is recorded, and it wins
+    over these. These are an exporter's settings (``PAYGENT_AGENT_ID``, ...): fallbacks for
+    the agent, customer and indicator only (pricing is never defaulted), plus the switch
+    for trace-id meta tags."""
 
     agent_id: str | None = None
     customer_id: str | None = None
@@ -159,6 +166,19 @@ def rejection_key(ref: str, attributes: Attributes) -> str:
     """The dead-letter key of an invalid record: never the key of a valid record, so a
     corrected record sent again is not taken for the invalid one."""
     return idempotency_key("invalid", ref, canonical_json(dict(attributes)))
+
+
+def rejected(origin: str, problem: str, key: str, attributes: Attributes) -> Rejection:
+    """The :class:`Rejection` of an invalid record from ``origin``, worded as every front end
+    words it (``usage record from <origin> rejected: <problem>``); ``key`` is its
+    dead-letter key (:func:`rejection_key` unless the front end has a better one)."""
+    return Rejection(
+        RejectReason.INVALID,
+        f"usage record from {origin} rejected: {problem}",
+        origin,
+        key,
+        dict(attributes),
+    )
 
 
 def conflict_rejection(record: UsageRecord, held: str) -> Rejection:
@@ -361,13 +381,7 @@ def map_usage(
             ref, aliases = explicit, (ref, *aliases)
         return _map(record, inherited, defaults, ref, aliases, origin, trace_ids)
     except _Invalid as exc:
-        return Rejection(
-            RejectReason.INVALID,
-            f"usage record from {origin} rejected: {exc.attribute} {exc.rule}",
-            origin,
-            rejection_key(ref, record),
-            dict(record),
-        )
+        return rejected(origin, f"{exc.attribute} {exc.rule}", rejection_key(ref, record), record)
 
 
 def _map(
@@ -396,27 +410,8 @@ def _map(
             dict(record),
         )
     layers = (record, *inherited)
-    agent_id = _text(sc.AGENT_ID, _resolve(sc.AGENT_ID, layers, defaults.agent_id) or "")
-    customer_id = _text(
-        sc.CUSTOMER_ID, _resolve(sc.CUSTOMER_ID, layers, defaults.customer_id) or ""
-    )
-    if not agent_id:
-        raise _Invalid(
-            sc.AGENT_ID,
-            "is missing or blank (set it on the record, span, resource or PAYGENT_AGENT_ID)",
-        )
-    if not customer_id:
-        raise _Invalid(
-            sc.CUSTOMER_ID, "is missing or blank (set it on the record, span, resource or baggage)"
-        )
-    indicator = _text(sc.INDICATOR, _resolve(sc.INDICATOR, layers, defaults.indicator) or "")
-    provider = _text(sc.PROVIDER, _resolve(sc.PROVIDER, layers, None) or "")
-    model = _text(sc.MODEL, _resolve(sc.MODEL, layers, None) or "")
-    if not provider:
-        raise _Invalid(sc.PROVIDER, "is missing or blank (Paygent cannot price the record)")
-    if not model:
-        raise _Invalid(sc.MODEL, "is missing or blank (Paygent cannot price the record)")
-    plan = _text(sc.PLAN, _resolve(sc.PLAN, layers, None) or "") or "default"
+    agent_id, customer_id, indicator = _payer(layers, defaults)
+    provider, model, plan = _pricing(layers)
 
     payload: dict[str, Any] = {
         "agentId": agent_id,
@@ -440,3 +435,34 @@ def _map(
         payload["metaTags"] = tags
     key = idempotency_key("ref", ref)[:REF_DIGITS] + idempotency_key(ref, usage)[REF_DIGITS:]
     return UsageRecord(key, payload, origin, warnings, ref, aliases)
+
+
+def _payer(layers: Sequence[Attributes], defaults: IdentityDefaults) -> tuple[str, str, str]:
+    """Agent id, customer id and indicator, resolved through the layers, then defaults."""
+    agent_id = _text(sc.AGENT_ID, _resolve(sc.AGENT_ID, layers, defaults.agent_id) or "")
+    customer_id = _text(
+        sc.CUSTOMER_ID, _resolve(sc.CUSTOMER_ID, layers, defaults.customer_id) or ""
+    )
+    if not agent_id:
+        raise _Invalid(
+            sc.AGENT_ID,
+            "is missing or blank (set it on the record, span, resource or PAYGENT_AGENT_ID)",
+        )
+    if not customer_id:
+        raise _Invalid(
+            sc.CUSTOMER_ID, "is missing or blank (set it on the record, span, resource or baggage)"
+        )
+    indicator = _text(sc.INDICATOR, _resolve(sc.INDICATOR, layers, defaults.indicator) or "")
+    return agent_id, customer_id, indicator
+
+
+def _pricing(layers: Sequence[Attributes]) -> tuple[str, str, str]:
+    """Provider, model and plan (``default`` when none is set), resolved through the layers."""
+    provider = _text(sc.PROVIDER, _resolve(sc.PROVIDER, layers, None) or "")
+    model = _text(sc.MODEL, _resolve(sc.MODEL, layers, None) or "")
+    if not provider:
+        raise _Invalid(sc.PROVIDER, "is missing or blank (Paygent cannot price the record)")
+    if not model:
+        raise _Invalid(sc.MODEL, "is missing or blank (Paygent cannot price the record)")
+    plan = _text(sc.PLAN, _resolve(sc.PLAN, layers, None) or "") or "default"
+    return provider, model, plan

@@ -20,14 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import semconv as sc
-from ._mapping import (
-    IdentityDefaults,
-    Rejection,
-    RejectReason,
-    UsageRecord,
-    idempotency_key,
-    map_usage,
-)
+from ._mapping import IdentityDefaults, Rejection, UsageRecord, idempotency_key, map_usage, rejected
 
 __all__ = [
     "OVERFLOW_ATTRIBUTE",
@@ -130,14 +123,12 @@ def _fingerprint(attributes: Mapping[str, Any]) -> str:
 def _overflow_rejection(point: UsagePoint, resource_key: str, source: str) -> Rejection:
     key = idempotency_key("metric-overflow", resource_key, point.name, point.start_ns, point.end_ns)
     origin = f"{source} stream {point.name} interval {point.start_ns}..{point.end_ns}"
-    return Rejection(
-        RejectReason.INVALID,
-        f"usage record from {origin} rejected: {point.value} of {point.name} "
-        f"landed in the SDK's overflow point ({OVERFLOW_ATTRIBUTE}=true): the stream had more "
-        f"attribute sets in one interval than the reader's cardinality limit, so this usage "
-        f"cannot be attributed to a customer. Raise cardinality_limits on the metric reader "
-        f"or shorten the export interval",
+    return rejected(
         origin,
+        f"{point.value} of {point.name} landed in the SDK's overflow point "
+        f"({OVERFLOW_ATTRIBUTE}=true): the stream had more attribute sets in one interval than "
+        f"the reader's cardinality limit, so this usage cannot be attributed to a customer. "
+        f"Raise cardinality_limits on the metric reader or shorten the export interval",
         key,
         {**point.attributes, point.name: point.value},
     )
@@ -182,16 +173,53 @@ def records_from_points(
     or like ``paygent.usage.kind`` are ignored: the instrument name says what is measured.
     ``paygent.usage.id`` splits streams like any attribute but is not the record's key.
     """
-    groups: dict[tuple[str, str, int, sc.UsageKind], dict[str, Any]] = {}
-    starts: dict[tuple[str, str, int, sc.UsageKind], int] = {}
-    resources: dict[str, Mapping[str, Any]] = {}
+    groups, rejections = _join(points, source)
+    records: list[UsageRecord] = []
+    for (resource_key, attr_key, end, kind), group in groups.items():
+        record, start = group.record, group.start
+        instruments = sorted(n for n in record if n in sc.QUANTITIES)
+        ref = idempotency_key("metric", resource_key, ",".join(instruments), attr_key, start, end)
+        origin = (
+            f"{source} {kind.value} stream {attr_key} interval {start}..{end}"
+            f" ({', '.join(instruments)})"
+        )
+        _merge_units(record)
+        result = map_usage(
+            record, inherited=(group.resource,), defaults=defaults, ref=ref, origin=origin
+        )
+        if isinstance(result, UsageRecord):
+            records.append(result)
+        else:
+            rejections.append(result)
+    return records, rejections
+
+
+@dataclass(slots=True)
+class _Group:
+    """The points of one record: resource, attribute set, interval end and kind."""
+
+    resource: Mapping[str, Any]
+    record: dict[str, Any]
+    """The identity attributes, the kind and each quantity's sum."""
+    start: int
+    """The earliest start of the group's points."""
+
+
+_GroupKey = tuple[str, str, int, sc.UsageKind]
+"""(resource fingerprint, attributes fingerprint, interval end, kind)."""
+
+
+def _join(
+    points: Iterable[UsagePoint], source: str
+) -> tuple[dict[_GroupKey, _Group], list[Rejection]]:
+    """Group the non-zero points into records; points in the overflow set are rejected."""
+    groups: dict[_GroupKey, _Group] = {}
     rejections: list[Rejection] = []
     for point in points:
         if not point.value:
             continue  # nothing used in this interval for this stream
         quantity = sc.QUANTITIES[point.name]
         resource_key = _fingerprint(point.resource)
-        resources[resource_key] = point.resource
         if point.attributes.get(OVERFLOW_ATTRIBUTE) is True:
             rejections.append(_overflow_rejection(point, resource_key, source))
             continue
@@ -201,33 +229,14 @@ def records_from_points(
             if k not in sc.QUANTITIES and k != sc.USAGE_KIND
         }
         group_key = (resource_key, _fingerprint(identity), point.end_ns, quantity.kind)
-        record = groups.get(group_key)
-        if record is None:
+        group = groups.get(group_key)
+        if group is None:
             # A point sums an interval's measurements: one usage id cannot name it, and its
             # interval already keys it. The id only tells streams apart, like any attribute.
             identity.pop(sc.USAGE_ID, None)
-            record = groups[group_key] = {**identity, sc.USAGE_KIND: quantity.kind.value}
-            starts[group_key] = point.start_ns
-        starts[group_key] = min(starts[group_key], point.start_ns)
+            record = {**identity, sc.USAGE_KIND: quantity.kind.value}
+            group = groups[group_key] = _Group(point.resource, record, point.start_ns)
+        group.start = min(group.start, point.start_ns)
         # Several scopes (meters) may each have a counter of this name: their usage adds up.
-        record[point.name] = record.get(point.name, 0) + point.value
-
-    records: list[UsageRecord] = []
-    for group_key, record in groups.items():
-        resource_key, attr_key, end, kind = group_key
-        start = starts[group_key]
-        instruments = sorted(n for n in record if n in sc.QUANTITIES)
-        ref = idempotency_key("metric", resource_key, ",".join(instruments), attr_key, start, end)
-        origin = (
-            f"{source} {kind.value} stream {attr_key} interval {start}..{end}"
-            f" ({', '.join(instruments)})"
-        )
-        _merge_units(record)
-        result = map_usage(
-            record, inherited=(resources[resource_key],), defaults=defaults, ref=ref, origin=origin
-        )
-        if isinstance(result, UsageRecord):
-            records.append(result)
-        else:
-            rejections.append(result)
-    return records, rejections
+        group.record[point.name] = group.record.get(point.name, 0) + point.value
+    return groups, rejections

@@ -29,12 +29,13 @@ from ._mapping import (
     UsageRecord,
     idempotency_key,
     map_usage,
+    rejected,
     rejection_key,
     source_layer,
 )
 
 if TYPE_CHECKING:
-    from .frameworks import FrameworkSet
+    from .frameworks import Claim, FrameworkSet
 
 __all__ = [
     "EVENT_LIMIT_SETTING",
@@ -178,129 +179,165 @@ def records_from_span(
     dropped. A record on a span whose ids are invalid is refused unless it carries its own
     ``paygent.usage.id``: its key would be shared with every other such span.
     """
-    records: list[UsageRecord] = []
-    rejections: list[Rejection] = []
-    where = f"span {name!r} (trace {trace_id or '-'}, span {span_id or '-'})"
-    ids_valid = valid_span_ids(trace_id, span_id)
-    span_layer = (attributes, truncation, "span")
-
-    def refuse(ref: str, record: Attributes, origin: str, problem: str) -> None:
-        rejections.append(
-            Rejection(
-                RejectReason.INVALID,
-                f"usage record from {origin} rejected: {problem}",
-                origin,
-                rejection_key(ref, record),
-                dict(record),
-            )
-        )
-
-    def add(position: int, own: _Own, origin: str, defaults: IdentityDefaults = defaults) -> None:
-        record = own[0][0]
-        ref = idempotency_key("span", trace_id, span_id, position, record.get(sc.USAGE_KIND))
-        layers = (*(layer for layer, _, _ in own), resource)
-        problem = _limit_problem(own, layers)
-        if problem is None and not ids_valid and sc.USAGE_ID not in record:
-            problem = (
-                f"trace id {trace_id!r} and span id {span_id!r} are not valid OpenTelemetry "
-                "ids (16 and 8 bytes, not all zero), so this record cannot be told apart from "
-                f"others: send valid ids, or give the record its own {sc.USAGE_ID}"
-            )
-        if problem is not None:
-            refuse(ref, record, origin, problem)
-            return
-        result = map_usage(
-            record,
-            inherited=layers[1:],
-            defaults=defaults,
-            ref=ref,
-            origin=origin,
-            trace_ids=(trace_id, span_id) if ids_valid else None,
-        )
-        if isinstance(result, UsageRecord):
-            records.append(result)
-            return
-        dropped = [(t.dropped, what) for _, t, what in own if t.dropped]
-        if dropped and result.reason is RejectReason.INVALID:
-            n, what = dropped[0]
-            result = replace(
-                result,
-                message=f"{result.message} (the SDK dropped {n} attributes from this {what}: "
-                f"attribute count limit, {_COUNT_SETTINGS[what]})",
-            )
-        rejections.append(result)
-
-    def converted(
-        convert: Callable[[], dict[str, Any] | None], origin: str, kind: str
-    ) -> dict[str, Any] | None:
-        """The convention record a foreign span stands for; a ValueError is a rejection."""
-        try:
-            return convert()
-        except ValueError as exc:
-            refuse(
-                idempotency_key("span", trace_id, span_id, 0, kind), attributes, origin, str(exc)
-            )
-            return None
-
+    span = _SpanMapping(trace_id, span_id, name, attributes, resource, defaults, truncation)
     events = list(events)
     # A span with any convention record is billed from it alone: never twice.
     has_events = any(event_name == sc.USAGE_EVENT_NAME for event_name, _ in events)
-    known_customer = bool(
-        sc.CUSTOMER_ID in attributes or sc.CUSTOMER_ID in resource or defaults.customer_id
-    )
-    claim = frameworks.claim(scope) if frameworks else None
-    if sc.USAGE_KIND in attributes:
-        add(0, (span_layer,), where)
-    elif truncation.dropped and any(n in sc.QUANTITIES for n in attributes):
-        refuse(
-            idempotency_key("span", trace_id, span_id, 0, None),
-            attributes,
-            where,
-            f"the span carries usage quantities but no {sc.USAGE_KIND}, and the SDK dropped "
-            f"{truncation.dropped} of its attributes (attribute count limit, "
-            f"{_COUNT_SETTINGS['span']}): {sc.USAGE_KIND} was probably one of them. Raise the "
-            "limit or set fewer attributes",
-        )
-    elif claim is not None:
-        origin = f"{where} ({claim.rule.name} mapping)"
-        found = (
-            None if has_events else converted(lambda: claim.record(name, attributes), origin, "")
-        )
-        if found is not None and not known_customer:
-            refuse(
-                idempotency_key("span", trace_id, span_id, 0, found[sc.USAGE_KIND]),
-                attributes,
-                origin,
-                f"{sc.CUSTOMER_ID} is missing: " + claim.rule.missing_customer,
-            )
-        elif found is not None:
-            framework_defaults = (
-                replace(defaults, indicator=claim.indicator) if claim.indicator else defaults
-            )
-            add(0, (({**attributes, **found}, truncation, "span"),), origin, framework_defaults)
-    elif genai and not has_events and known_customer:
-        from .genai import genai_record
-
-        origin = where + " (gen_ai.* mapping)"
-        found = converted(lambda: genai_record(attributes), origin, sc.UsageKind.STS.value)
-        if found is not None:
-            add(0, (({**attributes, **found}, truncation, "span"),), origin)
+    span.span_record(has_events, genai, frameworks.claim(scope) if frameworks else None)
     for index, (event_name, event_attributes) in enumerate(events, start=1):
         if event_name == sc.USAGE_EVENT_NAME:
             event_truncation = (
                 event_truncations[index - 1] if index <= len(event_truncations) else NOT_TRUNCATED
             )
-            own = ((event_attributes, event_truncation, "span event"), span_layer)
-            add(index, own, f"{where} event #{index}")
+            own = ((event_attributes, event_truncation, "span event"), span.layer)
+            span.add(index, own, f"{span.where} event #{index}")
     if dropped_events and has_events:
+        span.lost(dropped_events)
+    return span.records, span.rejections
+
+
+class _SpanMapping:
+    """The records and rejections of one span, as :func:`records_from_span` finds them."""
+
+    def __init__(
+        self,
+        trace_id: str,
+        span_id: str,
+        name: str,
+        attributes: Attributes,
+        resource: Attributes,
+        defaults: IdentityDefaults,
+        truncation: Truncation,
+    ) -> None:
+        self.trace_id, self.span_id, self.name = trace_id, span_id, name
+        self.attributes, self.resource, self.defaults = attributes, resource, defaults
+        self.truncation = truncation
+        self.where = f"span {name!r} (trace {trace_id or '-'}, span {span_id or '-'})"
+        self.ids_valid = valid_span_ids(trace_id, span_id)
+        self.layer = (attributes, truncation, "span")
+        self.records: list[UsageRecord] = []
+        self.rejections: list[Rejection] = []
+
+    def _ref(self, position: int | str, kind: object) -> str:
+        return idempotency_key("span", self.trace_id, self.span_id, position, kind)
+
+    def refuse(self, ref: str, record: Attributes, origin: str, problem: str) -> None:
+        self.rejections.append(rejected(origin, problem, rejection_key(ref, record), record))
+
+    def add(
+        self, position: int, own: _Own, origin: str, defaults: IdentityDefaults | None = None
+    ) -> None:
+        """Map the record ``own[0]`` (at ``position``: 0 the span, n its n-th event)."""
+        record = own[0][0]
+        ref = self._ref(position, record.get(sc.USAGE_KIND))
+        layers = (*(layer for layer, _, _ in own), self.resource)
+        problem = _limit_problem(own, layers)
+        if problem is None and not self.ids_valid and sc.USAGE_ID not in record:
+            problem = (
+                f"trace id {self.trace_id!r} and span id {self.span_id!r} are not valid "
+                "OpenTelemetry ids (16 and 8 bytes, not all zero), so this record cannot be "
+                f"told apart from others: send valid ids, or give the record its own "
+                f"{sc.USAGE_ID}"
+            )
+        if problem is not None:
+            self.refuse(ref, record, origin, problem)
+            return
+        result = map_usage(
+            record,
+            inherited=layers[1:],
+            defaults=self.defaults if defaults is None else defaults,
+            ref=ref,
+            origin=origin,
+            trace_ids=(self.trace_id, self.span_id) if self.ids_valid else None,
+        )
+        if isinstance(result, UsageRecord):
+            self.records.append(result)
+        else:
+            self.rejections.append(_with_dropped(result, own))
+
+    def span_record(self, has_events: bool, genai: bool, claim: Claim | None) -> None:
+        """The record the span itself carries: its convention attributes, else (without
+        convention events) what its framework's rule or the GenAI mapping makes of it."""
+        attributes, defaults = self.attributes, self.defaults
+        known_customer = bool(
+            sc.CUSTOMER_ID in attributes or sc.CUSTOMER_ID in self.resource or defaults.customer_id
+        )
+        if sc.USAGE_KIND in attributes:
+            self.add(0, (self.layer,), self.where)
+        elif self.truncation.dropped and any(n in sc.QUANTITIES for n in attributes):
+            self.refuse(
+                self._ref(0, None),
+                attributes,
+                self.where,
+                f"the span carries usage quantities but no {sc.USAGE_KIND}, and the SDK dropped "
+                f"{self.truncation.dropped} of its attributes (attribute count limit, "
+                f"{_COUNT_SETTINGS['span']}): {sc.USAGE_KIND} was probably one of them. Raise "
+                "the limit or set fewer attributes",
+            )
+        elif claim is not None:
+            if not has_events:
+                self._framework_record(claim, known_customer)
+        elif genai and not has_events and known_customer:
+            from .genai import genai_record
+
+            origin = self.where + " (gen_ai.* mapping)"
+            found = self._converted(
+                lambda: genai_record(attributes), origin, sc.UsageKind.STS.value
+            )
+            if found is not None:
+                self.add(0, (({**attributes, **found}, self.truncation, "span"),), origin)
+
+    def _framework_record(self, claim: Claim, known_customer: bool) -> None:
+        origin = f"{self.where} ({claim.rule.name} mapping)"
+        found = self._converted(lambda: claim.record(self.name, self.attributes), origin, "")
+        if found is None:
+            return
+        if not known_customer:
+            self.refuse(
+                self._ref(0, found[sc.USAGE_KIND]),
+                self.attributes,
+                origin,
+                f"{sc.CUSTOMER_ID} is missing: " + claim.rule.missing_customer,
+            )
+            return
+        defaults = self.defaults
+        if claim.indicator:
+            defaults = replace(defaults, indicator=claim.indicator)
+        own = (({**self.attributes, **found}, self.truncation, "span"),)
+        self.add(0, own, origin, defaults)
+
+    def _converted(
+        self, convert: Callable[[], dict[str, Any] | None], origin: str, kind: str
+    ) -> dict[str, Any] | None:
+        """The convention record a foreign span stands for; a ValueError is a rejection."""
+        try:
+            return convert()
+        except ValueError as exc:
+            self.refuse(self._ref(0, kind), self.attributes, origin, str(exc))
+            return None
+
+    def lost(self, dropped_events: int) -> None:
+        """The SDK dropped events of a span with usage events: some usage may be lost."""
         lost = Rejection(
             RejectReason.LOST,
-            f"usage records from {where} lost: the SDK dropped {dropped_events} events of this "
-            f"span (span event limit, {EVENT_LIMIT_SETTING}); those that were "
+            f"usage records from {self.where} lost: the SDK dropped {dropped_events} events of "
+            f"this span (span event limit, {EVENT_LIMIT_SETTING}); those that were "
             f"{sc.USAGE_EVENT_NAME} events are not billed. Spread the usage over several "
             "spans, or raise the limit",
-            where,
-            idempotency_key("span", trace_id, span_id, "lost"),
+            self.where,
+            idempotency_key("span", self.trace_id, self.span_id, "lost"),
         )
-        rejections.extend([lost] * dropped_events)
-    return records, rejections
+        self.rejections.extend([lost] * dropped_events)
+
+
+def _with_dropped(rejection: Rejection, own: _Own) -> Rejection:
+    """An invalid record's rejection, saying the SDK dropped attributes of its layers."""
+    dropped = [(t.dropped, what) for _, t, what in own if t.dropped]
+    if not dropped or rejection.reason is not RejectReason.INVALID:
+        return rejection
+    n, what = dropped[0]
+    return replace(
+        rejection,
+        message=f"{rejection.message} (the SDK dropped {n} attributes from this {what}: "
+        f"attribute count limit, {_COUNT_SETTINGS[what]})",
+    )

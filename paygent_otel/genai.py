@@ -29,6 +29,7 @@ for a count whose current name is absent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from . import semconv as sc
@@ -164,69 +165,103 @@ def genai_record(attributes: Attributes) -> dict[str, Any] | None:
     Raises ``ValueError`` naming the attributes when the counts are not whole non-negative
     numbers or when parts exceed their total.
     """
-    total_in = _count(attributes, _INPUT)
-    total_out = _count(attributes, _OUTPUT)
-    cached_total = _count(attributes, _CACHED)
-    inputs = {m: _count(attributes, names) for m, names in _INPUT_BY.items()}
-    outputs = {m: _count(attributes, names) for m, names in _OUTPUT_BY.items()}
-    cached = {m: _count(attributes, names) for m, names in _CACHED_BY.items()}
-
-    _check_parts(total_in, list(inputs.values()))
-    _check_parts(total_out, list(outputs.values()))
-    _check_parts(cached_total, list(cached.values()))
-    _check_parts(total_in, [cached_total])
-    _check_parts(total_in, list(cached.values()))
-    for m in _MODALITIES:
-        _check_parts(inputs[m], [cached[m]])
-    image_out = outputs["image"]
-    if image_out is not None and image_out[1]:
-        raise ValueError(
-            f"{image_out[0]} ({image_out[1]}): Paygent's speech-to-speech record has no "
-            "output image quantity, so this usage cannot be billed"
-        )
-
-    quantities: dict[str, int] = {}
-    cached_sum = sum(_value(c) for c in cached.values())
-    if any(_value(c) for c in inputs.values()):
-        for m, count in inputs.items():
-            if count is not None:
-                quantities[_STS_INPUT[m]] = count[1]
-        if inputs["text"] is None and total_in is not None:
-            # Modality counts are subsets of the total: what no modality claims is text
-            # (a span that gives only its audio subset must not under-bill its text).
-            quantities[_STS_INPUT["text"]] = total_in[1] - sum(_value(c) for c in inputs.values())
-    elif total_in is not None:
-        # Without a split the SDK bills the uncached input as text and the cache apart.
-        uncached = total_in[1] - (cached_sum if cached_total is None else cached_total[1])
-        quantities[sc.STS_INPUT_TEXT_TOKENS] = uncached
-    if any(_value(c) for c in outputs.values()):
-        for m, count in outputs.items():
-            if count is not None and m in _STS_OUTPUT:
-                quantities[_STS_OUTPUT[m]] = count[1]
-        if outputs["text"] is None and total_out is not None:
-            quantities[_STS_OUTPUT["text"]] = total_out[1] - sum(
-                _value(c) for c in outputs.values()
-            )
-    elif total_out is not None:
-        # An output total alone is billed as text: every realtime model answers in text
-        # or text+audio, and dropping it (as the SDK does) would bill nothing for it.
-        quantities[sc.STS_OUTPUT_TEXT_TOKENS] = total_out[1]
-    if cached_sum:
-        for m, count in cached.items():
-            if count is not None:
-                quantities[_STS_CACHED[m]] = count[1]
-    elif cached_total is not None:
-        quantities[sc.STS_CACHED_TOKENS] = cached_total[1]
+    counts = _Counts.read(attributes)
+    quantities = {**counts.inputs(), **counts.outputs(), **counts.cached_quantities()}
     if not quantities:
         return None
-
     record: dict[str, Any] = {sc.USAGE_KIND: sc.UsageKind.STS.value, **quantities}
-    if sc.PROVIDER not in attributes:
-        provider = _text(attributes, (GEN_AI_PROVIDER_NAME, GEN_AI_SYSTEM))
-        if provider is not None:
-            record[sc.PROVIDER] = provider
-    if sc.MODEL not in attributes:
-        model = _text(attributes, (GEN_AI_RESPONSE_MODEL, GEN_AI_REQUEST_MODEL))
-        if model is not None:
-            record[sc.MODEL] = model
+    for attribute, names in (
+        (sc.PROVIDER, (GEN_AI_PROVIDER_NAME, GEN_AI_SYSTEM)),
+        (sc.MODEL, (GEN_AI_RESPONSE_MODEL, GEN_AI_REQUEST_MODEL)),
+    ):
+        if attribute not in attributes:
+            value = _text(attributes, names)
+            if value is not None:
+                record[attribute] = value
     return record
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """The token counts of one GenAI span: totals and per-modality parts, validated."""
+
+    total_in: _Count | None
+    total_out: _Count | None
+    cached_total: _Count | None
+    input_by: dict[str, _Count | None]
+    output_by: dict[str, _Count | None]
+    cached_by: dict[str, _Count | None]
+
+    @classmethod
+    def read(cls, attributes: Attributes) -> _Counts:
+        """Read and check the counts; ``ValueError`` names what is inconsistent."""
+        counts = cls(
+            _count(attributes, _INPUT),
+            _count(attributes, _OUTPUT),
+            _count(attributes, _CACHED),
+            {m: _count(attributes, names) for m, names in _INPUT_BY.items()},
+            {m: _count(attributes, names) for m, names in _OUTPUT_BY.items()},
+            {m: _count(attributes, names) for m, names in _CACHED_BY.items()},
+        )
+        counts._check()
+        return counts
+
+    def _check(self) -> None:
+        inputs, cached = self.input_by, self.cached_by
+        _check_parts(self.total_in, list(inputs.values()))
+        _check_parts(self.total_out, list(self.output_by.values()))
+        _check_parts(self.cached_total, list(cached.values()))
+        _check_parts(self.total_in, [self.cached_total])
+        _check_parts(self.total_in, list(cached.values()))
+        for m in _MODALITIES:
+            _check_parts(inputs[m], [cached[m]])
+        image_out = self.output_by["image"]
+        if image_out is not None and image_out[1]:
+            raise ValueError(
+                f"{image_out[0]} ({image_out[1]}): Paygent's speech-to-speech record has no "
+                "output image quantity, so this usage cannot be billed"
+            )
+
+    def inputs(self) -> dict[str, int]:
+        """The input quantities: the modality split, else the uncached total as text."""
+        inputs, total_in = self.input_by, self.total_in
+        if any(_value(c) for c in inputs.values()):
+            quantities = {_STS_INPUT[m]: c[1] for m, c in inputs.items() if c is not None}
+            if inputs["text"] is None and total_in is not None:
+                # Modality counts are subsets of the total: what no modality claims is text
+                # (a span that gives only its audio subset must not under-bill its text).
+                quantities[_STS_INPUT["text"]] = total_in[1] - _sum(inputs)
+            return quantities
+        if total_in is None:
+            return {}
+        # Without a split the SDK bills the uncached input as text and the cache apart.
+        cached = _sum(self.cached_by) if self.cached_total is None else self.cached_total[1]
+        return {sc.STS_INPUT_TEXT_TOKENS: total_in[1] - cached}
+
+    def outputs(self) -> dict[str, int]:
+        """The output quantities: the modality split, else the total as text."""
+        outputs, total_out = self.output_by, self.total_out
+        if any(_value(c) for c in outputs.values()):
+            quantities = {
+                _STS_OUTPUT[m]: c[1]
+                for m, c in outputs.items()
+                if c is not None and m in _STS_OUTPUT
+            }
+            if outputs["text"] is None and total_out is not None:
+                quantities[_STS_OUTPUT["text"]] = total_out[1] - _sum(outputs)
+            return quantities
+        # An output total alone is billed as text: every realtime model answers in text
+        # or text+audio, and dropping it (as the SDK does) would bill nothing for it.
+        return {} if total_out is None else {sc.STS_OUTPUT_TEXT_TOKENS: total_out[1]}
+
+    def cached_quantities(self) -> dict[str, int]:
+        """The cached counts per modality when split, else the undivided count."""
+        if _sum(self.cached_by):
+            return {_STS_CACHED[m]: c[1] for m, c in self.cached_by.items() if c is not None}
+        if self.cached_total is None:
+            return {}
+        return {sc.STS_CACHED_TOKENS: self.cached_total[1]}
+
+
+def _sum(counts: Mapping[str, _Count | None]) -> int:
+    return sum(_value(c) for c in counts.values())

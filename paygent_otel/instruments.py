@@ -25,7 +25,7 @@ from . import semconv as sc
 from ._mapping import validate_quantities
 from ._version import __version__
 from .baggage import identity_from_baggage
-from .recording import _flatten_sts, _identity
+from .recording import Identity, IdentityError, _flatten_sts, _resolve_identity, _sts_keywords
 
 __all__ = ["METER_NAME", "UsageInstruments", "create_usage_counters"]
 
@@ -33,20 +33,6 @@ _logger = logging.getLogger("paygent_otel.instruments")
 
 METER_NAME = "paygent_otel.usage"
 """Instrumentation scope of the counters when :class:`UsageInstruments` gets no meter."""
-
-_IDENTITY_ARGUMENTS = {
-    sc.AGENT_ID: "agent_id",
-    sc.CUSTOMER_ID: "customer_id",
-    sc.INDICATOR: "indicator",
-    sc.PROVIDER: "provider",
-    sc.MODEL: "model",
-    sc.PLAN: "plan",
-}
-
-# agent_id, customer_id, indicator, provider, model, plan, meta_tags (recording._identity's order)
-_Identity = tuple[
-    str | None, str | None, str | None, str | None, str | None, str | None, Mapping[str, Any] | None
-]
 
 
 def create_usage_counters(meter: Meter) -> dict[str, Counter]:
@@ -110,17 +96,18 @@ class UsageInstruments:
         model: str | None = None,
         plan: str | None = None,
         meta_tags: Mapping[str, Any] | None = None,
+        identity: Identity | None = None,
     ) -> bool:
-        """Add speech-to-text audio (``seconds`` or ``minutes``). True when recorded."""
-        return self._add(
-            "add_stt",
-            sc.UsageKind.STT,
-            (
-                ("seconds", sc.STT_AUDIO_SECONDS, seconds),
-                ("minutes", sc.STT_AUDIO_MINUTES, minutes),
-            ),
-            (agent_id, customer_id, indicator, provider, model, plan, meta_tags),
+        """Add speech-to-text audio (``seconds`` or ``minutes``). True when recorded.
+
+        ``identity`` gives what the call does not: every identity argument the call gives
+        wins over its field (meta tags merge key by key)."""
+        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+        quantities = (
+            ("seconds", sc.STT_AUDIO_SECONDS, seconds),
+            ("minutes", sc.STT_AUDIO_MINUTES, minutes),
         )
+        return self._add("add_stt", sc.UsageKind.STT, quantities, identity, call)
 
     def add_tts(
         self,
@@ -133,14 +120,14 @@ class UsageInstruments:
         model: str | None = None,
         plan: str | None = None,
         meta_tags: Mapping[str, Any] | None = None,
+        identity: Identity | None = None,
     ) -> bool:
-        """Add text-to-speech ``characters``. True when recorded."""
-        return self._add(
-            "add_tts",
-            sc.UsageKind.TTS,
-            (("characters", sc.TTS_CHARACTERS, characters),),
-            (agent_id, customer_id, indicator, provider, model, plan, meta_tags),
-        )
+        """Add text-to-speech ``characters``. True when recorded.
+
+        ``identity`` gives what the call does not, as for :meth:`add_stt`."""
+        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+        quantities = (("characters", sc.TTS_CHARACTERS, characters),)
+        return self._add("add_tts", sc.UsageKind.TTS, quantities, identity, call)
 
     def add_sts(
         self,
@@ -171,65 +158,37 @@ class UsageInstruments:
         model: str | None = None,
         plan: str | None = None,
         meta_tags: Mapping[str, Any] | None = None,
+        identity: Identity | None = None,
     ) -> bool:
         """Add speech-to-speech usage: every modality given, in one go. True when recorded.
 
         ``usage_metadata`` takes the SDK's ``SpeechToSpeechUsageMetadata`` or its API dict
         (as ``track_sts`` does) instead of, or besides, the keyword quantities.
         ``cached_tokens`` is the undivided cached count; never combine it with the
-        per-modality cached counts.
+        per-modality cached counts. ``identity`` gives what the call does not, as for
+        :meth:`add_stt`.
         """
-        quantities: list[tuple[str, str, object]] = [
-            ("input_text_tokens", sc.STS_INPUT_TEXT_TOKENS, input_text_tokens),
-            ("input_audio_tokens", sc.STS_INPUT_AUDIO_TOKENS, input_audio_tokens),
-            ("input_audio_seconds", sc.STS_INPUT_AUDIO_SECONDS, input_audio_seconds),
-            ("input_audio_minutes", sc.STS_INPUT_AUDIO_MINUTES, input_audio_minutes),
-            ("input_image_tokens", sc.STS_INPUT_IMAGE_TOKENS, input_image_tokens),
-            ("input_video_tokens", sc.STS_INPUT_VIDEO_TOKENS, input_video_tokens),
-            ("input_video_seconds", sc.STS_INPUT_VIDEO_SECONDS, input_video_seconds),
-            ("input_video_minutes", sc.STS_INPUT_VIDEO_MINUTES, input_video_minutes),
-            ("output_text_tokens", sc.STS_OUTPUT_TEXT_TOKENS, output_text_tokens),
-            ("output_audio_tokens", sc.STS_OUTPUT_AUDIO_TOKENS, output_audio_tokens),
-            ("output_audio_seconds", sc.STS_OUTPUT_AUDIO_SECONDS, output_audio_seconds),
-            ("output_audio_minutes", sc.STS_OUTPUT_AUDIO_MINUTES, output_audio_minutes),
-            ("cached_text_tokens", sc.STS_CACHED_TEXT_TOKENS, cached_text_tokens),
-            ("cached_audio_tokens", sc.STS_CACHED_AUDIO_TOKENS, cached_audio_tokens),
-            ("cached_image_tokens", sc.STS_CACHED_IMAGE_TOKENS, cached_image_tokens),
-            ("cached_tokens", sc.STS_CACHED_TOKENS, cached_tokens),
-            ("connection_seconds", sc.STS_CONNECTION_SECONDS, connection_seconds),
-            ("connection_minutes", sc.STS_CONNECTION_MINUTES, connection_minutes),
-        ]
+        # Every quantity keyword is named after its attribute: read them all from the
+        # arguments as given, before any other local exists.
+        quantities = _sts_keywords(locals())
+        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
         if usage_metadata is not None:
-            try:
-                flat = _flatten_sts(usage_metadata)
-            except (ValueError, TypeError) as exc:
-                _logger.warning("paygent add_sts: nothing recorded: %s", exc)
+            from_metadata = _metadata_quantities(usage_metadata, quantities)
+            if from_metadata is None:
                 return False
-            given = {name for _, name, value in quantities if value is not None}
-            for name in flat.keys() & given:
-                _logger.warning(
-                    "paygent add_sts: nothing recorded: %s given both in usage_metadata and "
-                    "as an argument",
-                    name,
-                )
-                return False
-            quantities += [("usage_metadata", name, value) for name, value in flat.items()]
-        return self._add(
-            "add_sts",
-            sc.UsageKind.STS,
-            quantities,
-            (agent_id, customer_id, indicator, provider, model, plan, meta_tags),
-        )
+            quantities += from_metadata
+        return self._add("add_sts", sc.UsageKind.STS, quantities, identity, call)
 
     def _add(
         self,
         method: str,
         kind: sc.UsageKind,
         quantities: Sequence[tuple[str, str, object]],
-        identity: _Identity,
+        identity: Identity | None,
+        call: Identity,
     ) -> bool:
         try:
-            return self._checked_add(method, kind, quantities, identity)
+            return self._checked_add(method, kind, quantities, identity, call)
         except Exception:  # never into the application
             _logger.exception("paygent %s: nothing recorded", method)
             return False
@@ -239,18 +198,17 @@ class UsageInstruments:
         method: str,
         kind: sc.UsageKind,
         quantities: Sequence[tuple[str, str, object]],
-        identity: _Identity,
+        identity: Identity | None,
+        call: Identity,
     ) -> bool:
         try:
-            attributes = _identity(*identity)
+            attributes = _resolve_identity(identity, call).attributes()
+        except IdentityError as exc:
+            # The field is the argument: add_* take identity under the Identity's names.
+            _logger.warning("paygent %s: nothing recorded: argument %s: %s", method, exc.field, exc)
+            return False
         except (ValueError, TypeError) as exc:
-            argument = _IDENTITY_ARGUMENTS.get(str(exc).split(":", 1)[0])
-            _logger.warning(
-                "paygent %s: nothing recorded: %s%s",
-                method,
-                f"argument {argument}: " if argument else "",
-                exc,
-            )
+            _logger.warning("paygent %s: nothing recorded: %s", method, exc)
             return False
         given = {name: value for _, name, value in quantities if value is not None}
         try:
@@ -271,3 +229,23 @@ class UsageInstruments:
                 amount = int(value) if sc.QUANTITIES[name].is_count else value
                 self.counters[name].add(amount, attributes)
         return True
+
+
+def _metadata_quantities(
+    usage_metadata: Any, keywords: Sequence[tuple[str, str, object]]
+) -> list[tuple[str, str, object]] | None:
+    """The quantities of ``add_sts``'s ``usage_metadata``; None (after a warning) when it
+    is not usage metadata or repeats a quantity given as a keyword."""
+    try:
+        flat = _flatten_sts(usage_metadata)
+    except (ValueError, TypeError) as exc:
+        _logger.warning("paygent add_sts: nothing recorded: %s", exc)
+        return None
+    given = {name for _, name, value in keywords if value is not None}
+    for name in flat.keys() & given:
+        _logger.warning(
+            "paygent add_sts: nothing recorded: %s given both in usage_metadata and as an argument",
+            name,
+        )
+        return None
+    return [("usage_metadata", name, value) for name, value in flat.items()]

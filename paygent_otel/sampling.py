@@ -27,31 +27,22 @@ shared no-op; see ``docs/usage-in-instrumented-code.md`` for numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from . import semconv as sc
 from ._spans import has_usage
 from .frameworks import parse_frameworks
-from .recording import record_stt
 from .trace_exporter import PaygentSpanExporter
 
-__all__ = ["UsageSampler", "UsageSpanProcessor", "run_sampled_service_demo"]
+__all__ = ["UsageSampler", "UsageSpanProcessor"]
 
 
 class UsageSampler(Sampler):
@@ -66,11 +57,6 @@ class UsageSampler(Sampler):
 
     def __init__(self, root: Sampler) -> None:
         self._root = root
-
-    @property
-    def root(self) -> Sampler:
-        """The wrapped sampler, which still decides what is sampled."""
-        return self._root
 
     def should_sample(
         self,
@@ -155,59 +141,11 @@ class UsageSpanProcessor(BatchSpanProcessor):
             self._batch_processor.emit(span)
 
 
-class _CountingExporter(SpanExporter):
-    """Stands for the application's tracing backend in the demo: counts what it receives."""
+def __getattr__(name: str) -> Any:
+    # demo.py still imports the demo route from here; it lives in _sampled_demo, off the
+    # public surface (importing it at the top would be circular).
+    if name == "run_sampled_service_demo":
+        from ._sampled_demo import run_sampled_service_demo
 
-    def __init__(self) -> None:
-        self.received = 0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.received += len(spans)
-        return SpanExportResult.SUCCESS
-
-
-def run_sampled_service_demo(
-    url: str,
-    spool: Path,
-    *,
-    api_key: str,
-    agent_id: str = "demo-agent-sampled",
-    customer_id: str = "cust_acme",
-    requests: int = 100,
-    ratio: float = 0.1,
-) -> dict[str, int]:
-    """A service that samples ``ratio`` of its traces bills all of its usage.
-
-    Runs ``requests`` traces, each transcribing 6 seconds of audio, through
-    ``UsageSampler(ParentBased(TraceIdRatioBased(ratio)))`` with a ``BatchSpanProcessor``
-    standing for the tracing backend and a :class:`UsageSpanProcessor` feeding a
-    :class:`~paygent_otel.PaygentSpanExporter` at ``url``. Returns the exporter's stats
-    plus ``requests``, ``usage_spans_recorded`` and ``spans_sampled_to_backend``.
-    """
-    exporter = PaygentSpanExporter(endpoint=url, api_key=api_key, spool_path=spool)
-    backend = _CountingExporter()
-    provider = TracerProvider(
-        resource=Resource.create({sc.AGENT_ID: agent_id}),
-        sampler=UsageSampler(ParentBased(TraceIdRatioBased(ratio))),
-    )
-    provider.add_span_processor(BatchSpanProcessor(backend))
-    provider.add_span_processor(UsageSpanProcessor(exporter))
-    tracer = provider.get_tracer("paygent_otel.demo.sampled")
-    recorded = 0
-    for _ in range(requests):
-        with tracer.start_as_current_span("handle-call"), tracer.start_as_current_span("stt"):
-            recorded += record_stt(
-                None,
-                customer_id,
-                "voice-minutes",
-                service_provider="deepgram",
-                model="nova-2",
-                audio_seconds=6.0,
-            )
-    provider.shutdown()
-    return {
-        **exporter.stats,
-        "requests": requests,
-        "usage_spans_recorded": recorded,
-        "spans_sampled_to_backend": backend.received,
-    }
+        return run_sampled_service_demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

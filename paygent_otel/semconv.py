@@ -229,6 +229,8 @@ class Quantity:
 
 _UM = "usageMetadata"
 
+# A declarative table (one row per quantity: name, kind, unit, payload path); its rows are
+# alike on purpose. docs/semantic-conventions.md is generated from it (_semconv_doc).
 QUANTITIES: Final[dict[str, Quantity]] = {
     q.name: q
     for q in (

@@ -65,18 +65,15 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
         """Commit the usage records of ``spans``; SUCCESS once they are stored."""
         records: list[UsageRecord] = []
         rejections: list[Rejection] = []
-        genai, frameworks = self.config.genai, self._frameworks
         failed = 0
         for span in spans:
-            attributes = span.attributes or {}
-            events = span.events
             scope = span.instrumentation_scope.name if span.instrumentation_scope else ""
             if not has_usage(
-                attributes,
-                (e.name for e in events),
-                genai,
+                span.attributes or {},
+                (e.name for e in span.events),
+                self.config.genai,
                 dropped=span.dropped_attributes,
-                frameworks=frameworks,
+                frameworks=self._frameworks,
                 scope=scope,
                 span_name=span.name,
             ):
@@ -84,31 +81,7 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
             # One span that cannot be mapped must not cost the other spans of the batch
             # their records (the processor drops a whole batch reported as FAILURE).
             try:
-                ctx = span.context
-                found, refused = records_from_span(
-                    trace_id=format(ctx.trace_id, "032x") if ctx else "0" * 32,
-                    span_id=format(ctx.span_id, "016x") if ctx else "0" * 16,
-                    name=span.name,
-                    attributes=attributes,
-                    events=((e.name, e.attributes or {}) for e in events),
-                    resource=span.resource.attributes if span.resource else {},
-                    defaults=self._defaults,
-                    genai=genai,
-                    truncation=Truncation(
-                        span.dropped_attributes,
-                        _length_limit(getattr(span, "_attributes", None), self._span_length_limit),
-                    ),
-                    event_truncations=[
-                        Truncation(
-                            e.dropped_attributes,
-                            _length_limit(e.attributes, self._event_length_limit),
-                        )
-                        for e in events
-                    ],
-                    dropped_events=span.dropped_events,
-                    frameworks=frameworks,
-                    scope=scope,
-                )
+                found, refused = self._records(span, scope)
             except Exception:
                 failed += 1
                 _logger.exception(
@@ -125,6 +98,34 @@ class PaygentSpanExporter(PaygentExporterBase, SpanExporter):
         # After shutdown the pipeline refuses the records and counts them: never silent.
         refused_count = self._pipeline.submit(records, rejections)
         return SpanExportResult.FAILURE if refused_count or failed else SpanExportResult.SUCCESS
+
+    def _records(self, span: ReadableSpan, scope: str) -> tuple[list[UsageRecord], list[Rejection]]:
+        """The usage records (and rejections) of one span that carries usage."""
+        ctx = span.context
+        events = span.events
+        return records_from_span(
+            trace_id=format(ctx.trace_id, "032x") if ctx else "0" * 32,
+            span_id=format(ctx.span_id, "016x") if ctx else "0" * 16,
+            name=span.name,
+            attributes=span.attributes or {},
+            events=((e.name, e.attributes or {}) for e in events),
+            resource=span.resource.attributes if span.resource else {},
+            defaults=self._defaults,
+            genai=self.config.genai,
+            truncation=Truncation(
+                span.dropped_attributes,
+                _length_limit(getattr(span, "_attributes", None), self._span_length_limit),
+            ),
+            event_truncations=[
+                Truncation(
+                    e.dropped_attributes, _length_limit(e.attributes, self._event_length_limit)
+                )
+                for e in events
+            ],
+            dropped_events=span.dropped_events,
+            frameworks=self._frameworks,
+            scope=scope,
+        )
 
 
 def _length_limit(attributes: object, fallback: int | None) -> int | None:

@@ -17,6 +17,10 @@
 - ``collect_lines(stream)``: a list a daemon thread fills with a child process's output
   lines as they come.
 - ``env_file_settings(path)``: the ``NAME=value`` lines of an env file, as a dict.
+- ``USAGE_IDENTITY`` / ``STT_ATTRIBUTES``: a span record's complete identity and pricing,
+  and a valid STT record with it (0.45 minutes).
+- ``QuietHandler``: base of the loopback HTTP handlers tests run (no access log);
+  ``self.reply(body, content_type)`` answers 200 with ``body``.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
   ``XDG_STATE_HOME`` (the default spool folder) into ``tmp_path``, so the developer's own
   environment can neither change a result nor receive a test's spool.
@@ -34,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -43,10 +48,21 @@ from opentelemetry.sdk.trace import SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter
+from paygent_otel import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 API_KEY = "pg_test_3f9c2a7d41b8e6a0"
 """The API key the fixtures configure; tests assert it never leaks into logs."""
+
+USAGE_IDENTITY = {
+    sc.AGENT_ID: "agent-support-voice",
+    sc.CUSTOMER_ID: "cust_8812",
+    sc.PROVIDER: "deepgram",
+    sc.MODEL: "nova-2",
+}
+"""Who pays and how it is priced: everything a span record needs besides its usage."""
+STT_ATTRIBUTES = {**USAGE_IDENTITY, sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 0.45}
+"""A valid STT record as span attributes."""
 
 T = TypeVar("T")
 
@@ -307,3 +323,16 @@ def partially_rejected(response: Any, count: int, *quoted: str) -> str:
     for text in quoted:
         assert text in partial.error_message
     return str(partial.error_message)
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the loopback HTTP servers tests run: no access log, and :meth:`reply`."""
+
+    def reply(self, body: bytes, content_type: str) -> None:
+        """Answer 200 with ``body``."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -18,11 +18,12 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import QuietHandler
 from opentelemetry import baggage, context
 from opentelemetry.propagate import extract, inject
 
@@ -69,7 +70,7 @@ def run_callee(sandbox_url: str, api_key: str, spool: str) -> None:
     meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
     usage = UsageInstruments(meter_provider.get_meter("callee"), baggage=True)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             parent = extract(self.headers)
@@ -90,15 +91,7 @@ def run_callee(sandbox_url: str, api_key: str, spool: str) -> None:
                 reply = json.dumps({"trace_id": trace_id, "identity": identity_from_baggage()})
             finally:
                 context.detach(token)
-            data = reply.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+            self.reply(reply.encode(), "application/json")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     stop = threading.Event()

@@ -16,60 +16,85 @@ import pytest
 
 from paygent_otel import PaygentSpanExporter
 
+
+def _otlp_value(value: str | int | float) -> dict[str, str | float]:
+    """An attribute value as OTLP/JSON spells it (64-bit ints as strings)."""
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    return {"doubleValue": value}
+
+
+def _otlp_attributes(attributes: dict[str, str | int | float]) -> list[dict[str, object]]:
+    return [{"key": key, "value": _otlp_value(value)} for key, value in attributes.items()]
+
+
+def _otlp_span(
+    trace_id: str, span_id: str, name: str, attributes: dict[str, str | int | float]
+) -> dict[str, object]:
+    return {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "name": name,
+        "attributes": _otlp_attributes(attributes),
+    }
+
+
 SPANS = {
     "resourceSpans": [
         {
-            "resource": {
-                "attributes": [{"key": "paygent.agent.id", "value": {"stringValue": "voice-bot"}}]
-            },
+            "resource": {"attributes": _otlp_attributes({"paygent.agent.id": "voice-bot"})},
             "scopeSpans": [
                 {
                     "scope": {"name": "pipecat"},
                     "spans": [
-                        {
-                            "traceId": "0af7651916cd43dd8448eb211c80319c",
-                            "spanId": "b7ad6b7169203331",
-                            "name": "tts",
-                            "attributes": [
-                                {"key": "metrics.character_count", "value": {"intValue": "12"}},
-                                {"key": "gen_ai.provider.name", "value": {"stringValue": "eleven"}},
-                                {"key": "gen_ai.request.model", "value": {"stringValue": "flash"}},
-                                {"key": "paygent.customer.id", "value": {"stringValue": "cust_a"}},
-                            ],
-                        },
-                        {
-                            "traceId": "0af7651916cd43dd8448eb211c80319d",
-                            "spanId": "b7ad6b7169203332",
-                            "name": "stt",
-                            "attributes": [
-                                {"key": "metrics.audio_seconds", "value": {"doubleValue": 3.5}},
-                                {"key": "gen_ai.provider.name", "value": {"stringValue": "dg"}},
-                                {"key": "gen_ai.request.model", "value": {"stringValue": "nova"}},
-                            ],
-                        },
-                        {
-                            "traceId": "0af7651916cd43dd8448eb211c80319e",
-                            "spanId": "b7ad6b7169203333",
-                            "name": "llm",
-                            "attributes": [
-                                {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "9"}},
-                                {"key": "paygent.customer.id", "value": {"stringValue": "cust_a"}},
-                            ],
-                        },
+                        _otlp_span(
+                            "0af7651916cd43dd8448eb211c80319c",
+                            "b7ad6b7169203331",
+                            "tts",
+                            {
+                                "metrics.character_count": 12,
+                                "gen_ai.provider.name": "eleven",
+                                "gen_ai.request.model": "flash",
+                                "paygent.customer.id": "cust_a",
+                            },
+                        ),
+                        _otlp_span(
+                            "0af7651916cd43dd8448eb211c80319d",
+                            "b7ad6b7169203332",
+                            "stt",
+                            {
+                                "metrics.audio_seconds": 3.5,
+                                "gen_ai.provider.name": "dg",
+                                "gen_ai.request.model": "nova",
+                            },
+                        ),
+                        _otlp_span(
+                            "0af7651916cd43dd8448eb211c80319e",
+                            "b7ad6b7169203333",
+                            "llm",
+                            {"gen_ai.usage.input_tokens": 9, "paygent.customer.id": "cust_a"},
+                        ),
                     ],
                 }
             ],
         }
     ]
 }
+"""What a Collector writes for three Pipecat spans (OTLP/JSON)."""
 
 
 def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``paygent-otel dry-run`` on a file of the spans above."""
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps(SPANS) + "\n")
+    return _dry_run_of(*args, str(path))
+
+
+def _dry_run_of(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "dry-run", *args, str(path)],
+        [sys.executable, "-m", "paygent_otel.cli", "dry-run", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -92,13 +117,7 @@ def test_dry_run_without_the_framework_bills_nothing_and_bad_input_exits_2(
     done = _dry_run(tmp_path)
     assert done.returncode == 0
     assert "0 records would be billed, 0 refused" in done.stdout
-    missing = subprocess.run(
-        [sys.executable, "-m", "paygent_otel.frameworks.dry_run", str(tmp_path / "none.json")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    missing = _dry_run_of(str(tmp_path / "none.json"))
     assert missing.returncode == 2
     assert "cannot read the input" in missing.stderr and "none.json" in missing.stderr
 

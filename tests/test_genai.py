@@ -74,98 +74,110 @@ def tokens(**sides: dict[str, int]) -> dict[str, Any]:
 # ----------------------------------------------------------------- the arithmetic
 
 
-def test_text_only_totals_are_billed_as_text() -> None:
-    assert metadata({U + "input_tokens": 120, U + "output_tokens": 60}) == tokens(
-        input={"text": 120}, output={"text": 60}
-    )
+def gen_ai(counts: str) -> dict[str, int]:
+    """``gen_ai("input_tokens=120 audio.input_tokens=90")``: ``gen_ai.usage.*`` counts."""
+    return {U + name: int(value) for name, value in (item.split("=") for item in counts.split())}
 
 
-def test_text_only_with_its_modality_counts_is_not_added_to_the_totals() -> None:
-    counts = {
-        U + "input_tokens": 120,
-        U + "text.input_tokens": 120,
-        U + "output_tokens": 60,
-        U + "text.output_tokens": 60,
-    }
-    assert metadata(counts) == tokens(input={"text": 120}, output={"text": 60})
-
-
-def test_audio_only() -> None:
-    counts = {
-        U + "input_tokens": 900,
-        U + "audio.input_tokens": 900,
-        U + "output_tokens": 1500,
-        U + "audio.output_tokens": 1500,
-    }
-    assert metadata(counts) == tokens(input={"audio": 900}, output={"audio": 1500})
-
-
-def test_what_no_modality_claims_of_a_total_is_text() -> None:
+ARITHMETIC = [
+    pytest.param(
+        gen_ai("input_tokens=120 output_tokens=60"),
+        tokens(input={"text": 120}, output={"text": 60}),
+        id="text-only-totals-are-billed-as-text",
+    ),
+    pytest.param(
+        gen_ai("input_tokens=120 text.input_tokens=120 output_tokens=60 text.output_tokens=60"),
+        tokens(input={"text": 120}, output={"text": 60}),
+        id="text-only-with-its-modality-counts-is-not-added-to-the-totals",
+    ),
+    pytest.param(
+        gen_ai(
+            "input_tokens=900 audio.input_tokens=900 output_tokens=1500 audio.output_tokens=1500"
+        ),
+        tokens(input={"audio": 900}, output={"audio": 1500}),
+        id="audio-only",
+    ),
     # Pipecat and others give only the audio subset: the text part must still be billed.
-    counts = {
-        U + "input_tokens": 1000,
-        U + "audio.input_tokens": 700,
-        U + "output_tokens": 500,
-        U + "audio.output_tokens": 400,
-    }
-    assert metadata(counts) == tokens(
-        input={"text": 300, "audio": 700}, output={"text": 100, "audio": 400}
-    )
-
-
-def test_mixed_modalities_are_sent_as_given_and_totals_only_check_them() -> None:
-    counts = {
-        U + "input_tokens": 1020,
-        U + "text.input_tokens": 120,
-        U + "audio.input_tokens": 900,
-        U + "output_tokens": 1560,
-        U + "text.output_tokens": 60,
-        U + "audio.output_tokens": 1500,
-    }
-    assert metadata(counts) == tokens(
-        input={"text": 120, "audio": 900}, output={"text": 60, "audio": 1500}
-    )
-
-
-def test_cached_split_per_modality() -> None:
-    counts = {
-        U + "input_tokens": 1020,
-        U + "text.input_tokens": 120,
-        U + "audio.input_tokens": 900,
-        U + "cache_read.input_tokens": 140,
-        U + "text.cache_read.input_tokens": 40,
-        U + "audio.cache_read.input_tokens": 100,
-        U + "output_tokens": 60,
-        U + "text.output_tokens": 60,
-    }
+    pytest.param(
+        gen_ai(
+            "input_tokens=1000 audio.input_tokens=700 output_tokens=500 audio.output_tokens=400"
+        ),
+        tokens(input={"text": 300, "audio": 700}, output={"text": 100, "audio": 400}),
+        id="what-no-modality-claims-of-a-total-is-text",
+    ),
+    pytest.param(
+        gen_ai(
+            "input_tokens=1020 text.input_tokens=120 audio.input_tokens=900 output_tokens=1560 "
+            "text.output_tokens=60 audio.output_tokens=1500"
+        ),
+        tokens(input={"text": 120, "audio": 900}, output={"text": 60, "audio": 1500}),
+        id="mixed-modalities-are-sent-as-given-and-totals-only-check-them",
+    ),
     # As the SDK maps OpenAI Realtime usage: inputs as given, the cache split per modality,
     # the cached total never sent beside its parts.
-    assert metadata(counts) == tokens(
-        input={"text": 120, "audio": 900},
-        output={"text": 60},
-        cached={"text": 40, "audio": 100},
-    )
+    pytest.param(
+        gen_ai(
+            "input_tokens=1020 text.input_tokens=120 audio.input_tokens=900 "
+            "cache_read.input_tokens=140 text.cache_read.input_tokens=40 "
+            "audio.cache_read.input_tokens=100 output_tokens=60 text.output_tokens=60"
+        ),
+        tokens(
+            input={"text": 120, "audio": 900},
+            output={"text": 60},
+            cached={"text": 40, "audio": 100},
+        ),
+        id="cached-split-per-modality",
+    ),
+    pytest.param(
+        gen_ai("input_tokens=1000 cache_read.input_tokens=200 output_tokens=300"),
+        tokens(input={"text": 800}, output={"text": 300}, cached={"tokens": 200}),
+        id="cached-undivided-without-a-modality-split-bills-the-uncached-input-as-text",
+    ),
+    pytest.param(
+        gen_ai(
+            "input_tokens=1000 text.input_tokens=300 audio.input_tokens=700 "
+            "cache_read.input_tokens=200"
+        ),
+        tokens(input={"text": 300, "audio": 700}, cached={"tokens": 200}),
+        id="cached-undivided-with-a-modality-split",
+    ),
+    pytest.param(
+        gen_ai("prompt_tokens=100 completion_tokens=50"),
+        tokens(input={"text": 100}, output={"text": 50}),
+        id="older-total-spellings",
+    ),
+    pytest.param(
+        gen_ai(
+            "input_tokens=1020 input_text_tokens=120 input_audio_tokens=900 "
+            "input_cached_tokens=140 output_tokens=1560 output_text_tokens=60 "
+            "output_audio_tokens=1500"
+        ),
+        tokens(
+            input={"text": 120, "audio": 900},
+            output={"text": 60, "audio": 1500},
+            cached={"tokens": 140},
+        ),
+        id="older-per-modality-spellings-livekit-realtime",
+    ),
+    # Newer instrumentations emit both spellings of the same count: never add them up,
+    # and when they disagree the current name is the one read.
+    pytest.param(
+        gen_ai(
+            "input_tokens=900 prompt_tokens=900 audio.input_tokens=900 input_audio_tokens=7 "
+            "cache_read.input_tokens=100 cache_read_input_tokens=100 input_cached_tokens=100"
+        ),
+        tokens(input={"audio": 900}, cached={"tokens": 100}),
+        id="older-spellings-are-ignored-when-the-current-names-are-present",
+    ),
+]
+"""Counts on a span, and the usageMetadata they are billed with (current and older names)."""
 
 
-def test_cached_undivided_without_a_modality_split_bills_the_uncached_input_as_text() -> None:
-    counts = {
-        U + "input_tokens": 1000,
-        U + "cache_read.input_tokens": 200,
-        U + "output_tokens": 300,
-    }
-    assert metadata(counts) == tokens(
-        input={"text": 800}, output={"text": 300}, cached={"tokens": 200}
-    )
-
-
-def test_cached_undivided_with_a_modality_split() -> None:
-    counts = {
-        U + "input_tokens": 1000,
-        U + "text.input_tokens": 300,
-        U + "audio.input_tokens": 700,
-        U + "cache_read.input_tokens": 200,
-    }
-    assert metadata(counts) == tokens(input={"text": 300, "audio": 700}, cached={"tokens": 200})
+@pytest.mark.parametrize(("counts", "expected"), ARITHMETIC)
+def test_counts_are_billed_as_the_sdk_would(
+    counts: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    assert metadata(counts) == expected
 
 
 def test_a_span_with_a_convention_record_is_billed_from_the_convention_only() -> None:
@@ -224,46 +236,6 @@ def test_model_prefers_the_response_model() -> None:
     both = {"gen_ai.request.model": "gpt-realtime", "gen_ai.response.model": "gpt-realtime-2025"}
     record = genai_record({**both, U + "input_tokens": 5})
     assert record is not None and record[sc.MODEL] == "gpt-realtime-2025"
-
-
-# ----------------------------------------------------------------- older spellings
-
-
-def test_older_total_spellings() -> None:
-    counts = {U + "prompt_tokens": 100, U + "completion_tokens": 50}
-    assert metadata(counts) == tokens(input={"text": 100}, output={"text": 50})
-
-
-def test_older_per_modality_spellings_livekit_realtime() -> None:
-    counts = {
-        U + "input_tokens": 1020,
-        U + "input_text_tokens": 120,
-        U + "input_audio_tokens": 900,
-        U + "input_cached_tokens": 140,
-        U + "output_tokens": 1560,
-        U + "output_text_tokens": 60,
-        U + "output_audio_tokens": 1500,
-    }
-    assert metadata(counts) == tokens(
-        input={"text": 120, "audio": 900},
-        output={"text": 60, "audio": 1500},
-        cached={"tokens": 140},
-    )
-
-
-def test_older_spellings_are_ignored_when_the_current_names_are_present() -> None:
-    # Newer instrumentations emit both spellings of the same count: never add them up,
-    # and when they disagree the current name is the one read.
-    counts = {
-        U + "input_tokens": 900,
-        U + "prompt_tokens": 900,
-        U + "audio.input_tokens": 900,
-        U + "input_audio_tokens": 7,
-        U + "cache_read.input_tokens": 100,
-        U + "cache_read_input_tokens": 100,
-        U + "input_cached_tokens": 100,
-    }
-    assert metadata(counts) == tokens(input={"audio": 900}, cached={"tokens": 100})
 
 
 # ----------------------------------------------------------------- parity with paygent-sdk

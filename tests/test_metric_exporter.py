@@ -36,6 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from paygent_otel import Identity
 from paygent_otel import semconv as sc
 from paygent_otel._mapping import IdentityDefaults, UsageRecord
 from paygent_otel._metrics import UsagePoint, records_from_points
@@ -47,6 +48,8 @@ from paygent_otel.trace_exporter import PaygentSpanExporter
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 NOVA = {"provider": "deepgram", "model": "nova-2"}
+PAYER = Identity("a", "c", provider="deepgram", model="nova-2")
+"""Agent ``a``, customer ``c``, Deepgram nova-2: the usual identity of a helper call."""
 
 
 Route = tuple[PaygentMetricExporter, PeriodicExportingMetricReader, MeterProvider]
@@ -78,6 +81,14 @@ def route(tmp_path: Path, sandbox: SandboxServer) -> Iterator[Callable[..., Rout
         provider.shutdown(timeout_millis=5_000)
 
 
+def instruments(
+    route: Callable[..., Route], **exporter_args: Any
+) -> tuple[UsageInstruments, MeterProvider, PaygentMetricExporter]:
+    """``route(**exporter_args)`` with instruments on its provider's meter ``app``."""
+    exporter, _, provider = route(**exporter_args)
+    return UsageInstruments(provider.get_meter("app")), provider, exporter
+
+
 def _payloads(sandbox: SandboxServer) -> list[dict[str, Any]]:
     return [json.loads(row["body"]) for row in sandbox.ledger.rows()]
 
@@ -101,11 +112,10 @@ def test_counters_are_billed_per_interval_whatever_the_otlp_temporality_env(
 ) -> None:
     # The OTLP exporters read this variable; a Paygent reader must stay DELTA regardless.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "cumulative")
-    exporter, _, provider = route()
-    usage = UsageInstruments(provider.get_meter("app"))
-    assert usage.add_tts(characters=5, agent_id="a", customer_id="c", **NOVA)
+    usage, provider, exporter = instruments(route)
+    assert usage.add_tts(characters=5, identity=PAYER)
     provider.force_flush()
-    assert usage.add_tts(characters=7, agent_id="a", customer_id="c", **NOVA)
+    assert usage.add_tts(characters=7, identity=PAYER)
     provider.force_flush()
     provider.force_flush()  # an interval with no usage makes no call
 
@@ -150,7 +160,7 @@ def test_cumulative_sums_from_a_reader_that_ignores_the_preference_are_not_bille
     provider = MeterProvider(metric_readers=[reader])
     usage = UsageInstruments(provider.get_meter("app"))
     for _ in range(2):
-        usage.add_tts(characters=5, agent_id="a", customer_id="c", **NOVA)
+        usage.add_tts(characters=5, identity=PAYER)
         data = reader.get_metrics_data()
         assert data is not None
         assert exporter.export(data) is MetricExportResult.SUCCESS
@@ -219,11 +229,10 @@ def test_sts_modalities_of_one_interval_are_one_call(
 def test_seconds_and_minutes_counters_of_one_quantity_add_up(
     route: Callable[..., Route], sandbox: SandboxServer
 ) -> None:
-    _, _, provider = route()
-    usage = UsageInstruments(provider.get_meter("app"))
-    assert usage.add_stt(seconds=30.0, agent_id="a", customer_id="c", **NOVA)
-    assert usage.add_stt(minutes=0.25, agent_id="a", customer_id="c", **NOVA)
-    assert usage.add_stt(minutes=0.25, agent_id="a", customer_id="c", **NOVA)
+    usage, provider, _ = instruments(route)
+    assert usage.add_stt(seconds=30.0, identity=PAYER)
+    assert usage.add_stt(minutes=0.25, identity=PAYER)
+    assert usage.add_stt(minutes=0.25, identity=PAYER)
     provider.force_flush()
     assert [p["rawUsage"]["audioDuration"] for p in _payloads(sandbox)] == [1.0]
 
@@ -231,13 +240,13 @@ def test_seconds_and_minutes_counters_of_one_quantity_add_up(
 def test_identity_comes_from_the_point_then_the_resource_then_the_exporter_defaults(
     route: Callable[..., Route], sandbox: SandboxServer
 ) -> None:
-    _, _, provider = route(
+    usage, provider, _ = instruments(
+        route,
         resource={sc.AGENT_ID: "resource-agent", sc.PLAN: "resource-plan"},
         agent_id="default-agent",
         customer_id="default-customer",
         indicator="default-indicator",
     )
-    usage = UsageInstruments(provider.get_meter("app"))
     assert usage.add_tts(characters=3, **NOVA)
     assert usage.add_tts(
         characters=4,
@@ -298,6 +307,29 @@ def test_baggage_fills_identity_a_call_does_not_give_when_asked_to(
     }
 
 
+def test_one_identity_serves_every_call_and_a_calls_arguments_win(
+    route: Callable[..., Route], sandbox: SandboxServer
+) -> None:
+    usage, provider, _ = instruments(route)
+    caller = Identity("a", "c", "voice", "deepgram", "nova-2", meta_tags={"region": "eu"})
+    assert usage.add_stt(seconds=30.0, identity=caller)
+    assert usage.add_tts(
+        characters=5, provider="elevenlabs", model="turbo", meta_tags={"n": 1}, identity=caller
+    )
+    assert usage.add_sts(input_text_tokens=7, provider="openai", model="rt", identity=caller)
+    provider.force_flush()
+
+    billed = sorted(
+        (p["customerId"], p["rawUsage"]["provider"], p["rawUsage"]["model"], p["metaTags"])
+        for p in _payloads(sandbox)
+    )
+    assert billed == [
+        ("c", "deepgram", "nova-2", {"region": "eu"}),
+        ("c", "elevenlabs", "turbo", {"n": "1", "region": "eu"}),
+        ("c", "openai", "rt", {"region": "eu"}),
+    ]
+
+
 # ------------------------------------------------------------------ wrong instruments
 
 
@@ -317,7 +349,7 @@ def test_usage_names_on_other_instruments_are_reported_once_and_not_billed(
         up_down.add(30, attributes)
         gauge.set(10, attributes)
         wrong_unit.add(1500, attributes)
-        assert usage.add_stt(minutes=1.0, agent_id="a", customer_id="c", **NOVA)
+        assert usage.add_stt(minutes=1.0, identity=PAYER)
         provider.force_flush()
 
     assert [p["rawUsage"]["audioDuration"] for p in _payloads(sandbox)] == [1.0, 1.0]
@@ -344,10 +376,9 @@ def test_usage_names_on_other_instruments_are_reported_once_and_not_billed(
 def test_usage_beyond_the_cardinality_limit_is_rejected_not_billed_to_a_default(
     route: Callable[..., Route], sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    exporter, _, provider = route(
-        cardinality_limits={Counter: 2}, agent_id="a", customer_id="default-customer"
+    usage, provider, exporter = instruments(
+        route, cardinality_limits={Counter: 2}, agent_id="a", customer_id="default-customer"
     )
-    usage = UsageInstruments(provider.get_meter("app"))
     for customer in ("c0", "c1", "c2", "c3"):
         assert usage.add_tts(characters=10, customer_id=customer, **NOVA)
     provider.force_flush()
@@ -368,8 +399,7 @@ def test_usage_beyond_the_cardinality_limit_is_rejected_not_billed_to_a_default(
 def test_negative_increments_are_dropped_by_the_sdk_and_refused_by_the_helpers(
     route: Callable[..., Route], sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, _, provider = route(agent_id="a")
-    usage = UsageInstruments(provider.get_meter("app"))
+    usage, provider, _ = instruments(route, agent_id="a")
     attributes = {sc.CUSTOMER_ID: "c", sc.PROVIDER: "x", sc.MODEL: "y"}
     usage.counters[sc.TTS_CHARACTERS].add(-50, attributes)
     assert not usage.add_tts(characters=-5, customer_id="c", provider="x", model="y")
@@ -389,8 +419,7 @@ def test_negative_increments_are_dropped_by_the_sdk_and_refused_by_the_helpers(
 def test_non_finite_values_never_reach_paygent(
     route: Callable[..., Route], sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    exporter, _, provider = route(agent_id="a")
-    usage = UsageInstruments(provider.get_meter("app"))
+    usage, provider, exporter = instruments(route, agent_id="a")
     attributes = {sc.CUSTOMER_ID: "c", sc.PROVIDER: "x", sc.MODEL: "y"}
     usage.counters[sc.STT_AUDIO_SECONDS].add(math.nan, attributes)  # the SDK drops it
     assert not usage.add_stt(seconds=math.inf, customer_id="c", provider="x", model="y")
@@ -428,8 +457,7 @@ def test_missing_customer_is_accounted_like_on_the_span_route(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    metric_exporter, _, provider = route(agent_id="a")
-    usage = UsageInstruments(provider.get_meter("app"))
+    usage, provider, metric_exporter = instruments(route, agent_id="a")
     assert usage.add_stt(seconds=12.0, **NOVA)  # customer may come later: accepted here
     provider.force_flush()
 
@@ -467,8 +495,7 @@ def test_missing_customer_is_accounted_like_on_the_span_route(
 def test_helpers_refuse_bad_arguments_without_raising(
     route: Callable[..., Route], sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, _, provider = route(agent_id="a")
-    usage = UsageInstruments(provider.get_meter("app"))
+    usage, provider, _ = instruments(route, agent_id="a")
     calls = [
         (lambda: usage.add_stt(seconds="12", customer_id="c", **NOVA), "argument seconds='12'"),
         (lambda: usage.add_stt(customer_id="c", **NOVA), "a stt record needs a quantity"),
@@ -509,6 +536,14 @@ def test_helpers_refuse_bad_arguments_without_raising(
             ),
             "given both in usage_metadata and as an argument",
         ),
+        (
+            lambda: usage.add_tts(characters=3, identity=Identity(customer_id="c", model=7)),  # type: ignore[arg-type]
+            "argument model: paygent.model: must be a string",
+        ),
+        (
+            lambda: usage.add_stt(seconds=1.0, identity=("a", "c")),  # type: ignore[arg-type]
+            "nothing recorded: identity: must be an Identity, got tuple",
+        ),
         (lambda: usage.add_tts(characters=0, customer_id="c", **NOVA), None),
     ]
     for call, message in calls:
@@ -532,7 +567,7 @@ def _closed_port_url() -> str:
 
 
 def test_export_returns_success_only_once_the_records_are_committed(tmp_path: Path) -> None:
-    data = _delta_metrics(lambda u: u.add_tts(characters=9, agent_id="a", customer_id="c", **NOVA))
+    data = _delta_metrics(lambda u: u.add_tts(characters=9, identity=PAYER))
     spool_path = tmp_path / "spool.sqlite3"
     exporter = PaygentMetricExporter(
         endpoint=_closed_port_url(),
@@ -564,7 +599,7 @@ def test_the_same_interval_exported_twice_is_billed_once(
     route: Callable[..., Route], sandbox: SandboxServer
 ) -> None:
     exporter, _, _ = route()
-    data = _delta_metrics(lambda u: u.add_tts(characters=9, agent_id="a", customer_id="c", **NOVA))
+    data = _delta_metrics(lambda u: u.add_tts(characters=9, identity=PAYER))
     assert exporter.export(data) is MetricExportResult.SUCCESS
     exporter.force_flush()
     assert exporter.export(data) is MetricExportResult.SUCCESS
@@ -618,11 +653,10 @@ def test_idempotency_key_is_derived_from_what_identifies_the_point() -> None:
 def test_shutdown_in_the_middle_of_an_interval_exports_the_partial_interval(
     route: Callable[..., Route], sandbox: SandboxServer
 ) -> None:
-    exporter, _, provider = route()
-    usage = UsageInstruments(provider.get_meter("app"))
-    assert usage.add_tts(characters=11, agent_id="a", customer_id="c", **NOVA)
+    usage, provider, exporter = instruments(route)
+    assert usage.add_tts(characters=11, identity=PAYER)
     provider.force_flush()
-    assert usage.add_tts(characters=13, agent_id="a", customer_id="c", **NOVA)
+    assert usage.add_tts(characters=13, identity=PAYER)
     provider.shutdown()  # the interval (1 hour) is far from over
 
     assert [p["rawUsage"]["characterCount"] for p in _payloads(sandbox)] == [11, 13]

@@ -71,6 +71,11 @@ def v2_stt(meta_tags: dict[str, Any]) -> SdkCall:
     return lambda client: client.send_usage_v2(AGENT, CUSTOMER, "voice-minutes", raw)
 
 
+def nova(minutes: float) -> dict[str, Any]:
+    """The SDK's ``stt_usage_data`` for ``minutes`` of Deepgram nova-2."""
+    return {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": minutes}
+
+
 def stt_attrs(**extra: Any) -> dict[str, Any]:
     return {
         sc.USAGE_KIND: "stt",
@@ -86,31 +91,57 @@ def meta(tags: dict[str, Any]) -> dict[str, Any]:
     return {sc.META_PREFIX + key: value for key, value in tags.items()}
 
 
-SEED_STS = SpeechToSpeechUsageMetadata(
-    input=StsInputSide(
-        text=StsModalityUsage(tokens=120), audio=StsModalityUsage(tokens=900, minutes=0.75)
-    ),
-    output=StsOutputSide(
-        text=StsModalityUsage(tokens=80), audio=StsModalityUsage(tokens=1400, minutes=1.2)
-    ),
-    cached=StsCachedBreakdown(text_tokens=64, audio_tokens=256),
-    connection_minutes=2.5,
+EVERY_MODALITY = (
+    sc.STS_INPUT_TEXT_TOKENS,
+    sc.STS_INPUT_AUDIO_TOKENS,
+    sc.STS_INPUT_AUDIO_MINUTES,
+    sc.STS_OUTPUT_TEXT_TOKENS,
+    sc.STS_OUTPUT_AUDIO_TOKENS,
+    sc.STS_OUTPUT_AUDIO_MINUTES,
+    sc.STS_CACHED_TEXT_TOKENS,
+    sc.STS_CACHED_AUDIO_TOKENS,
+    sc.STS_CONNECTION_MINUTES,
 )
+
+
+def every_modality(*values: Any) -> tuple[SpeechToSpeechUsageMetadata, dict[str, Any]]:
+    """The SDK's metadata with every modality the seed uses, and the same usage as
+    attributes, from ``values`` in :data:`EVERY_MODALITY`'s order (types kept: 0 is not 0.0)."""
+    (
+        text_in,
+        audio_in,
+        audio_in_min,
+        text_out,
+        audio_out,
+        audio_out_min,
+        cached_text,
+        cached_audio,
+        connection,
+    ) = values
+    metadata = SpeechToSpeechUsageMetadata(
+        input=StsInputSide(
+            text=StsModalityUsage(tokens=text_in),
+            audio=StsModalityUsage(tokens=audio_in, minutes=audio_in_min),
+        ),
+        output=StsOutputSide(
+            text=StsModalityUsage(tokens=text_out),
+            audio=StsModalityUsage(tokens=audio_out, minutes=audio_out_min),
+        ),
+        cached=StsCachedBreakdown(text_tokens=cached_text, audio_tokens=cached_audio),
+        connection_minutes=connection,
+    )
+    return metadata, dict(zip(EVERY_MODALITY, values, strict=True))
+
+
+SEED_STS, _SEED_QUANTITIES = every_modality(120, 900, 0.75, 80, 1400, 1.2, 64, 256, 2.5)
 SEED_STS_ATTRIBUTES = {
     sc.USAGE_KIND: "sts",
     sc.INDICATOR: "realtime-minutes",
     sc.PROVIDER: "openai",
     sc.MODEL: "gpt-4o-realtime-preview",
-    sc.STS_INPUT_TEXT_TOKENS: 120,
-    sc.STS_INPUT_AUDIO_TOKENS: 900,
-    sc.STS_INPUT_AUDIO_MINUTES: 0.75,
-    sc.STS_OUTPUT_TEXT_TOKENS: 80,
-    sc.STS_OUTPUT_AUDIO_TOKENS: 1400,
-    sc.STS_OUTPUT_AUDIO_MINUTES: 1.2,
-    sc.STS_CACHED_TEXT_TOKENS: 64,
-    sc.STS_CACHED_AUDIO_TOKENS: 256,
-    sc.STS_CONNECTION_MINUTES: 2.5,
+    **_SEED_QUANTITIES,
 }
+ZERO_STS, _ZERO_QUANTITIES = every_modality(0, 500, 0.0, 0, 0, 0.4, 0, 0, 0.0)
 OPENAI = {"service_provider": "openai", "model": "gpt-4o-realtime-preview"}
 STS_BASE = {
     sc.USAGE_KIND: "sts",
@@ -125,10 +156,7 @@ SAME_BODY = [
     # The seed's three calls.
     Case(
         "seed-stt",
-        stt(
-            "voice-minutes",
-            {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45},
-        ),
+        stt("voice-minutes", nova(0.45)),
         stt_attrs(),
     ),
     Case(
@@ -167,9 +195,7 @@ SAME_BODY = [
     ),
     Case(
         "stt-int-minutes-sent-as-float",
-        stt(
-            "voice-minutes", {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 2}
-        ),
+        stt("voice-minutes", nova(2)),
         stt_attrs(**{sc.STT_AUDIO_MINUTES: 2}),
     ),
     Case(
@@ -259,38 +285,14 @@ SAME_BODY = [
     ),
     Case(
         "no-indicator-is-empty",
-        stt("", {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45}),
+        stt("", nova(0.45)),
         stt_attrs(**{sc.INDICATOR: None}),
     ),
     # STS zero-omission and shapes.
     Case(
         "sts-zero-values-omitted",
-        sts(
-            "rt",
-            SpeechToSpeechUsageMetadata(
-                input=StsInputSide(
-                    text=StsModalityUsage(tokens=0), audio=StsModalityUsage(tokens=500, minutes=0.0)
-                ),
-                output=StsOutputSide(
-                    text=StsModalityUsage(tokens=0), audio=StsModalityUsage(tokens=0, minutes=0.4)
-                ),
-                cached=StsCachedBreakdown(text_tokens=0, audio_tokens=0),
-                connection_minutes=0.0,
-            ),
-            **OPENAI,
-        ),
-        {
-            **STS_BASE,
-            sc.STS_INPUT_TEXT_TOKENS: 0,
-            sc.STS_INPUT_AUDIO_TOKENS: 500,
-            sc.STS_INPUT_AUDIO_MINUTES: 0.0,
-            sc.STS_OUTPUT_TEXT_TOKENS: 0,
-            sc.STS_OUTPUT_AUDIO_TOKENS: 0,
-            sc.STS_OUTPUT_AUDIO_MINUTES: 0.4,
-            sc.STS_CACHED_TEXT_TOKENS: 0,
-            sc.STS_CACHED_AUDIO_TOKENS: 0,
-            sc.STS_CONNECTION_MINUTES: 0.0,
-        },
+        sts("rt", ZERO_STS, **OPENAI),
+        {**STS_BASE, **_ZERO_QUANTITIES},
     ),
     Case(
         "sts-undivided-cached-count",
@@ -418,7 +420,7 @@ SAME_BODY = [
 NOTHING_SENT = [
     Case(
         "stt-zero",
-        stt("m", {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0}),
+        stt("m", nova(0)),
         stt_attrs(**{sc.STT_AUDIO_MINUTES: 0}),
     ),
     Case(
@@ -428,26 +430,18 @@ NOTHING_SENT = [
     ),
     Case(
         "stt-negative",
-        stt("m", {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": -1.0}),
+        stt("m", nova(-1.0)),
         stt_attrs(**{sc.STT_AUDIO_MINUTES: -1.0}),
     ),
     Case(
         "missing-customer",
-        stt(
-            "m",
-            {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45},
-            customer="",
-        ),
+        stt("m", nova(0.45), customer=""),
         stt_attrs(),
         identity={sc.AGENT_ID: AGENT},
     ),
     Case(
         "blank-agent",
-        stt(
-            "m",
-            {"serviceProvider": "deepgram", "model": "nova-2", "audioDuration": 0.45},
-            agent="   ",
-        ),
+        stt("m", nova(0.45), agent="   "),
         stt_attrs(),
         identity={sc.AGENT_ID: "   ", sc.CUSTOMER_ID: CUSTOMER},
     ),

@@ -3,6 +3,7 @@ value never reaches the application (a warning, nothing recorded)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from paygent_sdk import (
     StsOutputSide,
 )
 
-from paygent_otel import record_sts, record_stt, record_tts
+from paygent_otel import Identity, record_sts, record_stt, record_tts
 from paygent_otel import recording as recording_module
 from paygent_otel import semconv as sc
 from paygent_otel.sandbox import SandboxServer
@@ -43,6 +44,8 @@ STS_METADATA = SpeechToSpeechUsageMetadata(
 )
 OPENAI = {"service_provider": "openai", "model": "gpt-4o-realtime-preview"}
 _PRICING = {"service_provider": "deepgram", "model": "nova-2"}
+_IDENTITY_PRICING = {"provider": "deepgram", "model": "nova-2"}
+_STT_ONLY: dict[str, Any] = {"stt_usage_data": STT_DATA}
 
 PORTS: list[tuple[str, Callable[[Any], object], Callable[[], bool]]] = [
     (
@@ -89,6 +92,19 @@ PORTS: list[tuple[str, Callable[[Any], object], Callable[[], bool]]] = [
         "sts-api-dict",
         lambda c: c.track_sts(AGENT, CUSTOMER, "rt", STS_METADATA, **OPENAI),
         lambda: record_sts(AGENT, CUSTOMER, "rt", STS_METADATA.to_api_dict(), **OPENAI),
+    ),
+    (
+        "stt-identity",
+        lambda c: c.track_stt(AGENT, CUSTOMER, "voice-minutes", STT_DATA),
+        lambda: record_stt(identity=Identity(AGENT, CUSTOMER, "voice-minutes"), **_STT_ONLY),
+    ),
+    (
+        "sts-identity-and-metadata",
+        lambda c: c.track_sts(AGENT, CUSTOMER, "rt", STS_METADATA, **OPENAI),
+        lambda: record_sts(
+            usage_metadata=STS_METADATA,
+            identity=Identity(AGENT, CUSTOMER, "rt", "openai", "gpt-4o-realtime-preview"),
+        ),
     ),
     (
         "sts-keywords",
@@ -246,6 +262,24 @@ BAD_CALLS: list[tuple[str, Callable[[], bool], str]] = [
         "tts_usage_data: must be a mapping",
     ),
     (
+        "identity-not-an-identity",
+        lambda: record_stt(stt_usage_data=STT_DATA, identity={"agent_id": AGENT}),  # type: ignore[arg-type]
+        "identity: must be an Identity, got dict",
+    ),
+    (
+        "identity-with-a-blank-customer",
+        lambda: record_tts(characters=5, identity=Identity(AGENT, " ", **_IDENTITY_PRICING)),
+        f"{sc.CUSTOMER_ID}: must not be blank",
+    ),
+    (
+        "identity-meta-tags-not-a-mapping",
+        lambda: record_stt(
+            stt_usage_data=STT_DATA,
+            identity=Identity(AGENT, CUSTOMER, meta_tags=["eu"]),  # type: ignore[arg-type]
+        ),
+        "meta_tags: must be a mapping",
+    ),
+    (
         "meta-tags-not-a-mapping",
         lambda: record_stt(AGENT, CUSTOMER, "m", STT_DATA, meta_tags=["eu"]),  # type: ignore[arg-type]
         "meta_tags: must be a mapping",
@@ -331,3 +365,66 @@ def test_a_value_the_span_limits_would_truncate_is_refused(
     assert sc.USAGE_KIND not in (span.attributes or {})
     assert sandbox.ledger.count() == 0
     assert "would be truncated" in caplog.text and sc.AGENT_ID in caplog.text
+
+
+def test_a_calls_own_arguments_win_over_its_identity_field_by_field() -> None:
+    conversation = Identity(
+        AGENT, CUSTOMER, "voice", "openai", "gpt-4o", "pro", {"region": "eu", "tier": "a"}
+    )
+    with TracerProvider().get_tracer("t").start_as_current_span("turn") as span:
+        assert record_tts(
+            customer_id="cust_other",
+            characters=3,
+            service_provider="elevenlabs",
+            meta_tags={"tier": "b"},
+            identity=conversation,
+        )
+        # The SDK dict's pricing fields win too, as they win over the keywords.
+        assert record_stt(
+            stt_usage_data={"model": "nova-2", "audioDuration": 0.5}, identity=conversation
+        )
+    tts = dict(span.attributes or {})
+    (stt,) = [dict(e.attributes or {}) for e in span.events]
+    assert {k: v for k, v in tts.items() if k != sc.TTS_CHARACTERS} == {
+        sc.AGENT_ID: AGENT,
+        sc.CUSTOMER_ID: "cust_other",
+        sc.INDICATOR: "voice",
+        sc.PROVIDER: "elevenlabs",
+        sc.MODEL: "gpt-4o",
+        sc.PLAN: "pro",
+        sc.META_PREFIX + "region": "eu",
+        sc.META_PREFIX + "tier": "b",
+        sc.USAGE_KIND: "tts",
+    }
+    assert (stt[sc.CUSTOMER_ID], stt[sc.PROVIDER], stt[sc.MODEL]) == (CUSTOMER, "openai", "nova-2")
+    assert conversation.meta_tags == {"region": "eu", "tier": "a"}  # never changed by a call
+
+
+def test_identity_gives_the_attributes_it_names() -> None:
+    identity = Identity(agent_id=AGENT, provider="deepgram", meta_tags={"n": 5, "x": [1]})
+    assert identity.attributes() == {
+        sc.AGENT_ID: AGENT,
+        sc.PROVIDER: "deepgram",
+        sc.META_PREFIX + "n": 5,
+        sc.META_PREFIX + "x": "[1]",
+    }
+    assert Identity() == Identity(None, None, None, None, None, None, None)
+    with pytest.raises(ValueError, match=f"{sc.MODEL}: must not be blank") as raised:
+        Identity(model="").attributes()
+    assert getattr(raised.value, "field", None) == "model"
+
+
+@pytest.mark.parametrize("function", ["record_sts", "add_sts"])
+def test_every_sts_quantity_argument_is_read(function: str) -> None:
+    """The STS helpers read their quantity keywords by name: each must name a quantity."""
+    from paygent_otel.instruments import UsageInstruments
+
+    helper = record_sts if function == "record_sts" else UsageInstruments.add_sts
+    not_quantities = {"self", "agent_id", "customer_id", "indicator", "usage_metadata", "span"}
+    not_quantities |= {"service_provider", "provider", "model", "plan", "meta_tags", "identity"}
+    arguments = set(inspect.signature(helper).parameters) - not_quantities
+    assert arguments <= set(recording_module._STS_ARGUMENTS), function
+    if function == "add_sts":
+        assert arguments == set(recording_module._STS_ARGUMENTS)
+    for argument in arguments:
+        assert recording_module._STS_ARGUMENTS[argument].replace(".", "_").endswith(argument)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gzip
 import random
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import API_KEY, QuietHandler, wait_for
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagate import inject
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -24,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -32,18 +33,22 @@ from opentelemetry.sdk.trace.sampling import (
     ALWAYS_ON,
     Decision,
     ParentBased,
+    Sampler,
     TraceIdRatioBased,
 )
 
 from paygent_otel import PaygentSpanExporter, record_stt
 from paygent_otel import semconv as sc
-from paygent_otel.sampling import UsageSampler, UsageSpanProcessor, run_sampled_service_demo
+from paygent_otel._sampled_demo import run_sampled_service_demo
+from paygent_otel.sampling import UsageSampler, UsageSpanProcessor
 from paygent_otel.sandbox import SandboxServer
 
 AGENT = "agent-sampled"
 CUSTOMER = "cust_8812"
 TRACES = 200
 RATIO = 0.1
+SEED = 7
+"""The trace id seed of the ratio-sampled service: it gives a usual tenth."""
 
 
 class SeededIds(IdGenerator):
@@ -67,7 +72,7 @@ class OtlpReceiver:
         lock = threading.Lock()
         spans = self.spans
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
@@ -84,20 +89,18 @@ class OtlpReceiver:
                                 }
                                 for s in scope_spans.spans
                             )
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+                self.reply(
+                    ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf"
+                )
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def processor(self) -> BatchSpanProcessor:
+        """A tracing backend's processor: batches sampled spans to this receiver."""
+        return BatchSpanProcessor(OTLPSpanExporter(endpoint=self.url))
 
     def close(self) -> None:
         self._server.shutdown()
@@ -146,6 +149,60 @@ def run_service(provider: TracerProvider) -> tuple[int, int]:
     return written, characters
 
 
+@contextmanager
+def usage_service(
+    sandbox: SandboxServer,
+    tmp_path: Path,
+    sampler: Sampler,
+    processor: Callable[[PaygentSpanExporter], SpanProcessor],
+    *,
+    backend: SpanProcessor | None = None,
+    resource: dict[str, Any] | None = None,
+    seeded: bool = False,
+    **exporter_args: Any,
+) -> Iterator[tuple[TracerProvider, PaygentSpanExporter]]:
+    """A service's provider with ``sampler``, the tracing ``backend`` (first, when given)
+    and ``processor`` feeding a Paygent exporter at ``sandbox``; trace ids from
+    ``SeededIds(SEED)`` when ``seeded``. Flushed (asserted) and shut down on exit."""
+    provider = TracerProvider(
+        sampler=sampler,
+        resource=Resource.create(resource or {sc.AGENT_ID: AGENT}),
+        id_generator=SeededIds(SEED) if seeded else None,
+    )
+    if backend is not None:
+        provider.add_span_processor(backend)
+    exporter = PaygentSpanExporter(
+        endpoint=sandbox.url,
+        api_key=API_KEY,
+        spool_path=tmp_path / "spool.sqlite3",
+        **exporter_args,
+    )
+    provider.add_span_processor(processor(exporter))
+    try:
+        yield provider, exporter
+        assert provider.force_flush(10_000)
+        assert exporter.force_flush(10_000), exporter.stats
+    finally:
+        provider.shutdown()
+
+
+@contextmanager
+def unsampled_service(
+    sandbox: SandboxServer, tmp_path: Path, otlp: OtlpReceiver, **service_args: Any
+) -> Iterator[TracerProvider]:
+    """:func:`usage_service` under ``UsageSampler(ALWAYS_OFF)``: nothing is sampled, the
+    receiver ``otlp`` is the tracing backend, usage goes through a UsageSpanProcessor."""
+    with usage_service(
+        sandbox,
+        tmp_path,
+        UsageSampler(ALWAYS_OFF),
+        UsageSpanProcessor,
+        backend=otlp.processor(),
+        **service_args,
+    ) as (provider, _):
+        yield provider
+
+
 def sampled_by_ratio(seed: int) -> set[int]:
     """The trace ids TraceIdRatioBased(RATIO) samples among the ids SeededIds(seed) makes."""
     ids = SeededIds(seed)
@@ -163,23 +220,15 @@ def sampled_by_ratio(seed: int) -> set[int]:
 def test_ratio_sampled_service_bills_all_usage_and_otlp_still_gets_only_the_sampled_tenth(
     sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
 ) -> None:
-    seed = 7
-    provider = TracerProvider(
-        sampler=UsageSampler(ParentBased(TraceIdRatioBased(RATIO))),
-        resource=Resource.create({sc.AGENT_ID: AGENT}),
-        id_generator=SeededIds(seed),
-    )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
-    exporter = PaygentSpanExporter(
-        endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
-    )
-    provider.add_span_processor(UsageSpanProcessor(exporter))
-    try:
+    with usage_service(
+        sandbox,
+        tmp_path,
+        UsageSampler(ParentBased(TraceIdRatioBased(RATIO))),
+        UsageSpanProcessor,
+        backend=otlp.processor(),
+        seeded=True,
+    ) as (provider, exporter):
         written, characters = run_service(provider)
-        assert provider.force_flush(10_000)
-        assert exporter.force_flush(10_000), exporter.stats
-    finally:
-        provider.shutdown()
 
     # Billed: every record of every trace, sampled or not.
     assert written == 2 * TRACES
@@ -192,7 +241,7 @@ def test_ratio_sampled_service_bills_all_usage_and_otlp_still_gets_only_the_samp
     assert exporter.stats["delivered"] == 2 * TRACES
 
     # Traced: exactly the traces the ratio sampler picked, both spans of each, no others.
-    expected = sampled_by_ratio(seed)
+    expected = sampled_by_ratio(SEED)
     assert 0.05 * TRACES <= len(expected) <= 0.15 * TRACES  # the seed gives a usual tenth
     received = otlp.spans
     assert {s["trace_id"] for s in received} == expected
@@ -202,23 +251,11 @@ def test_ratio_sampled_service_bills_all_usage_and_otlp_still_gets_only_the_samp
 def test_without_it_a_ratio_sampler_bills_only_the_sampled_traces(
     sandbox: SandboxServer, tmp_path: Path
 ) -> None:
-    seed = 7
-    provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(RATIO)),
-        resource=Resource.create({sc.AGENT_ID: AGENT}),
-        id_generator=SeededIds(seed),
-    )
-    exporter = PaygentSpanExporter(
-        endpoint=sandbox.url, api_key=API_KEY, spool_path=tmp_path / "spool.sqlite3"
-    )
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    try:
+    with usage_service(
+        sandbox, tmp_path, ParentBased(TraceIdRatioBased(RATIO)), BatchSpanProcessor, seeded=True
+    ) as (provider, _):
         written, _ = run_service(provider)
-        assert provider.force_flush(10_000)
-        assert exporter.force_flush(10_000), exporter.stats
-    finally:
-        provider.shutdown()
-    kept = len(sampled_by_ratio(seed))
+    kept = len(sampled_by_ratio(SEED))
     assert written == 2 * kept < 2 * TRACES
     assert sandbox.ledger.count() == 2 * kept
 
@@ -247,34 +284,19 @@ def test_the_root_sampler_decides_what_is_sampled() -> None:
 def test_unsampled_gen_ai_spans_are_billed_when_the_exporter_maps_them(
     sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
 ) -> None:
-    provider = TracerProvider(
-        sampler=UsageSampler(ALWAYS_OFF), resource=Resource.create({sc.AGENT_ID: AGENT})
-    )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
-    exporter = PaygentSpanExporter(
-        endpoint=sandbox.url,
-        api_key=API_KEY,
-        spool_path=tmp_path / "spool.sqlite3",
-        genai=True,
-    )
-    provider.add_span_processor(UsageSpanProcessor(exporter))
-    tracer = provider.get_tracer("service")
-    tracer.start_span(
-        "realtime",
-        attributes={
-            sc.CUSTOMER_ID: CUSTOMER,
-            "gen_ai.provider.name": "openai",
-            "gen_ai.request.model": "gpt-realtime",
-            "gen_ai.usage.input_tokens": 900,
-            "gen_ai.usage.audio.input_tokens": 900,
-        },
-    ).end()
-    tracer.start_span("no-usage").end()
-    try:
-        assert provider.force_flush(10_000)
-        assert exporter.force_flush(10_000), exporter.stats
-    finally:
-        provider.shutdown()
+    with unsampled_service(sandbox, tmp_path, otlp, genai=True) as provider:
+        tracer = provider.get_tracer("service")
+        tracer.start_span(
+            "realtime",
+            attributes={
+                sc.CUSTOMER_ID: CUSTOMER,
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "gpt-realtime",
+                "gen_ai.usage.input_tokens": 900,
+                "gen_ai.usage.audio.input_tokens": 900,
+            },
+        ).end()
+        tracer.start_span("no-usage").end()
     rows = wait_for(sandbox.ledger.rows)
     assert [row["usage_metadata"] for row in rows] == [
         {"schemaVersion": 1, "input": {"audio": {"tokens": 900}}}
@@ -285,32 +307,19 @@ def test_unsampled_gen_ai_spans_are_billed_when_the_exporter_maps_them(
 def test_unsampled_framework_spans_are_billed_when_the_exporter_reads_the_framework(
     sandbox: SandboxServer, otlp: OtlpReceiver, tmp_path: Path
 ) -> None:
-    provider = TracerProvider(
-        sampler=UsageSampler(ALWAYS_OFF),
-        resource=Resource.create({sc.AGENT_ID: AGENT, sc.CUSTOMER_ID: CUSTOMER}),
-    )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp.url)))
-    exporter = PaygentSpanExporter(
-        endpoint=sandbox.url,
-        api_key=API_KEY,
-        spool_path=tmp_path / "spool.sqlite3",
-        frameworks=("pipecat",),
-    )
-    provider.add_span_processor(UsageSpanProcessor(exporter))
-    # What Pipecat's traced TTS service leaves on its span (tracer name "pipecat").
-    provider.get_tracer("pipecat").start_span(
-        "tts",
-        attributes={
-            "metrics.character_count": 42,
-            "gen_ai.provider.name": "elevenlabs",
-            "gen_ai.request.model": "eleven_turbo_v2",
-        },
-    ).end()
-    try:
-        assert provider.force_flush(10_000)
-        assert exporter.force_flush(10_000), exporter.stats
-    finally:
-        provider.shutdown()
+    resource = {sc.AGENT_ID: AGENT, sc.CUSTOMER_ID: CUSTOMER}
+    with unsampled_service(
+        sandbox, tmp_path, otlp, resource=resource, frameworks=("pipecat",)
+    ) as provider:
+        # What Pipecat's traced TTS service leaves on its span (tracer name "pipecat").
+        provider.get_tracer("pipecat").start_span(
+            "tts",
+            attributes={
+                "metrics.character_count": 42,
+                "gen_ai.provider.name": "elevenlabs",
+                "gen_ai.request.model": "eleven_turbo_v2",
+            },
+        ).end()
     rows = wait_for(sandbox.ledger.rows)
     assert [(row["customer_id"], row["characters"]) for row in rows] == [(CUSTOMER, 42)]
     assert otlp.spans == []

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import paygent_otel
+import paygent_otel.sampling
 from paygent_otel import semconv as sc
 from paygent_otel._semconv_doc import BEGIN_MARKER, END_MARKER, attribute_docs, render_tables
 
@@ -62,6 +63,8 @@ def test_public_surface() -> None:
     assert sorted(paygent_otel.__all__) == paygent_otel.__all__
     for name in paygent_otel.__all__:
         assert getattr(paygent_otel, name) is not None
-    assert {"PaygentSpanExporter", "record_stt", "record_tts", "record_sts"} <= set(
+    assert {"Identity", "PaygentSpanExporter", "record_stt", "record_tts", "record_sts"} <= set(
         paygent_otel.__all__
     )
+    # Only the sampler and its processor are public in sampling (the demo route is not).
+    assert paygent_otel.sampling.__all__ == ["UsageSampler", "UsageSpanProcessor"]

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import API_KEY, Tracing, wait_for
+from conftest import STT_ATTRIBUTES as STT
+from conftest import USAGE_IDENTITY as IDENTITY
 from opentelemetry.instrumentation.utils import is_http_instrumentation_enabled
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -26,13 +28,6 @@ from paygent_otel.sandbox import SandboxServer
 FAST_RETRY = RetryPolicy(initial_interval=0.05, max_interval=0.2)
 """Retries within a test's patience; the policy's shape is the delivery tests' business."""
 
-IDENTITY = {
-    sc.AGENT_ID: "agent-support-voice",
-    sc.CUSTOMER_ID: "cust_8812",
-    sc.PROVIDER: "deepgram",
-    sc.MODEL: "nova-2",
-}
-STT = {**IDENTITY, sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 0.45}
 TTS_EVENT = {
     sc.USAGE_KIND: "tts",
     sc.PROVIDER: "elevenlabs",

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conftest import STT_ATTRIBUTES as STT
+from conftest import USAGE_IDENTITY as IDENTITY
 from conftest import Tracing
 
 from paygent_otel import Rejection, RejectReason, UsageRecord
@@ -26,13 +28,6 @@ from paygent_otel.sandbox import SandboxServer
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"
 
-IDENTITY = {
-    sc.AGENT_ID: "agent-support-voice",
-    sc.CUSTOMER_ID: "cust_8812",
-    sc.PROVIDER: "deepgram",
-    sc.MODEL: "nova-2",
-}
-STT = {**IDENTITY, sc.USAGE_KIND: "stt", sc.STT_AUDIO_MINUTES: 0.45}
 TTS = {**IDENTITY, sc.USAGE_KIND: "tts", sc.TTS_CHARACTERS: 1200}
 STS = {**IDENTITY, sc.USAGE_KIND: "sts", sc.STS_INPUT_TEXT_TOKENS: 100}
 DROP = object()
