@@ -29,10 +29,10 @@ from opentelemetry.trace import Tracer
 
 from . import semconv as sc
 from ._output import add_command
+from ._sampled_demo import run_sampled_service_demo
 from .instruments import UsageInstruments
 from .metric_exporter import PaygentMetricExporter
 from .recording import record_sts, record_stt
-from .sampling import run_sampled_service_demo
 from .trace_exporter import PaygentSpanExporter
 
 __all__ = ["register", "run_demo"]

@@ -27,7 +27,6 @@ shared no-op; see ``docs/usage-in-instrumented-code.md`` for numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
@@ -139,13 +138,3 @@ class UsageSpanProcessor(BatchSpanProcessor):
             span_name=span.name,
         ):
             self._batch_processor.emit(span)
-
-
-def __getattr__(name: str) -> Any:
-    # demo.py still imports the demo route from here; it lives in _sampled_demo, off the
-    # public surface (importing it at the top would be circular).
-    if name == "run_sampled_service_demo":
-        from ._sampled_demo import run_sampled_service_demo
-
-        return run_sampled_service_demo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import conftest
 import httpx
 import pytest
 from conftest import partially_rejected, wait_for
@@ -58,7 +57,6 @@ STT = {
 }
 RESOURCE = {sc.AGENT_ID: "agent-voice", "service.name": "voice-app"}
 
-bridge = conftest.bridge
 """The shared fixture of conftest.py, still named here for test_keys_and_limits.py."""
 
 

@@ -44,6 +44,7 @@ from .._mapping import (
     canonical_json,
     idempotency_key,
     map_usage,
+    rejected,
     rejection_key,
 )
 from .._metrics import UsagePoint, records_from_points, usage_stream_problem
@@ -504,12 +505,10 @@ class _Rules:
                 kept.append(record)
             else:
                 rejections.append(
-                    Rejection(
-                        RejectReason.INVALID,
-                        f"usage record from {record.origin} rejected: {sc.AGENT_ID} {agent!r} "
-                        "is not allowed for this bearer token (allowed: "
-                        f"{', '.join(sorted(allowed_agents))})",
+                    rejected(
                         record.origin,
+                        f"{sc.AGENT_ID} {agent!r} is not allowed for this bearer token "
+                        f"(allowed: {', '.join(sorted(allowed_agents))})",
                         rejection_key(record.idempotency_key, record.payload),
                         record.payload,
                     )
@@ -520,10 +519,9 @@ class _Rules:
         self, problem: str, origin: str, ref: str, attributes: Mapping[str, Any]
     ) -> Rejection:
         """An item refused for an over-long attribute (``problem``)."""
-        return Rejection(
-            RejectReason.INVALID,
-            f"usage record from {origin} rejected: {problem}",
+        return rejected(
             origin,
+            problem,
             rejection_key(ref, attributes),
             _clipped(attributes, self.max_attribute_length),
         )
@@ -811,10 +809,9 @@ class _MetricReader:
         where = f"metric {stream.name!r} point at {point.time_unix_nano} (stream {key})"
         problem = stream.problem or stream.resource_problem or _too_long(attributes, limit)
         if problem is not None:
-            rejection = Rejection(
-                RejectReason.INVALID,
-                f"usage record from {where} rejected: {problem}",
+            rejection = rejected(
                 where,
+                problem,
                 idempotency_key("metric-invalid", key, point.time_unix_nano),
                 _clipped(attributes, limit),
             )
