@@ -34,7 +34,6 @@ from . import semconv as sc
 __all__ = [
     "JOURNAL_RETENTION_SECONDS",
     "JOURNAL_SCHEMA",
-    "OUTCOMES",
     "AuditLine",
     "JournalRow",
     "Quantities",
@@ -50,9 +49,6 @@ __all__ = [
 
 JOURNAL_RETENTION_SECONDS: Final = 400 * 86_400.0
 """How long journal rows are kept: a year and a month of billing questions."""
-
-OUTCOMES: Final = ("recorded", "duplicate", "refused", "delivered", "dead", "purged")
-"""Journal outcomes (``pending`` is counted live from the spool)."""
 
 JOURNAL_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS journal (

@@ -1,0 +1,162 @@
+"""The spool's tables: the SQLite schema, and the PostgreSQL schema's versioned migrations.
+
+PostgreSQL: the schema is versioned (``paygent_schema_version``, one row per migration
+applied, when and by whom) and migrated under an advisory lock by the first process that
+opens the database; a database newer than this version understands is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["PG_SCHEMA_VERSION", "SQLITE_SCHEMA", "migrate_postgres"]
+
+_logger = logging.getLogger("paygent_otel.spool")
+
+_SQLITE_RECORD: Final = """
+    key TEXT NOT NULL UNIQUE,
+    dest TEXT NOT NULL,
+    body BLOB NOT NULL,
+    origin TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0"""
+"""The columns a pending record and a dead letter share."""
+
+SQLITE_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY,{_SQLITE_RECORD},
+    next_attempt REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS pending_due ON pending (dest, next_attempt);
+CREATE TABLE IF NOT EXISTS dead (
+    id INTEGER PRIMARY KEY,{_SQLITE_RECORD},
+    died REAL NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS delivered (
+    key TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at);
+CREATE TABLE IF NOT EXISTS endpoints (
+    dest TEXT PRIMARY KEY,
+    url TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value
+) WITHOUT ROWID;
+"""
+
+PG_SCHEMA_VERSION: Final = 2
+"""The newest PostgreSQL schema this version creates and understands."""
+_MIGRATION_LOCK: Final = 0x7061_7967  # "payg": one advisory lock id for migrations
+_PG_RECORD: Final = """
+            key text NOT NULL UNIQUE,
+            dest text NOT NULL,
+            body bytea NOT NULL,
+            origin text NOT NULL DEFAULT '',
+            created double precision NOT NULL,
+            attempts integer NOT NULL DEFAULT 0"""
+"""The columns a pending record and a dead letter share."""
+_PG_MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
+    (
+        1,
+        f"""
+        CREATE TABLE paygent_keys (
+            key text PRIMARY KEY,
+            delivered double precision
+        );
+        CREATE INDEX paygent_keys_delivered ON paygent_keys (delivered)
+            WHERE delivered IS NOT NULL;
+        CREATE TABLE paygent_pending (
+            id bigserial PRIMARY KEY,{_PG_RECORD},
+            next_attempt double precision NOT NULL,
+            lease_owner text,
+            lease_until double precision,
+            last_error text
+        );
+        CREATE INDEX paygent_pending_due ON paygent_pending (dest, next_attempt);
+        CREATE INDEX paygent_pending_owner ON paygent_pending (lease_owner)
+            WHERE lease_owner IS NOT NULL;
+        CREATE TABLE paygent_dead (
+            id bigserial PRIMARY KEY,{_PG_RECORD},
+            died double precision NOT NULL,
+            status text NOT NULL,
+            reason text NOT NULL
+        );
+        CREATE TABLE paygent_streams (
+            stream text PRIMARY KEY,
+            start_ns bigint NOT NULL,
+            time_ns bigint NOT NULL,
+            int_value bigint,
+            float_value double precision,
+            updated double precision NOT NULL
+        );
+        CREATE TABLE paygent_stream_journal (
+            batch text NOT NULL,
+            stream text NOT NULL,
+            start_ns bigint NOT NULL,
+            time_ns bigint NOT NULL,
+            int_value bigint,
+            float_value double precision,
+            PRIMARY KEY (batch, stream)
+        );
+        CREATE TABLE paygent_stream_journal_keys (
+            batch text NOT NULL,
+            key text NOT NULL,
+            PRIMARY KEY (batch, key)
+        );
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE paygent_endpoints (
+            dest text PRIMARY KEY,
+            url text NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def migrate_postgres(conn: psycopg.Connection[Any], where: str, owner: str) -> None:
+    """Bring the schema of the database behind ``conn`` (named ``where`` in messages) to
+    :data:`PG_SCHEMA_VERSION`; ``owner`` is recorded as who applied each migration.
+
+    :class:`~._spool_pg_pool.SpoolUnavailable` when the database is newer than this version.
+    """
+    from ._spool_pg_pool import SpoolUnavailable
+
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS paygent_schema_version ("
+            " version integer PRIMARY KEY, applied double precision NOT NULL,"
+            " applied_by text NOT NULL)"
+        )
+        row = conn.execute("SELECT max(version) FROM paygent_schema_version").fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+        if current > PG_SCHEMA_VERSION:
+            raise SpoolUnavailable(
+                f"the spool schema in {where} is version {current}, newer than this "
+                f"paygent-otel understands ({PG_SCHEMA_VERSION}): upgrade paygent-otel"
+            )
+        for version, sql in _PG_MIGRATIONS:
+            if version > current:
+                conn.execute(sql.encode())
+                conn.execute(
+                    "INSERT INTO paygent_schema_version VALUES (%s, %s, %s)",
+                    (version, time.time(), owner),
+                )
+                _logger.info("spool %s: schema migrated to version %d", where, version)

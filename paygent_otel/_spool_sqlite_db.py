@@ -1,0 +1,163 @@
+"""The SQLite spool's file: its connection, transactions, lock, and life across fork().
+
+One connection per process (a forked child opens its own), shared by the process's threads
+under one lock. Each change is one ``BEGIN IMMEDIATE`` transaction, so several processes
+(gunicorn workers, forked children) can share the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import _journal
+from ._spool_owner import dead_owners, owner_token, track
+from ._spool_schema import SQLITE_SCHEMA
+
+__all__ = ["SqliteFile"]
+
+T = TypeVar("T")
+
+
+class SqliteFile:
+    """A spool file in WAL mode, safe across threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._conn: sqlite3.Connection | None = None
+        self.owner = ""
+        """Who this process's leases name (:func:`~._spool_owner.owner_token`)."""
+        folder = self.path.parent
+        # Billing data and the dead letters' bodies are private: the folder is 0700.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files the
+        # database file's mode, and they hold the same payloads.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)  # a file an earlier version created with the umask's mode
+        self._connection()  # fail at construction, not at the first export
+        track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and our own connection at the next use.
+
+        The inherited connection is idle (the lock was held across fork) and is closed
+        here, which only cleans up this process's copy of SQLite's state: POSIX locks
+        are not inherited, so the parent's locks and its WAL are not touched.
+        """
+        self._lock = threading.Lock()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        # After fork() the parent's connection must not be used: open our own.
+        if self._pid != os.getpid() or self._conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                self._prepare(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+            self._pid = os.getpid()
+        return self._conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Make a new connection ready: WAL, durable commits, the tables, a lease owner."""
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed batch survives power loss, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SQLITE_SCHEMA)
+        _journal.create(conn)
+        # A write now, so a read-only file or a full disk fails here, at start.
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)", (time.time(),)
+        )
+        self.owner = owner_token()
+        self._reclaim_orphans(conn)
+
+    @staticmethod
+    def _reclaim_orphans(conn: sqlite3.Connection) -> None:
+        """Release leases of processes on this host that no longer exist (crash recovery)."""
+        owners = conn.execute(
+            "SELECT DISTINCT lease_owner FROM pending WHERE lease_owner IS NOT NULL"
+        )
+        for owner in dead_owners(row[0] for row in owners):
+            conn.execute(
+                "UPDATE pending SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+
+    @property
+    def connected(self) -> bool:
+        """Whether this process has its own open connection (a forked child may not yet)."""
+        return self._conn is not None and self._pid == os.getpid()
+
+    def write(self, fn: Callable[..., T], *args: Any, synced: bool = True) -> T:
+        """Run ``fn(conn, *args)`` in one transaction.
+
+        ``synced=False`` commits without an fsync (``synchronous=NORMAL``) for the worker's
+        bookkeeping of records already committed: a lease or a delivery that a power loss
+        (not a process crash) undoes only means the record is leased or sent again, with
+        the same idempotency key. The next synced commit makes it durable too.
+        """
+        with self._lock:
+            conn = self._connection()
+            if not synced:
+                conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn, *args)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if not synced:
+                    conn.execute("PRAGMA synchronous=FULL")
+            return result
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one query."""
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
+
+    def snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on one consistent snapshot (a read transaction)."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")  # one snapshot: a record moving meanwhile is counted once
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+    def size_bytes(self) -> int:
+        """Bytes in use by the database (free pages excluded)."""
+        with self._lock:
+            conn = self._connection()
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            used = (
+                conn.execute("PRAGMA page_count").fetchone()[0]
+                - conn.execute("PRAGMA freelist_count").fetchone()[0]
+            )
+            return int(used * page_size)
+
+    def close(self) -> None:
+        """Close this process's connection."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
