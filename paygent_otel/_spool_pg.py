@@ -338,11 +338,14 @@ class PostgresSpool(PostgresSpoolView):
             return purge_table(conn, what)
 
     def close(self) -> None:
-        """Release leases and close the connections and the fallback file."""
+        """Release leases and close the connections and the fallback file, for good: a
+        later use raises :class:`~._spool_types.SpoolClosedError`. Idempotent."""
+        if self._link.closed:
+            return
         try:
             self.release()
         finally:
-            self.pool.close()
+            self._link.close()
             self._fallback.close()
 
 

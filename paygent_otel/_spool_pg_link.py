@@ -21,6 +21,7 @@ import psycopg
 from ._spool_owner import owner_token
 from ._spool_pg_pool import ConnectionPool, SpoolUnavailable, describe
 from ._spool_schema import migrate_postgres
+from ._spool_types import SpoolClosedError
 from ._spool_url import SpoolUrl, redact
 
 __all__ = ["OUTAGE_PAUSE_MAX_SECONDS", "OUTAGE_PAUSE_SECONDS", "PgLink"]
@@ -48,6 +49,8 @@ class PgLink:
         self._down_until = 0.0
         self._pause = OUTAGE_PAUSE_SECONDS
         self._outage: str | None = None
+        self.closed = False
+        """Set by :meth:`close`: a later use raises :class:`SpoolClosedError`."""
 
     @property
     def owner(self) -> str:
@@ -100,6 +103,8 @@ class PgLink:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection with the schema in place; :class:`SpoolUnavailable` during an
         outage."""
+        if self.closed:  # never connected again behind the caller's back
+            raise SpoolClosedError(f"the spool {self.url} is closed")
         owner = self.owner
         if time.monotonic() < self._down_until:
             raise SpoolUnavailable(f"PostgreSQL spool {self.url} is unreachable: {self._outage}")
@@ -119,3 +124,8 @@ class PgLink:
         if self._outage is not None:
             _logger.warning("PostgreSQL spool %s answers again", self.url)
             self._outage = None
+
+    def close(self) -> None:
+        """Close the idle connections, for good."""
+        self.closed = True
+        self.pool.close()

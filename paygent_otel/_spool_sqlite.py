@@ -193,7 +193,8 @@ class SqliteSpool(SqliteSpoolView):
         return self._file.write(purge_table, what)
 
     def close(self) -> None:
-        """Release leases and close the connection."""
+        """Release leases and close the connection, for good: a later use raises
+        :class:`~._spool_types.SpoolClosedError`. Idempotent."""
         try:
             self.release()
         finally:

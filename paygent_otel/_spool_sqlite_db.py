@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from . import _journal
 from ._spool_owner import dead_owners, owner_token, track
 from ._spool_schema import SQLITE_SCHEMA
+from ._spool_types import SpoolClosedError
 
 __all__ = ["SqliteFile"]
 
@@ -33,6 +34,7 @@ class SqliteFile:
         self._lock = threading.Lock()
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self.owner = ""
         """Who this process's leases name (:func:`~._spool_owner.owner_token`)."""
         folder = self.path.parent
@@ -59,6 +61,8 @@ class SqliteFile:
                 conn.close()
 
     def _connection(self) -> sqlite3.Connection:
+        if self._closed:  # never opened again behind the caller's back
+            raise SpoolClosedError(f"the spool {self.path} is closed")
         # After fork() the parent's connection must not be used: open our own.
         if self._pid != os.getpid() or self._conn is None:
             conn = sqlite3.connect(
@@ -102,7 +106,7 @@ class SqliteFile:
     @property
     def connected(self) -> bool:
         """Whether this process has its own open connection (a forked child may not yet)."""
-        return self._conn is not None and self._pid == os.getpid()
+        return not self._closed and self._conn is not None and self._pid == os.getpid()
 
     def write(self, fn: Callable[..., T], *args: Any, synced: bool = True) -> T:
         """Run ``fn(conn, *args)`` in one transaction.
@@ -156,8 +160,10 @@ class SqliteFile:
             return int(used * page_size)
 
     def close(self) -> None:
-        """Close this process's connection."""
+        """Close this process's connection, for good: a later use raises
+        :class:`~._spool_types.SpoolClosedError`."""
         with self._lock:
+            self._closed = True
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None

@@ -193,5 +193,6 @@ class Spool(Protocol):
         ...
 
     def close(self) -> None:
-        """Release leases and close files."""
+        """Release leases and close files, for good: a later call raises
+        :class:`SpoolClosedError` instead of opening them again. Idempotent."""
         ...

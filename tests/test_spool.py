@@ -38,6 +38,7 @@ from paygent_otel._spool import (
     DELIVERED_KEY_RETENTION,
     LEASE_SECONDS,
     MemorySpool,
+    SpoolClosedError,
     SqliteSpool,
     open_spool,
 )
@@ -296,6 +297,21 @@ def test_release_hands_this_workers_leases_back(open_store: Callable[..., Store]
     assert len(other.lease(DEST, 10, time.time())) == 3
 
 
+def test_a_closed_spool_stays_closed_instead_of_opening_again(
+    open_store: Callable[..., Store],
+) -> None:
+    store = open_store()
+    store.add(DEST, records(1))
+    store.close()
+
+    with pytest.raises(SpoolClosedError, match="is closed"):
+        store.add(DEST, records(1, start=1))
+    with pytest.raises(SpoolClosedError, match="is closed"):
+        store.lease(DEST, 10, time.time() + 1)
+    store.close()  # a second close changes nothing
+    assert pending_rows(store, "key, lease_owner") == [("key-00000", None)]
+
+
 def test_stats_count_pending_in_flight_dead_oldest_and_size(store: Store) -> None:
     assert store.stats().pending == 0 and store.stats().oldest_pending_age is None
     store.add(DEST, records(4))
@@ -415,9 +431,7 @@ def test_leases_of_a_live_worker_are_respected_by_a_new_one(spool_path: Path) ->
     newcomer.close()
 
 
-def test_processes_sharing_a_spool_never_lease_a_record_twice(
-    store: Store, tmp_path: Path
-) -> None:
+def test_processes_sharing_a_spool_never_lease_a_record_twice(store: Store, tmp_path: Path) -> None:
     store.add(DEST, records(600))
     out = tmp_path / "leased.txt"
     drainers = [
