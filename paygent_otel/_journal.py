@@ -38,6 +38,7 @@ __all__ = [
     "JournalRow",
     "Quantities",
     "audit",
+    "backfill",
     "create",
     "journal",
     "journal_rows",
@@ -194,23 +195,27 @@ def create(conn: sqlite3.Connection) -> None:
             if statement.strip():
                 conn.execute(statement)
         if fresh:
-            pending = conn.execute("SELECT body, created FROM pending").fetchall()
-            journal_rows(conn, "recorded", pending)
-            dead = [
-                (
-                    quantities_of(json.loads(body))
-                    if dest
-                    else rejected_quantities(json.loads(body)),
-                    created,
-                )
-                for dest, body, created in conn.execute("SELECT dest, body, created FROM dead")
-            ]
-            journal(conn, "recorded", dead)
-            journal(conn, "dead", dead)
+            backfill(conn)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def backfill(conn: sqlite3.Connection) -> None:
+    """Journal the pending records and dead letters of a spool written before the journal
+    existed as recorded (and dead), so its report balances."""
+    pending = conn.execute("SELECT body, created FROM pending").fetchall()
+    journal_rows(conn, "recorded", pending)
+    dead = [
+        (
+            quantities_of(json.loads(body)) if dest else rejected_quantities(json.loads(body)),
+            created,
+        )
+        for dest, body, created in conn.execute("SELECT dest, body, created FROM dead")
+    ]
+    journal(conn, "recorded", dead)
+    journal(conn, "dead", dead)
 
 
 def _who() -> str:

@@ -10,14 +10,13 @@ spool (:mod:`._spool_pg`) and the in-memory queue (:mod:`._spool_memory`).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sqlite3
-from pathlib import Path
+from typing import Literal, overload
 
 from ._spool_keys import endpoint_statuses, rejected_row
 from ._spool_memory import MemorySpool
 from ._spool_sqlite import SqliteSpool
+from ._spool_sqlite_db import SqliteFile, check_spool_file
+from ._spool_sqlite_views import SqliteSpoolView, open_sqlite_view
 from ._spool_types import (
     DELIVERED_KEY_RETENTION,
     LEASE_SECONDS,
@@ -28,6 +27,7 @@ from ._spool_types import (
     SpoolClosedError,
     SpooledItem,
     SpoolStats,
+    SpoolView,
     destination_id,
 )
 from ._spool_url import SpoolUrl, is_pg_url
@@ -42,47 +42,59 @@ __all__ = [
     "Spool",
     "SpoolClosedError",
     "SpoolStats",
+    "SpoolView",
     "SpooledItem",
+    "SqliteFile",
     "SqliteSpool",
+    "SqliteSpoolView",
     "check_spool_file",
     "destination_id",
     "endpoint_statuses",
     "open_spool",
+    "open_sqlite_view",
     "rejected_row",
 ]
 
 
-def check_spool_file(path: str | os.PathLike[str]) -> None:
-    """Raise :class:`ValueError` if the existing SQLite file at ``path`` is not a spool (a
-    sandbox ledger, say), before anything opens it read-write and adds tables to it."""
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
-    try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
-            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
-    except sqlite3.DatabaseError as exc:
-        raise ValueError(f"{path} is not a spool: {exc}") from None
-    if tables and "pending" not in tables:
-        hint = (
-            "; it looks like a sandbox ledger: see `paygent-otel ledger --db`"
-            if ("usage" in tables)
-            else ""
-        )
-        raise ValueError(f"{path} is not a spool (it has no pending table{hint})")
+@overload
+def open_spool(
+    path: str, *, max_bytes: int, max_records: int = ..., readonly: Literal[False] = ...
+) -> Spool: ...
 
 
-def open_spool(path: str, *, max_bytes: int, max_records: int = 100_000) -> Spool:
+@overload
+def open_spool(
+    path: str, *, max_bytes: int, max_records: int = ..., readonly: Literal[True]
+) -> SpoolView: ...
+
+
+def open_spool(
+    path: str, *, max_bytes: int, max_records: int = 100_000, readonly: bool = False
+) -> Spool | SpoolView:
     """A :class:`SqliteSpool` at ``path``, a :class:`MemorySpool` for ``:memory:``, or the
-    shared PostgreSQL spool for a ``postgresql://`` URL (``paygent-otel[postgres]``)."""
+    shared PostgreSQL spool for a ``postgresql://`` URL (``paygent-otel[postgres]``).
+
+    ``readonly``: an existing spool opened only to look (the ``spool status`` and ``dead``,
+    ``doctor`` and ``reconcile`` commands), which is never changed: no table, mark, mode
+    or lease is written. :class:`FileNotFoundError` when there is no spool file,
+    :class:`ValueError` for a file that is not a spool or for ``:memory:``.
+    """
     if path == ":memory:":
+        if readonly:
+            raise ValueError("an in-memory spool belongs to its process: there is none to open")
         return MemorySpool(max_records=max_records)
     if is_pg_url(path):
         try:
-            from ._spool_pg import open_postgres_spool
+            from ._spool_pg import PostgresSpoolView, open_postgres_spool
         except ImportError as exc:
             # An OSError: the pipeline logs it and refuses records instead of failing.
             raise OSError(
                 f"the spool {SpoolUrl(path)} needs psycopg: pip install 'paygent-otel[postgres]'"
                 f" ({exc})"
             ) from None
+        if readonly:
+            return PostgresSpoolView(path, max_bytes=max_bytes)
         return open_postgres_spool(path, max_bytes=max_bytes)
+    if readonly:
+        return open_sqlite_view(path, max_bytes=max_bytes)
     return SqliteSpool(path, max_bytes=max_bytes)

@@ -27,7 +27,6 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import psycopg
@@ -39,12 +38,10 @@ from ._config import (
 )
 from ._mapping import Rejection, UsageRecord
 from ._spool_keys import excerpt, record_body, rejected_row
-from ._spool_pg_fallback import Fallback, MoveResult, default_fallback_path, move_sqlite_records
-from ._spool_pg_link import PgLink
+from ._spool_pg_fallback import MoveResult, default_fallback_path, move_sqlite_records
 from ._spool_pg_pool import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POOL_SIZE,
-    ConnectionPool,
     SpoolUnavailable,
 )
 from ._spool_pg_sql import (
@@ -63,7 +60,6 @@ from ._spool_pg_sql import (
 from ._spool_pg_views import PostgresSpoolView
 from ._spool_schema import PG_SCHEMA_VERSION
 from ._spool_types import DELIVERED_KEY_RETENTION, AddResult, SpooledItem
-from ._spool_url import SpoolUrl
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -73,6 +69,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MoveResult",
     "PostgresSpool",
+    "PostgresSpoolView",
     "SpoolUnavailable",
     "default_fallback_path",
     "move_sqlite_records",
@@ -120,21 +117,19 @@ class PostgresSpool(PostgresSpoolView):
         SQLite file until it answers; without it (the ``spool`` commands) the error is
         raised as :class:`SpoolUnavailable`.
         """
-        super().__init__()
-        self.url = SpoolUrl(url)
-        self.path = self.url
-        """What status output and log lines show: the URL, password masked."""
-        self.max_bytes = max_bytes
         self.lease_seconds = lease_seconds if lease_seconds is not None else _lease_seconds()
-        self.pool = ConnectionPool(self.url, pool_size, connect_timeout)
-        """The process's connections to the server (shared with the cumulative-metric state)."""
-        self.fallback_path = Path(fallback_path) if fallback_path is not None else None
-        self._link = PgLink(self.url, self.pool, self.fallback_path)
         self._last_beat = 0.0
         self._last_prune = 0.0
         self._last_drain = 0.0
-        self._link.first_contact()
-        self._fallback = Fallback(self.fallback_path, max_bytes)
+        super().__init__(
+            url,
+            max_bytes=max_bytes,
+            fallback_path=fallback_path,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+        )
+
+    _migrates = True
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:
         """Renew this process's leases: only a replica that stopped lets them expire."""
@@ -345,8 +340,7 @@ class PostgresSpool(PostgresSpoolView):
         try:
             self.release()
         finally:
-            self._link.close()
-            self._fallback.close()
+            super().close()
 
 
 def open_postgres_spool(url: str, *, max_bytes: int) -> PostgresSpool:

@@ -20,7 +20,7 @@ import psycopg
 
 from ._spool_owner import owner_token
 from ._spool_pg_pool import ConnectionPool, SpoolUnavailable, describe
-from ._spool_schema import migrate_postgres
+from ._spool_schema import check_postgres_schema, migrate_postgres
 from ._spool_types import SpoolClosedError
 from ._spool_url import SpoolUrl, redact
 
@@ -39,8 +39,13 @@ OUTAGE_PAUSE_MAX_SECONDS: Final = 30.0
 class PgLink:
     """Connections to one PostgreSQL spool, its schema, and this process's lease owner."""
 
-    def __init__(self, url: SpoolUrl, pool: ConnectionPool, fallback_path: Path | None) -> None:
+    def __init__(
+        self, url: SpoolUrl, pool: ConnectionPool, fallback_path: Path | None, *, migrate: bool
+    ) -> None:
+        """``migrate``: bring the schema up to date at the first connection; else only check
+        that it is (a spool opened only to look never changes the database)."""
         self.url = url
+        self.migrate = migrate
         self.pool = pool
         self.fallback_path = fallback_path
         self._owner = owner_token()
@@ -111,7 +116,10 @@ class PgLink:
         try:
             with self.pool.connection() as conn:
                 if not self._schema_ready:
-                    migrate_postgres(conn, self.url, owner)
+                    if self.migrate:
+                        migrate_postgres(conn, self.url, owner)
+                    else:
+                        check_postgres_schema(conn, self.url)
                     self._schema_ready = True
                 yield conn
         except SpoolUnavailable as exc:

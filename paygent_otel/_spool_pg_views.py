@@ -4,8 +4,10 @@ included), statuses per endpoint, dead letters and where given keys are."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import psycopg
@@ -13,7 +15,12 @@ import psycopg
 from ._spool_keys import dead_letter_of, endpoint_statuses, merged_stats
 from ._spool_pg_fallback import BATCH, Fallback
 from ._spool_pg_link import PgLink
-from ._spool_pg_pool import ConnectionPool, SpoolUnavailable
+from ._spool_pg_pool import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_POOL_SIZE,
+    ConnectionPool,
+    SpoolUnavailable,
+)
 from ._spool_types import DeadLetter, EndpointStatus, SpoolStats
 from ._spool_url import SpoolUrl
 
@@ -23,19 +30,43 @@ _TABLES: Final = ("paygent_pending", "paygent_dead", "paygent_keys")
 
 
 class PostgresSpoolView:
-    """The read side of a PostgreSQL spool."""
+    """The read side of a PostgreSQL spool; opened on its own (``open_spool(url,
+    readonly=True)``), it never changes the database: no migration, no lease released."""
 
     durable = True
-    url: SpoolUrl
-    path: SpoolUrl
-    pool: ConnectionPool
-    _link: PgLink
-    _fallback: Fallback
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        fallback_path: str | os.PathLike[str] | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        """Connect (and, for a :class:`~._spool_pg.PostgresSpool`, migrate the schema)."""
+        self.url = SpoolUrl(url)
+        self.path = self.url
+        """What status output and log lines show: the URL, password masked."""
+        self.max_bytes = max_bytes
+        self.pool = ConnectionPool(self.url, pool_size, connect_timeout)
+        """The process's connections to the server (shared with the cumulative-metric state)."""
+        self.fallback_path = Path(fallback_path) if fallback_path is not None else None
+        self._link = PgLink(self.url, self.pool, self.fallback_path, migrate=self._migrates)
         self._size_cache = (0.0, 0)
         self._last_pending = 0
         self._last_stats = SpoolStats(0, 0, 0, None, 0)
+        self._link.first_contact()
+        self._fallback = Fallback(self.fallback_path, max_bytes)
+
+    _migrates = False
+    """Whether opening brings the schema up to date (the writing spool's job)."""
+
+    def close(self) -> None:
+        """Close the connections and the fallback file, for good. Idempotent."""
+        if not self._link.closed:
+            self._link.close()
+            self._fallback.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.url)!r})"

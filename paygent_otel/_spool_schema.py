@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PG_SCHEMA_VERSION", "SQLITE_SCHEMA", "migrate_postgres"]
+__all__ = ["PG_SCHEMA_VERSION", "SQLITE_SCHEMA", "check_postgres_schema", "migrate_postgres"]
 
 _logger = logging.getLogger("paygent_otel.spool")
 
@@ -160,3 +160,28 @@ def migrate_postgres(conn: psycopg.Connection[Any], where: str, owner: str) -> N
                     (version, time.time(), owner),
                 )
                 _logger.info("spool %s: schema migrated to version %d", where, version)
+
+
+def check_postgres_schema(conn: psycopg.Connection[Any], where: str) -> None:
+    """Raise :class:`~._spool_pg_pool.SpoolUnavailable` unless the database behind ``conn``
+    holds a spool of exactly :data:`PG_SCHEMA_VERSION`; changes nothing."""
+    from ._spool_pg_pool import SpoolUnavailable
+
+    current = 0
+    exists = conn.execute("SELECT to_regclass('paygent_schema_version') IS NOT NULL").fetchone()
+    if exists and exists[0]:
+        row = conn.execute("SELECT max(version) FROM paygent_schema_version").fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+    if current == PG_SCHEMA_VERSION:
+        return
+    if current == 0:
+        raise SpoolUnavailable(f"{where} holds no paygent-otel spool (no spool tables)")
+    raise SpoolUnavailable(
+        f"the spool schema in {where} is version {current}, and this paygent-otel reads "
+        f"version {PG_SCHEMA_VERSION}: "
+        + (
+            "upgrade paygent-otel"
+            if current > PG_SCHEMA_VERSION
+            else "a process that writes to it (an exporter, `paygent-otel serve`) migrates it"
+        )
+    )

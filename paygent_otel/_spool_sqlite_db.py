@@ -3,12 +3,17 @@
 One connection per process (a forked child opens its own), shared by the process's threads
 under one lock. Each change is one ``BEGIN IMMEDIATE`` transaction, so several processes
 (gunicorn workers, forked children) can share the file.
+
+Opened read-only (the commands that only look), the file is never changed: no mode change,
+no ``opened`` mark, no lease taken back, no table added. Tables a file written by an
+earlier version lacks are stood in for by empty temporary tables of this connection only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -21,22 +26,53 @@ from ._spool_owner import dead_owners, owner_token, track
 from ._spool_schema import SQLITE_SCHEMA
 from ._spool_types import SpoolClosedError
 
-__all__ = ["SqliteFile"]
+__all__ = ["SqliteFile", "check_spool_file"]
 
 T = TypeVar("T")
+
+
+def check_spool_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ValueError` if the existing SQLite file at ``path`` is not a spool (a
+    sandbox ledger, say), before anything opens it read-write and adds tables to it."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path} is not a spool: {exc}") from None
+    if tables and "pending" not in tables:
+        hint = (
+            "; it looks like a sandbox ledger: see `paygent-otel ledger --db`"
+            if ("usage" in tables)
+            else ""
+        )
+        raise ValueError(f"{path} is not a spool (it has no pending table{hint})")
 
 
 class SqliteFile:
     """A spool file in WAL mode, safe across threads and processes."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        """Open (creating it if needed) the spool file at ``path``; with ``readonly``, an
+        existing spool file, only to read it (:class:`ValueError` if it is not a spool)."""
         self.path = Path(path)
+        self.readonly = readonly
         self._lock = threading.Lock()
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self.owner = ""
         """Who this process's leases name (:func:`~._spool_owner.owner_token`)."""
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no spool at {self.path}")
+            check_spool_file(self.path)
+        else:
+            self._create_private_file()
+        self._connection()  # fail at construction, not at the first export
+        track(self)
+
+    def _create_private_file(self) -> None:
         folder = self.path.parent
         # Billing data and the dead letters' bodies are private: the folder is 0700.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -44,8 +80,6 @@ class SqliteFile:
         # database file's mode, and they hold the same payloads.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         os.chmod(self.path, 0o600)  # a file an earlier version created with the umask's mode
-        self._connection()  # fail at construction, not at the first export
-        track(self)
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock, and our own connection at the next use.
@@ -65,11 +99,19 @@ class SqliteFile:
             raise SpoolClosedError(f"the spool {self.path} is closed")
         # After fork() the parent's connection must not be used: open our own.
         if self._pid != os.getpid() or self._conn is None:
+            target = self.path.resolve().as_uri() + "?mode=ro" if self.readonly else self.path
             conn = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+                target,
+                timeout=30.0,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=self.readonly,
             )
             try:
-                self._prepare(conn)
+                if self.readonly:
+                    self._stand_in_for_missing_tables(conn)
+                else:
+                    self._prepare(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -90,6 +132,18 @@ class SqliteFile:
         )
         self.owner = owner_token()
         self._reclaim_orphans(conn)
+
+    @staticmethod
+    def _stand_in_for_missing_tables(conn: sqlite3.Connection) -> None:
+        """Read-only: empty temporary tables for those the file lacks (an empty file, or
+        one an earlier version wrote), and the journal an older file would be given."""
+        present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        for statement in (SQLITE_SCHEMA + _journal.JOURNAL_SCHEMA).split(";"):
+            table = re.match(r"\s*CREATE TABLE IF NOT EXISTS (\w+)", statement)
+            if table and table[1] not in present:
+                conn.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+        if "journal" not in present:
+            _journal.backfill(conn)
 
     @staticmethod
     def _reclaim_orphans(conn: sqlite3.Connection) -> None:

@@ -4,6 +4,7 @@ the usage page, the self-metrics)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from ._spool_keys import dead_letter_of, endpoint_statuses
 from ._spool_sqlite_db import SqliteFile
 from ._spool_types import DeadLetter, EndpointStatus, SpoolStats
 
-__all__ = ["SqliteSpoolView"]
+__all__ = ["SqliteSpoolView", "open_sqlite_view"]
 
 
 class SqliteSpoolView:
@@ -132,3 +133,9 @@ class SqliteSpoolView:
     def close(self) -> None:
         """Close the connection."""
         self._file.close()
+
+
+def open_sqlite_view(path: str | os.PathLike[str], *, max_bytes: int = 1 << 62) -> SqliteSpoolView:
+    """The existing spool file at ``path``, opened only to read it: nothing in it changes.
+    :class:`FileNotFoundError` if there is none, :class:`ValueError` if it is not a spool."""
+    return SqliteSpoolView(SqliteFile(path, readonly=True), max_bytes=max_bytes)

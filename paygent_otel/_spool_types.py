@@ -8,6 +8,7 @@ commands.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ __all__ = [
     "Spool",
     "SpoolClosedError",
     "SpoolStats",
+    "SpoolView",
     "SpooledItem",
     "destination_id",
 ]
@@ -195,4 +197,44 @@ class Spool(Protocol):
     def close(self) -> None:
         """Release leases and close files, for good: a later call raises
         :class:`SpoolClosedError` instead of opening them again. Idempotent."""
+        ...
+
+
+class SpoolView(Protocol):
+    """A spool opened only to look (``open_spool(..., readonly=True)``): the commands that
+    report on a spool read it through this and never change it."""
+
+    durable: bool
+
+    @property
+    def path(self) -> os.PathLike[str] | str:
+        """What output shows: the file, or the URL with its password masked."""
+        ...
+
+    def pending(self, dest: str | None = None) -> int:
+        """Records waiting (leased or not)."""
+        ...
+
+    def stats(self) -> SpoolStats:
+        """Counts for status output."""
+        ...
+
+    def endpoints(self) -> list[EndpointStatus]:
+        """Pending and dead records per destination."""
+        ...
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters there are of each status."""
+        ...
+
+    def dead_letters(self, limit: int = 100, status: str | None = None) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally only those with one status."""
+        ...
+
+    def key_states(self, keys: Sequence[str]) -> dict[str, str]:
+        """Where each of ``keys`` is: ``pending``, ``delivered``, ``dead``."""
+        ...
+
+    def close(self) -> None:
+        """Close files and connections, for good."""
         ...

@@ -275,8 +275,9 @@ def _is_sandbox(answer: httpx.Response) -> bool:
 
 
 def _spool(target: _Target) -> Check:
-    """The spool file: present or creatable, private, a spool, and what it holds."""
-    from ._spool import SqliteSpool
+    """The spool file: present or creatable, private, a spool, and what it holds. Read-only:
+    the check changes nothing in the file."""
+    from ._spool import open_sqlite_view
 
     path = Path(target.config.spool_path)
     if target.config.spool_path == MEMORY_SPOOL:
@@ -290,7 +291,7 @@ def _spool(target: _Target) -> Check:
     problem = _spool_file_problem(path)
     if problem is not None:
         return problem
-    spool = SqliteSpool(path, max_bytes=target.config.spool_max_bytes)
+    spool = open_sqlite_view(path, max_bytes=target.config.spool_max_bytes)
     try:
         endpoints = spool.endpoints()
         invalid = spool.dead_letter_counts().get("invalid", 0)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from ._config import (
     MEMORY_SPOOL,
@@ -36,12 +36,20 @@ from ._output import (
     iso_utc,
     print_rows,
 )
-from ._spool import DeadLetter, EndpointStatus, SqliteSpool, check_spool_file, destination_id
+from ._spool import (
+    DeadLetter,
+    EndpointStatus,
+    SqliteSpool,
+    SqliteSpoolView,
+    check_spool_file,
+    destination_id,
+    open_sqlite_view,
+)
 from ._spool_url import SpoolUrl, is_pg_url
 from ._units import duration_type
 
 if TYPE_CHECKING:
-    from ._spool_pg import PostgresSpool
+    from ._spool_pg import PostgresSpool, PostgresSpoolView
 
 __all__ = ["default_spool", "register"]
 
@@ -155,23 +163,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _open_postgres(url: str) -> PostgresSpool | None:
     """The PostgreSQL spool at ``url``; None, with the reason (password masked), if unusable."""
+    return cast("PostgresSpool | None", _open_postgres_as(url, readonly=False))
+
+
+def _open_postgres_as(url: str, *, readonly: bool) -> PostgresSpoolView | None:
     try:
-        from ._spool_pg import PostgresSpool
+        from ._spool_pg import PostgresSpool, PostgresSpoolView
     except ImportError as exc:
         print(f"the PostgreSQL spool needs psycopg: pip install 'paygent-otel[postgres]' ({exc})",
               file=sys.stderr)  # fmt: skip
         return None
+    opener = PostgresSpoolView if readonly else PostgresSpool
     try:
         # No local fallback here: a person asked about this database, not about a stand-in.
-        return PostgresSpool(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+        return opener(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
     except OSError as exc:
         print(f"cannot use the spool {SpoolUrl(url)}: {exc}", file=sys.stderr)
         return None
 
 
-def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
+def _locate(args: argparse.Namespace) -> str | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
-    path = args.spool or default_spool()
+    path: str = args.spool or default_spool()
     others = [] if args.spool else _other_spools()
     if others:
         print(
@@ -180,7 +193,7 @@ def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
             file=sys.stderr,
         )
     if is_pg_url(path):
-        return _open_postgres(path)
+        return path
     if path == MEMORY_SPOOL:
         print(
             f"{OTEL_EXPORTER_PAYGENT_SPOOL_PATH}={MEMORY_SPOOL}: the exporters keep records in "
@@ -195,12 +208,32 @@ def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
             file=sys.stderr,
         )
         return None
+    return path
+
+
+def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
+    """The spool to change; None, with a message, if there is none."""
+    path = _locate(args)
+    if path is None:
+        return None
+    if is_pg_url(path):
+        return _open_postgres(path)
     check_spool_file(path)
     return SqliteSpool(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
 
 
+def _open_view(args: argparse.Namespace) -> SqliteSpoolView | PostgresSpoolView | None:
+    """The spool to look into, opened read-only: the command changes nothing in it."""
+    path = _locate(args)
+    if path is None:
+        return None
+    if is_pg_url(path):
+        return _open_postgres_as(path, readonly=True)
+    return open_sqlite_view(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+
+
 def _status(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
     try:
@@ -215,7 +248,7 @@ def _status(args: argparse.Namespace) -> int:
             for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
             if p.exists()
         )
-        if isinstance(spool, SqliteSpool)
+        if isinstance(spool, SqliteSpoolView)
         else stats.size_bytes
     )
     if args.json:
@@ -326,7 +359,7 @@ def _dead_json(letter: DeadLetter) -> dict[str, Any]:
 
 
 def _dead(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
     try:
@@ -501,10 +534,10 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
-    if not isinstance(spool, SqliteSpool):
+    if not isinstance(spool, SqliteSpoolView):
         spool.close()
         print(
             "the audit lines are kept by SQLite spools; a PostgreSQL spool's changes are in "
