@@ -1,4 +1,8 @@
-"""The spool's tables: the SQLite schema, and the PostgreSQL schema's versioned migrations.
+"""The spool's tables and their versioned migrations, for SQLite and PostgreSQL.
+
+SQLite: the version is the file's ``PRAGMA user_version``. A file an earlier version wrote
+(version 0, before the schema was numbered) is brought up to date by the same migrations,
+which only add what is missing; a file newer than this version understands is refused.
 
 PostgreSQL: the schema is versioned (``paygent_schema_version``, one row per migration
 applied, when and by whom) and migrated under an advisory lock by the first process that
@@ -8,13 +12,25 @@ opens the database; a database newer than this version understands is refused.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+
+from . import _journal
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PG_SCHEMA_VERSION", "SQLITE_SCHEMA", "check_postgres_schema", "migrate_postgres"]
+__all__ = [
+    "PG_SCHEMA_VERSION",
+    "SQLITE_SCHEMA",
+    "SQLITE_SCHEMA_VERSION",
+    "check_postgres_schema",
+    "migrate_postgres",
+    "migrate_sqlite",
+    "sqlite_schema_version",
+]
 
 _logger = logging.getLogger("paygent_otel.spool")
 
@@ -56,6 +72,41 @@ CREATE TABLE IF NOT EXISTS meta (
     value
 ) WITHOUT ROWID;
 """
+
+SQLITE_SCHEMA_VERSION: Final = 2
+"""The newest SQLite schema this version creates and understands: 1, the records, dead
+letters, delivered keys, endpoints and meta tables; 2, the journal and audit tables."""
+
+
+def sqlite_schema_version(conn: sqlite3.Connection, where: object) -> int:
+    """The schema version of the file behind ``conn`` (named ``where`` in messages);
+    :class:`sqlite3.DatabaseError` if it is newer than this version understands."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SQLITE_SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"the spool schema in {where} is version {version}, newer than this "
+            f"paygent-otel understands ({SQLITE_SCHEMA_VERSION}): upgrade paygent-otel"
+        )
+    return int(version)
+
+
+def migrate_sqlite(conn: sqlite3.Connection, where: object) -> None:
+    """Bring the file behind ``conn`` to :data:`SQLITE_SCHEMA_VERSION` (nothing to do when
+    it is there: a file is migrated once, not at every open)."""
+    migrations: tuple[tuple[int, Callable[[sqlite3.Connection], object]], ...] = (
+        (1, lambda c: c.executescript(SQLITE_SCHEMA)),
+        (2, _journal.create),  # records a file already holds are journaled as recorded
+    )
+    current = sqlite_schema_version(conn, where)
+    if current >= SQLITE_SCHEMA_VERSION:
+        return
+    for version, migrate in migrations:
+        if version > current:
+            migrate(conn)
+    conn.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION}")
+    if current:
+        _logger.info("spool %s: schema migrated to version %d", where, SQLITE_SCHEMA_VERSION)
+
 
 PG_SCHEMA_VERSION: Final = 2
 """The newest PostgreSQL schema this version creates and understands."""

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import _journal
 from ._spool_owner import dead_owners, owner_token, track
-from ._spool_schema import SQLITE_SCHEMA
+from ._spool_schema import SQLITE_SCHEMA, migrate_sqlite, sqlite_schema_version
 from ._spool_types import SpoolClosedError
 
 __all__ = ["SqliteFile", "check_spool_file"]
@@ -124,8 +124,7 @@ class SqliteFile:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed batch survives power loss, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SQLITE_SCHEMA)
-        _journal.create(conn)
+        migrate_sqlite(conn, self.path)
         # A write now, so a read-only file or a full disk fails here, at start.
         conn.execute(
             "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened', ?)", (time.time(),)
@@ -133,10 +132,10 @@ class SqliteFile:
         self.owner = owner_token()
         self._reclaim_orphans(conn)
 
-    @staticmethod
-    def _stand_in_for_missing_tables(conn: sqlite3.Connection) -> None:
+    def _stand_in_for_missing_tables(self, conn: sqlite3.Connection) -> None:
         """Read-only: empty temporary tables for those the file lacks (an empty file, or
         one an earlier version wrote), and the journal an older file would be given."""
+        sqlite_schema_version(conn, self.path)  # refuse a file newer than this version
         present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         for statement in (SQLITE_SCHEMA + _journal.JOURNAL_SCHEMA).split(";"):
             table = re.match(r"\s*CREATE TABLE IF NOT EXISTS (\w+)", statement)
