@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from ._mapping import Rejection, UsageRecord, conflict_rejection
 from ._spool_keys import held, record_body
@@ -15,6 +16,17 @@ from ._spool_owner import track
 from ._spool_types import AddResult, DeadLetter, EndpointStatus, SpooledItem, SpoolStats
 
 __all__ = ["MemorySpool"]
+
+
+class _Item(NamedTuple):
+    """A queued record."""
+
+    key: str
+    dest: str
+    body: bytes
+    origin: str
+    created: float
+    attempts: int
 
 
 class MemorySpool:
@@ -25,7 +37,7 @@ class MemorySpool:
     def __init__(self, *, max_records: int = 100_000) -> None:
         self.max_records = max_records
         self._lock = threading.Lock()
-        self._items: dict[int, tuple[str, str, bytes, str, float, int]] = {}
+        self._items: dict[int, _Item] = {}
         self._due: list[tuple[float, int]] = []
         self._leased: set[int] = set()
         self._pending: dict[str, str] = {}
@@ -85,7 +97,7 @@ class MemorySpool:
                     refused += 1
                     continue
                 self._next_id += 1
-                self._items[self._next_id] = (r.idempotency_key, dest, body, r.origin, now, 0)
+                self._items[self._next_id] = _Item(r.idempotency_key, dest, body, r.origin, now, 0)
                 self._pending[start] = r.idempotency_key
                 self._refs[self._next_id] = start
                 heapq.heappush(self._due, (now, self._next_id))
@@ -151,8 +163,7 @@ class MemorySpool:
                 item = self._items.get(rowid)
                 if item is None:
                     continue
-                key, dest, body, origin, created, attempts = item
-                self._items[rowid] = (key, dest, body, origin, created, attempts + 1)
+                self._items[rowid] = item._replace(attempts=item.attempts + 1)
                 self._leased.discard(rowid)
                 heapq.heappush(self._due, (when, rowid))
 
@@ -167,13 +178,13 @@ class MemorySpool:
                     self._dead.append(
                         DeadLetter(
                             rowid,
-                            item[0],
+                            item.key,
                             status,
                             reason,
                             now,
-                            item[5] + 1,
-                            item[3],
-                            item[2].decode(),
+                            item.attempts + 1,
+                            item.origin,
+                            item.body.decode(),
                         )
                     )
             del self._dead[:-1000]
@@ -206,13 +217,13 @@ class MemorySpool:
         """Counts."""
         now = time.time()
         with self._lock:
-            oldest = min((i[4] for i in self._items.values()), default=None)
+            oldest = min((i.created for i in self._items.values()), default=None)
             return SpoolStats(
                 pending=len(self._items),
                 in_flight=len(self._leased),
                 dead_letters=len(self._dead),
                 oldest_pending_age=None if oldest is None else now - oldest,
-                size_bytes=sum(len(i[2]) for i in self._items.values()),
+                size_bytes=sum(len(i.body) for i in self._items.values()),
             )
 
     def close(self) -> None:

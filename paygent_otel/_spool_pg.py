@@ -24,10 +24,9 @@ replicas and exporters on any number of hosts share it:
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Unpack
 
 import psycopg
 
@@ -57,7 +56,7 @@ from ._spool_pg_sql import (
     retarget_records,
     set_endpoint,
 )
-from ._spool_pg_views import PostgresSpoolView
+from ._spool_pg_views import PgOptions, PostgresSpoolView
 from ._spool_schema import PG_SCHEMA_VERSION
 from ._spool_types import DELIVERED_KEY_RETENTION, AddResult, SpooledItem
 
@@ -106,12 +105,10 @@ class PostgresSpool(PostgresSpoolView):
         url: str,
         *,
         max_bytes: int,
-        fallback_path: str | os.PathLike[str] | None = None,
-        pool_size: int = DEFAULT_POOL_SIZE,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         lease_seconds: float | None = None,
+        **options: Unpack[PgOptions],
     ) -> None:
-        """Connect and migrate the schema.
+        """Connect and migrate the schema (``options``: :class:`~._spool_pg_views.PgOptions`).
 
         With ``fallback_path``, an unreachable server is logged and records go to that
         SQLite file until it answers; without it (the ``spool`` commands) the error is
@@ -121,13 +118,7 @@ class PostgresSpool(PostgresSpoolView):
         self._last_beat = 0.0
         self._last_prune = 0.0
         self._last_drain = 0.0
-        super().__init__(
-            url,
-            max_bytes=max_bytes,
-            fallback_path=fallback_path,
-            pool_size=pool_size,
-            connect_timeout=connect_timeout,
-        )
+        super().__init__(url, max_bytes=max_bytes, **options)
 
     _migrates = True
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict, Unpack
 
 import psycopg
 
@@ -24,9 +24,22 @@ from ._spool_pg_pool import (
 from ._spool_types import DeadLetter, EndpointStatus, SpoolStats
 from ._spool_url import SpoolUrl
 
-__all__ = ["PostgresSpoolView"]
+__all__ = ["PgOptions", "PostgresSpoolView"]
 
 _TABLES: Final = ("paygent_pending", "paygent_dead", "paygent_keys")
+
+
+class PgOptions(TypedDict, total=False):
+    """How to reach a PostgreSQL spool, besides its URL."""
+
+    fallback_path: str | os.PathLike[str] | None
+    """The local SQLite file records go to while the server cannot be reached (None: the
+    error is raised instead)."""
+    pool_size: int
+    """Connections this process opens at most (:data:`~._spool_pg_pool.DEFAULT_POOL_SIZE`)."""
+    connect_timeout: float
+    """Seconds a connection attempt may take
+    (:data:`~._spool_pg_pool.DEFAULT_CONNECT_TIMEOUT`)."""
 
 
 class PostgresSpoolView:
@@ -35,16 +48,11 @@ class PostgresSpoolView:
 
     durable = True
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        max_bytes: int,
-        fallback_path: str | os.PathLike[str] | None = None,
-        pool_size: int = DEFAULT_POOL_SIZE,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-    ) -> None:
+    def __init__(self, url: str, *, max_bytes: int, **options: Unpack[PgOptions]) -> None:
         """Connect (and, for a :class:`~._spool_pg.PostgresSpool`, migrate the schema)."""
+        fallback_path = options.get("fallback_path")
+        pool_size = options.get("pool_size", DEFAULT_POOL_SIZE)
+        connect_timeout = options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
         self.url = SpoolUrl(url)
         self.path = self.url
         """What status output and log lines show: the URL, password masked."""

@@ -85,7 +85,7 @@ class SqliteSpool(SqliteSpoolView):
             ).fetchall()
             return [SpooledItem(*row) for row in rows]
 
-        return self._file.write(take, synced=False)
+        return self._file.write_unsynced(take)
 
     def next_due(self, dest: str) -> float | None:
         """Earliest next-attempt time of an unleased pending record."""
@@ -112,7 +112,7 @@ class SqliteSpool(SqliteSpoolView):
                 [(k, now) for k in keys],
             )
 
-        self._file.write(done, synced=False)
+        self._file.write_unsynced(done)
 
     def prune_delivered(self, now: float) -> None:
         """Drop delivered keys older than the retention window, and old journal rows."""
@@ -131,13 +131,12 @@ class SqliteSpool(SqliteSpoolView):
         """
         if not items:
             return
-        self._file.write(
+        self._file.write_unsynced(
             lambda conn: conn.executemany(
                 "UPDATE pending SET attempts = attempts + 1, next_attempt = ?, last_error = ?, "
                 "lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ?",
                 [(when, excerpt(error), rowid, self._file.owner) for rowid, when, error in items],
-            ),
-            synced=False,
+            )
         )
 
     def dead_letter(self, items: Sequence[tuple[int, str, str]], now: float) -> None:
@@ -175,7 +174,7 @@ class SqliteSpool(SqliteSpoolView):
 
     def remember_endpoint(self, dest: str, url: str) -> None:
         """Record which URL ``dest`` stands for (status output, ``spool retarget``)."""
-        self._file.write(set_endpoint, dest, url, synced=False)
+        self._file.write_unsynced(set_endpoint, dest, url)
 
     # ------------------------------------------------------------------ what people change
 

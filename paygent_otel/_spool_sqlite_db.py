@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import _journal
 from ._spool_owner import dead_owners, owner_token, track
@@ -29,6 +29,7 @@ from ._spool_types import SpoolClosedError
 __all__ = ["SqliteFile", "check_spool_file"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def check_spool_file(path: str | os.PathLike[str]) -> None:
@@ -161,14 +162,29 @@ class SqliteFile:
         """Whether this process has its own open connection (a forked child may not yet)."""
         return not self._closed and self._conn is not None and self._pid == os.getpid()
 
-    def write(self, fn: Callable[..., T], *args: Any, synced: bool = True) -> T:
-        """Run ``fn(conn, *args)`` in one transaction.
+    def write(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn(conn, *args, **kwargs)`` in one transaction, committed with an fsync."""
+        return self._transaction(lambda conn: fn(conn, *args, **kwargs), synced=True)
 
-        ``synced=False`` commits without an fsync (``synchronous=NORMAL``) for the worker's
+    def write_unsynced(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """:meth:`write` without an fsync (``synchronous=NORMAL``), for the worker's
         bookkeeping of records already committed: a lease or a delivery that a power loss
         (not a process crash) undoes only means the record is leased or sent again, with
-        the same idempotency key. The next synced commit makes it durable too.
-        """
+        the same idempotency key. The next synced commit makes it durable too."""
+        return self._transaction(lambda conn: fn(conn, *args, **kwargs), synced=False)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], *, synced: bool) -> T:
+        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction."""
         with self._lock:
             conn = self._connection()
             if not synced:
@@ -176,7 +192,7 @@ class SqliteFile:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    result = fn(conn, *args)
+                    result = fn(conn)
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
