@@ -14,6 +14,8 @@
   aimed at the sandbox, wait for its thread pool, return the bodies the SDK got recorded.
 - ``ledger_bodies(sandbox, keyed=None)``: parsed request bodies the sandbox recorded;
   ``keyed=True`` only ours (they carry an Idempotency-Key), ``False`` only the SDK's.
+- ``stt_usage(key, seconds, origin)``: a spooled STT usage record (agent-voice, cust-1,
+  deepgram nova-2) of ``seconds`` of audio, for tests that fill a spool directly.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
   ``XDG_STATE_HOME`` (the default spool folder) into ``tmp_path``, so the developer's own
   environment can neither change a result nor receive a test's spool.
@@ -35,6 +37,7 @@ from opentelemetry.sdk.trace import SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter
+from paygent_otel._mapping import UsageRecord
 from paygent_otel.sandbox import SandboxServer
 
 API_KEY = "pg_test_3f9c2a7d41b8e6a0"
@@ -162,3 +165,15 @@ def tracing(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Callable[..., Tr
         # Bounded: the processor would give the exporter its default 10 s.
         pipeline.exporter.shutdown(timeout_millis=2000)
         pipeline.shutdown()
+
+
+def stt_usage(key: str, seconds: float, origin: str) -> UsageRecord:
+    """A spooled STT usage record of ``seconds`` of audio for cust-1, keyed ``key``."""
+    payload = {
+        "agentId": "agent-voice",
+        "customerId": "cust-1",
+        "indicator": "minutes",
+        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
+                     "audioDuration": seconds},
+    }  # fmt: skip
+    return UsageRecord(key, payload, origin)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, stt_usage
 
 from paygent_otel._mapping import UsageRecord
 from paygent_otel._spool import SqliteSpool, open_spool
@@ -33,14 +33,7 @@ LOOKING = [
 
 
 def usage(i: int) -> UsageRecord:
-    payload = {
-        "agentId": "agent-voice",
-        "customerId": "cust-1",
-        "indicator": "minutes",
-        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
-                     "audioDuration": 1.0 + i},
-    }  # fmt: skip
-    return UsageRecord(f"key-{i:03d}", payload, f"span transcribe #{i}")
+    return stt_usage(f"key-{i:03d}", 1.0 + i, f"span transcribe #{i}")
 
 
 def state(path: Path) -> tuple[list[str], int, list[str]]:
