@@ -1,11 +1,13 @@
 """Where usage records wait for delivery: a durable SQLite or PostgreSQL spool, or an
-in-memory queue, chosen by :func:`open_spool` and used through the :class:`Spool` protocol.
+in-memory queue, chosen by :func:`open_spool` and used through the :class:`Spool` protocol;
+the commands that only look open it read-only (``readonly=True``: a :class:`SpoolView`).
 
 The parts: the protocol and what it hands out (:mod:`._spool_types`), the key and conflict
 rules every backend shares (:mod:`._spool_keys`), lease holders and fork() (:mod:`._spool_owner`),
-the tables and their migrations (:mod:`._spool_schema`), the SQLite spool
+the tables and their versioned migrations (:mod:`._spool_schema`), the SQLite spool
 (:mod:`._spool_sqlite` and its file, intake, views and admin modules), the PostgreSQL
-spool (:mod:`._spool_pg`) and the in-memory queue (:mod:`._spool_memory`).
+spool (:mod:`._spool_pg` and its pool, link, statements, views and fallback modules) and
+the in-memory queue (:mod:`._spool_memory`).
 """
 
 from __future__ import annotations

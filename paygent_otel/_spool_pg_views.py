@@ -47,6 +47,8 @@ class PostgresSpoolView:
     readonly=True)``), it never changes the database: no migration, no lease released."""
 
     durable = True
+    _migrates = False
+    """Whether opening brings the schema up to date (the writing spool's job)."""
 
     def __init__(self, url: str, *, max_bytes: int, **options: Unpack[PgOptions]) -> None:
         """Connect (and, for a :class:`~._spool_pg.PostgresSpool`, migrate the schema)."""
@@ -66,9 +68,6 @@ class PostgresSpoolView:
         self._last_stats = SpoolStats(0, 0, 0, None, 0)
         self._link.first_contact()
         self._fallback = Fallback(self.fallback_path, max_bytes)
-
-    _migrates = False
-    """Whether opening brings the schema up to date (the writing spool's job)."""
 
     def close(self) -> None:
         """Close the connections and the fallback file, for good. Idempotent."""
