@@ -34,11 +34,11 @@ from . import semconv as sc
 __all__ = [
     "JOURNAL_RETENTION_SECONDS",
     "JOURNAL_SCHEMA",
-    "OUTCOMES",
     "AuditLine",
     "JournalRow",
     "Quantities",
     "audit",
+    "backfill",
     "create",
     "journal",
     "journal_rows",
@@ -50,9 +50,6 @@ __all__ = [
 
 JOURNAL_RETENTION_SECONDS: Final = 400 * 86_400.0
 """How long journal rows are kept: a year and a month of billing questions."""
-
-OUTCOMES: Final = ("recorded", "duplicate", "refused", "delivered", "dead", "purged")
-"""Journal outcomes (``pending`` is counted live from the spool)."""
 
 JOURNAL_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -198,23 +195,27 @@ def create(conn: sqlite3.Connection) -> None:
             if statement.strip():
                 conn.execute(statement)
         if fresh:
-            pending = conn.execute("SELECT body, created FROM pending").fetchall()
-            journal_rows(conn, "recorded", pending)
-            dead = [
-                (
-                    quantities_of(json.loads(body))
-                    if dest
-                    else rejected_quantities(json.loads(body)),
-                    created,
-                )
-                for dest, body, created in conn.execute("SELECT dest, body, created FROM dead")
-            ]
-            journal(conn, "recorded", dead)
-            journal(conn, "dead", dead)
+            backfill(conn)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def backfill(conn: sqlite3.Connection) -> None:
+    """Journal the pending records and dead letters of a spool written before the journal
+    existed as recorded (and dead), so its report balances."""
+    pending = conn.execute("SELECT body, created FROM pending").fetchall()
+    journal_rows(conn, "recorded", pending)
+    dead = [
+        (
+            quantities_of(json.loads(body)) if dest else rejected_quantities(json.loads(body)),
+            created,
+        )
+        for dest, body, created in conn.execute("SELECT dest, body, created FROM dead")
+    ]
+    journal(conn, "recorded", dead)
+    journal(conn, "dead", dead)
 
 
 def _who() -> str:

@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,6 +37,9 @@ from ._config import (
 )
 from ._output import human_age
 from ._units import duration_type
+
+if TYPE_CHECKING:
+    from ._spool import EndpointStatus
 
 __all__ = ["Check", "register", "run_checks"]
 
@@ -272,7 +275,9 @@ def _is_sandbox(answer: httpx.Response) -> bool:
 
 
 def _spool(target: _Target) -> Check:
-    from ._spool import SqliteSpool, check_spool_file, destination_id
+    """The spool file: present or creatable, private, a spool, and what it holds. Read-only:
+    the check changes nothing in the file."""
+    from ._spool import open_sqlite_view
 
     path = Path(target.config.spool_path)
     if target.config.spool_path == MEMORY_SPOOL:
@@ -282,15 +287,37 @@ def _spool(target: _Target) -> Check:
             "in memory (records are lost on a crash or a Paygent outage longer than the process)",
         )
     if not path.exists():
-        folder = next((p for p in path.parents if p.exists()), Path("/"))
-        if os.access(folder, os.W_OK | os.X_OK):
-            return Check("spool", "pass", f"{path}: not created yet; {folder} is writable")
-        return Check(
-            "spool",
-            "fail",
-            f"{path}: not created yet, and {folder} is not writable by this user",
-            "point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at a writable place",
-        )
+        return _spool_to_come(path)
+    problem = _spool_file_problem(path)
+    if problem is not None:
+        return problem
+    spool = open_sqlite_view(path, max_bytes=target.config.spool_max_bytes)
+    try:
+        endpoints = spool.endpoints()
+        invalid = spool.dead_letter_counts().get("invalid", 0)
+    finally:
+        spool.close()
+    return _spool_contents(target, path, endpoints, invalid)
+
+
+def _spool_to_come(path: Path) -> Check:
+    """A spool not created yet: can this user create it?"""
+    folder = next((p for p in path.parents if p.exists()), Path("/"))
+    if os.access(folder, os.W_OK | os.X_OK):
+        return Check("spool", "pass", f"{path}: not created yet; {folder} is writable")
+    return Check(
+        "spool",
+        "fail",
+        f"{path}: not created yet, and {folder} is not writable by this user",
+        "point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at a writable place",
+    )
+
+
+def _spool_file_problem(path: Path) -> Check | None:
+    """A failed check if the file is not this user's to use, is readable by others, or is
+    not a spool."""
+    from ._spool import check_spool_file
+
     problems = []
     if not os.access(path, os.R_OK | os.W_OK):
         problems.append("not readable and writable by this user")
@@ -304,12 +331,15 @@ def _spool(target: _Target) -> Check:
         return Check(
             "spool", "fail", str(exc), "point OTEL_EXPORTER_PAYGENT_SPOOL_PATH at the spool"
         )
-    spool = SqliteSpool(path, max_bytes=target.config.spool_max_bytes)
-    try:
-        endpoints = spool.endpoints()
-        invalid = spool.dead_letter_counts().get("invalid", 0)
-    finally:
-        spool.close()
+    return None
+
+
+def _spool_contents(
+    target: _Target, path: Path, endpoints: list[EndpointStatus], invalid: int
+) -> Check:
+    """What the spool holds per endpoint: a failure when records wait too long or died."""
+    from ._spool import destination_id
+
     mine = destination_id(target.config.endpoint)
     lines, stuck, dead_total = [], False, invalid
     for e in endpoints:
@@ -324,20 +354,20 @@ def _spool(target: _Target) -> Check:
     detail = f"{path} (mode {stat.filemode(path.stat().st_mode)}): " + (
         "; ".join(lines) if lines else "empty"
     )
-    if stuck or dead_total:
-        return Check(
-            "spool",
-            "fail",
-            detail,
-            "see `paygent-otel spool status` and `spool dead`; "
-            + (
-                "records wait longer than 5 min: is an exporter running and delivering? "
-                if stuck
-                else ""
-            )
-            + ("retry dead letters once the cause is fixed (`spool retry`)" if dead_total else ""),
+    if not (stuck or dead_total):
+        return Check("spool", "pass", detail)
+    return Check(
+        "spool",
+        "fail",
+        detail,
+        "see `paygent-otel spool status` and `spool dead`; "
+        + (
+            "records wait longer than 5 min: is an exporter running and delivering? "
+            if stuck
+            else ""
         )
-    return Check("spool", "pass", detail)
+        + ("retry dead letters once the cause is fixed (`spool retry`)" if dead_total else ""),
+    )
 
 
 _STEPS: Final[tuple[tuple[str, Step, tuple[str, ...]], ...]] = (

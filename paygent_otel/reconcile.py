@@ -263,7 +263,7 @@ def _journal_rows(
     spools: Iterable[Path], since: float | None, until: float | None
 ) -> tuple[list[JournalRow], int]:
     """The journal rows of every spool, and their invalid dead letters now."""
-    from ._spool import SqliteSpool, check_spool_file
+    from ._spool import open_sqlite_view
 
     rows: list[JournalRow] = []
     invalid = 0
@@ -275,8 +275,7 @@ def _journal_rows(
             )
         if not path.is_file():
             raise FileNotFoundError(f"no spool at {path} (pass --spool PATH)")
-        check_spool_file(path)
-        spool = SqliteSpool(path, max_bytes=1 << 62)
+        spool = open_sqlite_view(path)  # reconciling changes nothing in the spool
         try:
             rows += spool.journal(since, until)
             invalid += spool.dead_letter_counts().get("invalid", 0)

@@ -15,8 +15,10 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from ._config import (
     MEMORY_SPOOL,
@@ -34,12 +36,20 @@ from ._output import (
     iso_utc,
     print_rows,
 )
-from ._spool import DeadLetter, EndpointStatus, SqliteSpool, check_spool_file, destination_id
+from ._spool import (
+    DeadLetter,
+    EndpointStatus,
+    SqliteSpool,
+    SqliteSpoolView,
+    check_spool_file,
+    destination_id,
+    open_sqlite_view,
+)
 from ._spool_url import SpoolUrl, is_pg_url
 from ._units import duration_type
 
 if TYPE_CHECKING:
-    from ._spool_pg import PostgresSpool
+    from ._spool_pg import PostgresSpool, PostgresSpoolView
 
 __all__ = ["default_spool", "register"]
 
@@ -108,8 +118,25 @@ def _add_spool_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _Subcommand:
+    """One ``spool`` subcommand: its texts, its own arguments and its handler."""
+
+    name: str
+    help: str
+    description: str
+    handler: Callable[[argparse.Namespace], int]
+    arguments: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
+    """(flags, ``add_argument`` keywords) of each argument but ``--spool``."""
+    epilog: str | None = None
+    spool: bool = True
+    """Takes ``--spool PATH|URL``."""
+    formats: bool = False
+    """Takes ``--json`` and ``--csv`` (:func:`~._output.add_format_arguments`)."""
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``spool`` command and its subcommands."""
+    """Add the ``spool`` command and its subcommands (the table :data:`_SUBCOMMANDS`)."""
     parser = commands.add_parser(
         "spool",
         help="inspect the durable spool: pending records, dead letters; retry or purge them",
@@ -118,174 +145,46 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subcommands = parser.add_subparsers(dest="spool_command", metavar="SUBCOMMAND", required=True)
-
-    status = subcommands.add_parser(
-        "status",
-        help="records pending and in flight, dead letters, oldest pending age, size",
-        description=(
-            "Count what the spool holds: records waiting for delivery (and how many are being "
-            "sent right now), dead letters by status, how long the oldest record has waited, "
-            "and the space used."
-        ),
-    )
-    _add_spool_argument(status)
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.set_defaults(handler=_status)
-
-    dead = subcommands.add_parser(
-        "dead",
-        help="list dead letters (records Paygent refused) with status and reason",
-        description=(
-            "List dead letters, newest first: when, the status, the key, where the record "
-            "came from and Paygent's answer. --json adds each record's body."
-        ),
-        epilog=_DEAD_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_spool_argument(dead)
-    dead.add_argument("--status", help="only dead letters with this status (400, invalid, ...)")
-    dead.add_argument(
-        "--limit", type=int, default=20, help="show at most this many (default 20; 0 = all)"
-    )
-    add_format_arguments(dead)
-    dead.set_defaults(handler=_dead)
-
-    retry = subcommands.add_parser(
-        "retry",
-        help="move dead letters back to pending, so a running exporter sends them again",
-        description=(
-            "Move dead letters back to the pending records, with their original idempotency "
-            "key, once the cause of the refusal is fixed. A process delivering from this spool "
-            "to the records' endpoint sends them within a second (the next one to start, if "
-            "none runs); the command says which endpoint that is. Invalid records are never "
-            "retried (they are not Paygent documents)."
-        ),
-    )
-    _add_spool_argument(retry)
-    retry.add_argument("--status", help="only dead letters with this status (400, 422, ...)")
-    retry.add_argument(
-        "--key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="only the dead letter with this idempotency key (repeatable)",
-    )
-    retry.add_argument(
-        "--wait",
-        type=duration_type(),
-        metavar="DURATION",
-        help="then watch the spool up to DURATION (30s, 2m, ...) while an exporter sends "
-        "them, printing progress, and end with a summary; exit 1 if some are still pending "
-        "or dead again",
-    )
-    retry.set_defaults(handler=_retry)
-
-    retarget = subcommands.add_parser(
-        "retarget",
-        help="file the records of one endpoint under another, so they are sent there",
-        description=(
-            "Records are filed under the endpoint they were recorded for, and a process only "
-            "sends those of its own endpoint: usage recorded against a sandbox is never billed "
-            "to production by accident. When an endpoint was wrong (a typo, a path ending in "
-            "/api/v2/usage), move its pending records and dead letters to the right one; "
-            "pending ones fall due at once. `spool status` lists the endpoints and their URLs."
-        ),
-    )
-    _add_spool_argument(retarget)
-    retarget.add_argument(
-        "--from", dest="source", required=True, metavar="URL",
-        help="the endpoint the records are filed under, as `spool status` shows it (or its id)",
-    )  # fmt: skip
-    retarget.add_argument(
-        "--to", dest="target", required=True, metavar="URL",
-        help="the endpoint to send them to (the API base URL, as OTEL_EXPORTER_PAYGENT_ENDPOINT)",
-    )  # fmt: skip
-    retarget.set_defaults(handler=_retarget)
-
-    purge = subcommands.add_parser(
-        "purge",
-        help="delete every dead letter (or, with --pending, every undelivered record)",
-        description=(
-            "Delete every dead letter for good, after asking. With --pending, delete the "
-            "records still waiting for delivery instead: they will never be billed."
-        ),
-    )
-    _add_spool_argument(purge)
-    purge.add_argument(
-        "--pending",
-        action="store_true",
-        help="delete the records waiting for delivery, not the dead letters",
-    )
-    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    purge.set_defaults(handler=_purge)
-
-    audit = subcommands.add_parser(
-        "audit",
-        help="who retried, purged or re-targeted records, when, and how many",
-        description=(
-            "List the audit lines the spool keeps for every change a person made to it: "
-            "`spool retry`, `spool purge` and any re-targeting of records to another "
-            "endpoint. Each line says when (UTC), who (user@host and process id), what and "
-            "how many records. Newest first."
-        ),
-    )
-    _add_spool_argument(audit)
-    audit.add_argument(
-        "--limit", type=int, default=50, help="show at most this many (default 50; 0 = all)"
-    )
-    add_format_arguments(audit)
-    audit.set_defaults(handler=_audit)
-
-    migrate = subcommands.add_parser(
-        "migrate",
-        help="move a SQLite spool's pending records and dead letters into a PostgreSQL spool",
-        description=(
-            "Move every pending record and dead letter of a SQLite spool file into the "
-            "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept, "
-            "then delete them from the file. Records whose key PostgreSQL already knows are "
-            "deleted from the file without a second copy: running it twice, or while replicas "
-            "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending "
-            "right now stay in the file: stop the exporters on the file first, or run it again."
-        ),
-        epilog=(
-            "example:\n  paygent-otel spool migrate --from ~/.local/state/paygent-otel/"
-            "spool.sqlite3 --to postgresql://paygent@db.internal/billing\n\n"
-            "Then point the exporters or `paygent-otel serve --spool` at the URL."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    migrate.add_argument(
-        "--from", dest="source", metavar="FILE", required=True, help="the SQLite spool file"
-    )
-    migrate.add_argument(
-        "--to",
-        dest="target",
-        metavar="URL",
-        required=True,
-        help="the PostgreSQL spool, postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
-    )
-    migrate.set_defaults(handler=_migrate)
+    for sub in _SUBCOMMANDS:
+        extra: dict[str, Any] = {}
+        if sub.epilog is not None:
+            extra = {"epilog": sub.epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+        subparser = subcommands.add_parser(
+            sub.name, help=sub.help, description=sub.description, **extra
+        )
+        if sub.spool:
+            _add_spool_argument(subparser)
+        for flags, options in sub.arguments:
+            subparser.add_argument(*flags, **options)
+        if sub.formats:
+            add_format_arguments(subparser)
+        subparser.set_defaults(handler=sub.handler)
 
 
 def _open_postgres(url: str) -> PostgresSpool | None:
     """The PostgreSQL spool at ``url``; None, with the reason (password masked), if unusable."""
+    return cast("PostgresSpool | None", _open_postgres_as(url, readonly=False))
+
+
+def _open_postgres_as(url: str, *, readonly: bool) -> PostgresSpoolView | None:
     try:
-        from ._spool_pg import PostgresSpool
+        from ._spool_pg import PostgresSpool, PostgresSpoolView
     except ImportError as exc:
         print(f"the PostgreSQL spool needs psycopg: pip install 'paygent-otel[postgres]' ({exc})",
               file=sys.stderr)  # fmt: skip
         return None
+    opener = PostgresSpoolView if readonly else PostgresSpool
     try:
         # No local fallback here: a person asked about this database, not about a stand-in.
-        return PostgresSpool(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+        return opener(url, max_bytes=ExporterConfig.resolve().spool_max_bytes)
     except OSError as exc:
         print(f"cannot use the spool {SpoolUrl(url)}: {exc}", file=sys.stderr)
         return None
 
 
-def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
+def _locate(args: argparse.Namespace) -> str | None:
     """The spool named by ``--spool`` (or the default); None, with a message, if there is none."""
-    path = args.spool or default_spool()
+    path: str = args.spool or default_spool()
     others = [] if args.spool else _other_spools()
     if others:
         print(
@@ -294,7 +193,7 @@ def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
             file=sys.stderr,
         )
     if is_pg_url(path):
-        return _open_postgres(path)
+        return path
     if path == MEMORY_SPOOL:
         print(
             f"{OTEL_EXPORTER_PAYGENT_SPOOL_PATH}={MEMORY_SPOOL}: the exporters keep records in "
@@ -309,12 +208,32 @@ def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
             file=sys.stderr,
         )
         return None
+    return path
+
+
+def _open(args: argparse.Namespace) -> SqliteSpool | PostgresSpool | None:
+    """The spool to change; None, with a message, if there is none."""
+    path = _locate(args)
+    if path is None:
+        return None
+    if is_pg_url(path):
+        return _open_postgres(path)
     check_spool_file(path)
     return SqliteSpool(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
 
 
+def _open_view(args: argparse.Namespace) -> SqliteSpoolView | PostgresSpoolView | None:
+    """The spool to look into, opened read-only: the command changes nothing in it."""
+    path = _locate(args)
+    if path is None:
+        return None
+    if is_pg_url(path):
+        return _open_postgres_as(path, readonly=True)
+    return open_sqlite_view(path, max_bytes=ExporterConfig.resolve().spool_max_bytes)
+
+
 def _status(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
     try:
@@ -329,7 +248,7 @@ def _status(args: argparse.Namespace) -> int:
             for p in (spool.path, Path(f"{spool.path}-wal"), Path(f"{spool.path}-shm"))
             if p.exists()
         )
-        if isinstance(spool, SqliteSpool)
+        if isinstance(spool, SqliteSpoolView)
         else stats.size_bytes
     )
     if args.json:
@@ -440,7 +359,7 @@ def _dead_json(letter: DeadLetter) -> dict[str, Any]:
 
 
 def _dead(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
     try:
@@ -615,10 +534,10 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    spool = _open(args)
+    spool = _open_view(args)
     if spool is None:
         return 1
-    if not isinstance(spool, SqliteSpool):
+    if not isinstance(spool, SqliteSpoolView):
         spool.close()
         print(
             "the audit lines are kept by SQLite spools; a PostgreSQL spool's changes are in "
@@ -688,3 +607,119 @@ def _migrate(args: argparse.Namespace) -> int:
         "(deleted from the file, not sent twice). Replicas on the URL deliver them now."
     )
     return 0
+
+
+# fmt: off
+_SUBCOMMANDS: Final[tuple[_Subcommand, ...]] = (
+    _Subcommand(
+        "status",
+        "records pending and in flight, dead letters, oldest pending age, size",
+        "Count what the spool holds: records waiting for delivery (and how many are being "
+        "sent right now), dead letters by status, how long the oldest record has waited, "
+        "and the space used.",
+        _status,
+        ((("--json",), {"action": "store_true", "help": "print one JSON object"}),),
+    ),
+    _Subcommand(
+        "dead",
+        "list dead letters (records Paygent refused) with status and reason",
+        "List dead letters, newest first: when, the status, the key, where the record "
+        "came from and Paygent's answer. --json adds each record's body.",
+        _dead,
+        (
+            (("--status",), {"help": "only dead letters with this status (400, invalid, ...)"}),
+            (("--limit",), {"type": int, "default": 20,
+                            "help": "show at most this many (default 20; 0 = all)"}),
+        ),
+        epilog=_DEAD_EPILOG,
+        formats=True,
+    ),
+    _Subcommand(
+        "retry",
+        "move dead letters back to pending, so a running exporter sends them again",
+        "Move dead letters back to the pending records, with their original idempotency "
+        "key, once the cause of the refusal is fixed. A process delivering from this spool "
+        "to the records' endpoint sends them within a second (the next one to start, if "
+        "none runs); the command says which endpoint that is. Invalid records are never "
+        "retried (they are not Paygent documents).",
+        _retry,
+        (
+            (("--status",), {"help": "only dead letters with this status (400, 422, ...)"}),
+            (("--key",), {"action": "append", "default": [], "metavar": "KEY",
+                          "help": "only the dead letter with this idempotency key (repeatable)"}),
+            (("--wait",), {"type": duration_type(), "metavar": "DURATION",
+                           "help": "then watch the spool up to DURATION (30s, 2m, ...) while an "
+                           "exporter sends them, printing progress, and end with a summary; "
+                           "exit 1 if some are still pending or dead again"}),
+        ),
+    ),
+    _Subcommand(
+        "retarget",
+        "file the records of one endpoint under another, so they are sent there",
+        "Records are filed under the endpoint they were recorded for, and a process only "
+        "sends those of its own endpoint: usage recorded against a sandbox is never billed "
+        "to production by accident. When an endpoint was wrong (a typo, a path ending in "
+        "/api/v2/usage), move its pending records and dead letters to the right one; "
+        "pending ones fall due at once. `spool status` lists the endpoints and their URLs.",
+        _retarget,
+        (
+            (("--from",), {"dest": "source", "required": True, "metavar": "URL",
+                           "help": "the endpoint the records are filed under, as `spool "
+                           "status` shows it (or its id)"}),
+            (("--to",), {"dest": "target", "required": True, "metavar": "URL",
+                         "help": "the endpoint to send them to (the API base URL, as "
+                         "OTEL_EXPORTER_PAYGENT_ENDPOINT)"}),
+        ),
+    ),
+    _Subcommand(
+        "purge",
+        "delete every dead letter (or, with --pending, every undelivered record)",
+        "Delete every dead letter for good, after asking. With --pending, delete the "
+        "records still waiting for delivery instead: they will never be billed.",
+        _purge,
+        (
+            (("--pending",), {"action": "store_true",
+                              "help": "delete the records waiting for delivery, not the dead "
+                              "letters"}),
+            (("--yes",), {"action": "store_true", "help": "do not ask for confirmation"}),
+        ),
+    ),
+    _Subcommand(
+        "audit",
+        "who retried, purged or re-targeted records, when, and how many",
+        "List the audit lines the spool keeps for every change a person made to it: "
+        "`spool retry`, `spool purge` and any re-targeting of records to another "
+        "endpoint. Each line says when (UTC), who (user@host and process id), what and "
+        "how many records. Newest first.",
+        _audit,
+        ((("--limit",), {"type": int, "default": 50,
+                          "help": "show at most this many (default 50; 0 = all)"}),),
+        formats=True,
+    ),
+    _Subcommand(
+        "migrate",
+        "move a SQLite spool's pending records and dead letters into a PostgreSQL spool",
+        "Move every pending record and dead letter of a SQLite spool file into the "
+        "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept, "
+        "then delete them from the file. Records whose key PostgreSQL already knows are "
+        "deleted from the file without a second copy: running it twice, or while replicas "
+        "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending "
+        "right now stay in the file: stop the exporters on the file first, or run it again.",
+        _migrate,
+        (
+            (("--from",), {"dest": "source", "metavar": "FILE", "required": True,
+                           "help": "the SQLite spool file"}),
+            (("--to",), {"dest": "target", "metavar": "URL", "required": True,
+                         "help": "the PostgreSQL spool, "
+                         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"}),
+        ),
+        epilog=(
+            "example:\n  paygent-otel spool migrate --from ~/.local/state/paygent-otel/"
+            "spool.sqlite3 --to postgresql://paygent@db.internal/billing\n\n"
+            "Then point the exporters or `paygent-otel serve --spool` at the URL."
+        ),
+        spool=False,
+    ),
+)
+# fmt: on
+"""The ``spool`` subcommands (a declarative table: :func:`register` builds the parsers)."""

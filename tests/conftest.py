@@ -21,6 +21,8 @@
   and a valid STT record with it (0.45 minutes).
 - ``QuietHandler``: base of the loopback HTTP handlers tests run (no access log);
   ``self.reply(body, content_type)`` answers 200 with ``body``.
+- ``stt_usage(key, seconds, origin)``: a spooled STT usage record (agent-voice, cust-1,
+  deepgram nova-2) of ``seconds`` of audio, for tests that fill a spool directly.
 - autouse ``isolated_env``: removes ``PAYGENT_*`` and ``OTEL_*`` variables and points
   ``XDG_STATE_HOME`` (the default spool folder) into ``tmp_path``, so the developer's own
   environment can neither change a result nor receive a test's spool.
@@ -49,6 +51,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter
 from paygent_otel import semconv as sc
+from paygent_otel._mapping import UsageRecord
 from paygent_otel.sandbox import SandboxServer
 
 API_KEY = "pg_test_3f9c2a7d41b8e6a0"
@@ -336,3 +339,13 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+def stt_usage(key: str, seconds: float, origin: str) -> UsageRecord:
+    """A spooled STT usage record of ``seconds`` of audio for cust-1, keyed ``key``."""
+    payload = {
+        "agentId": "agent-voice",
+        "customerId": "cust-1",
+        "indicator": "minutes",
+        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
+                     "audioDuration": seconds},
+    }  # fmt: skip
+    return UsageRecord(key, payload, origin)

@@ -7,6 +7,7 @@ import io
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,11 +105,16 @@ def test_every_outcome_is_journaled_and_the_report_balances(
     assert document["balanced"] and document["cannot_see"]
 
 
-def test_pending_and_purged_records_are_accounted_for(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool = SqliteSpool(path, max_bytes=1 << 30)
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[SqliteSpool]:
+    """A spool file in ``tmp_path``, closed after the test (closing twice is fine)."""
+    opened = SqliteSpool(tmp_path / "spool.sqlite3", max_bytes=1 << 30)
+    yield opened
+    opened.close()
+
+
+def test_pending_and_purged_records_are_accounted_for(spool: SqliteSpool) -> None:
+    path = spool.path
     spool.add("d", [stt(i) for i in range(4)])
     spool.add("d", [stt(4), stt(4), stt(0)])  # a copy within the batch, one of an earlier
     row = conservation_report([path]).rows[0]
@@ -121,10 +127,9 @@ def test_pending_and_purged_records_are_accounted_for(
 
 
 def test_a_record_that_vanished_is_a_loud_difference(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spool: SqliteSpool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool = SqliteSpool(path, max_bytes=1 << 30)
+    path = spool.path
     spool.add("d", [stt(i) for i in range(3)])
     spool.close()
     with sqlite3.connect(path) as db:  # lost behind the spool's back
@@ -175,10 +180,9 @@ def test_missing_spool_is_a_clear_error(
 
 
 def test_the_journal_is_pruned_after_its_retention_but_not_under_a_pending_record(
-    tmp_path: Path,
+    spool: SqliteSpool,
 ) -> None:
-    path = tmp_path / "spool.sqlite3"
-    spool = SqliteSpool(path, max_bytes=1 << 30)
+    path = spool.path
     spool.add("d", [stt(0)])
     later = time.time() + JOURNAL_RETENTION_SECONDS + 7200
     spool.prune_delivered(later)

@@ -38,10 +38,12 @@ from paygent_otel._spool import (
     DELIVERED_KEY_RETENTION,
     LEASE_SECONDS,
     MemorySpool,
+    SpoolClosedError,
     SqliteSpool,
     open_spool,
 )
 from paygent_otel._spool_pg import PostgresSpool
+from paygent_otel._spool_schema import SQLITE_SCHEMA_VERSION
 from paygent_otel.sandbox import SandboxServer
 
 DEST = "dest-a"
@@ -296,6 +298,69 @@ def test_release_hands_this_workers_leases_back(open_store: Callable[..., Store]
     assert len(other.lease(DEST, 10, time.time())) == 3
 
 
+def test_a_closed_spool_stays_closed_instead_of_opening_again(
+    open_store: Callable[..., Store],
+) -> None:
+    store = open_store()
+    store.add(DEST, records(1))
+    store.close()
+
+    with pytest.raises(SpoolClosedError, match="is closed"):
+        store.add(DEST, records(1, start=1))
+    with pytest.raises(SpoolClosedError, match="is closed"):
+        store.lease(DEST, 10, time.time() + 1)
+    store.close()  # a second close changes nothing
+    assert pending_rows(store, "key, lease_owner") == [("key-00000", None)]
+
+
+def test_a_new_file_carries_its_schema_version(spool: SqliteSpool, spool_path: Path) -> None:
+    assert raw_rows(spool_path, "PRAGMA user_version") == [(SQLITE_SCHEMA_VERSION,)]
+
+
+def test_a_file_of_an_earlier_version_is_migrated_with_its_records(tmp_path: Path) -> None:
+    """A file written before the schema was numbered, without the journal, audit and
+    endpoints tables: they are added, its record journaled as recorded, the version set."""
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE pending (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,"
+            " dest TEXT NOT NULL, body BLOB NOT NULL, origin TEXT NOT NULL DEFAULT '',"
+            " created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_attempt REAL NOT NULL, lease_owner TEXT, lease_until REAL, last_error TEXT);"
+        )
+        body = json.dumps(record(1).payload).encode()
+        db.execute(
+            "INSERT INTO pending (key, dest, body, created, next_attempt) VALUES (?, ?, ?, ?, ?)",
+            ("key-old", DEST, body, time.time(), time.time()),
+        )
+    db.close()
+
+    spool = SqliteSpool(path, max_bytes=1 << 30)
+    leased = spool.lease(DEST, 10, time.time())
+    spool.close()
+
+    assert [item.key for item in leased] == ["key-old"]
+    assert raw_rows(path, "PRAGMA user_version") == [(SQLITE_SCHEMA_VERSION,)]
+    assert raw_rows(path, "SELECT outcome, records FROM journal") == [("recorded", 1)]
+    assert {"dead", "delivered", "endpoints", "audit"} <= {
+        name for (name,) in raw_rows(path, "SELECT name FROM sqlite_master")
+    }
+
+
+def test_a_file_newer_than_this_version_is_refused_untouched(spool_path: Path) -> None:
+    SqliteSpool(spool_path, max_bytes=1 << 30).close()
+    with sqlite3.connect(spool_path) as db:
+        db.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION + 1}")
+    db.close()
+    before = raw_rows(spool_path, "SELECT name, value FROM meta")
+
+    with pytest.raises(sqlite3.DatabaseError, match="newer than this paygent-otel understands"):
+        SqliteSpool(spool_path, max_bytes=1 << 30)
+    with pytest.raises(sqlite3.DatabaseError, match="upgrade paygent-otel"):
+        open_spool(str(spool_path), max_bytes=1 << 30, readonly=True)
+    assert raw_rows(spool_path, "SELECT name, value FROM meta") == before
+
+
 def test_stats_count_pending_in_flight_dead_oldest_and_size(store: Store) -> None:
     assert store.stats().pending == 0 and store.stats().oldest_pending_age is None
     store.add(DEST, records(4))
@@ -415,9 +480,7 @@ def test_leases_of_a_live_worker_are_respected_by_a_new_one(spool_path: Path) ->
     newcomer.close()
 
 
-def test_processes_sharing_a_spool_never_lease_a_record_twice(
-    store: Store, tmp_path: Path
-) -> None:
+def test_processes_sharing_a_spool_never_lease_a_record_twice(store: Store, tmp_path: Path) -> None:
     store.add(DEST, records(600))
     out = tmp_path / "leased.txt"
     drainers = [

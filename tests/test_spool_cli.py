@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import stt_usage
 
 from paygent_otel._config import default_spool_path
 from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
@@ -20,14 +21,7 @@ DEST = "dest-a"
 
 
 def usage(i: int) -> UsageRecord:
-    payload = {
-        "agentId": "agent-voice",
-        "customerId": "cust-1",
-        "indicator": "minutes",
-        "rawUsage": {"provider": "deepgram", "model": "nova-2", "plan": "default",
-                     "audioDuration": 1.0 + i},
-    }  # fmt: skip
-    return UsageRecord(f"key-{i:03d}", payload, f"span transcribe #{i}")
+    return stt_usage(f"key-{i:03d}", 1.0 + i, f"span transcribe #{i}")
 
 
 @pytest.fixture

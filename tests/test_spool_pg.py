@@ -493,3 +493,27 @@ def test_status_and_retarget_work_per_endpoint_on_a_postgres_spool(
     assert pg_rows(pg_url, "SELECT DISTINCT dest FROM paygent_pending") == [
         (destination_id(right),)
     ]
+
+
+def test_status_and_dead_only_read_a_postgres_spool(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No table is created in a database that holds no spool, and a spool's rows, leases
+    and schema are left as they are."""
+    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    for command in ("status", "dead"):
+        assert main(["spool", command, "--spool", pg_url]) == 1
+        assert "holds no paygent-otel spool" in capsys.readouterr().err
+    assert pg_rows(pg_url, tables) == []
+
+    spool = PostgresSpool(pg_url, max_bytes=1 << 30)
+    spool.add(DEST, [UsageRecord(f"key-{i}", {"n": i}, "test") for i in range(3)])
+    held = spool.lease(DEST, 1, time.time())  # this process's lease, still open
+    everything = "SELECT key, lease_owner, lease_until FROM paygent_pending ORDER BY key"
+    before = (pg_rows(pg_url, everything), pg_rows(pg_url, "SELECT * FROM paygent_schema_version"))
+    for command in ("status", "dead"):
+        assert main(["spool", command, "--spool", pg_url]) == 0
+    assert "pending         3 (1 being sent now)" in capsys.readouterr().out
+    after = (pg_rows(pg_url, everything), pg_rows(pg_url, "SELECT * FROM paygent_schema_version"))
+    assert after == before and held
+    spool.close()
