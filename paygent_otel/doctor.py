@@ -35,7 +35,7 @@ from ._config import (
     PAYGENT_API_KEY,
     ExporterConfig,
 )
-from ._output import human_age
+from ._output import add_command, human_age
 from ._units import duration_type
 
 if TYPE_CHECKING:
@@ -413,17 +413,18 @@ exit status: 0 every check passed, 1 a check failed.
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``doctor`` command."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "doctor",
         help="check configuration, network, TLS, proxy, key and spool; the fix for each failure",
         description=(
-            "Check, in order, whether usage can flow to Paygent: configuration, name "
-            "resolution, TCP, TLS and the CA in use, the proxy in effect, authentication "
-            "(where that bills nothing) and the spool. One pass/fail line each, with the "
+            "Check, in order, whether usage can flow to Paygent: configuration, name\n"
+            "resolution, TCP, TLS and the CA in use, the proxy in effect, authentication\n"
+            "(where that bills nothing) and the spool. One pass/fail line each, with the\n"
             "fix for a failure."
         ),
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_doctor,
     )
     parser.add_argument("--endpoint", help="Paygent API base URL (default: as the exporters)")
     parser.add_argument(
@@ -439,7 +440,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="per network check (default 5s)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.set_defaults(handler=_doctor)
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._journal import JournalRow
-from ._output import add_format_arguments, format_table, print_rows
+from ._output import add_command, add_format_arguments, format_table, print_rows
 from ._units import parse_instant
 from .sandbox.ledger import PERIODS
 
@@ -382,12 +382,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     from .sandbox.cli import timezone_type
     from .spool_cli import default_spool
 
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "reconcile",
         help="conservation report: recorded = delivered + duplicates + dead + pending (+ ...)",
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_reconcile,
     )
     parser.add_argument(
         "--spool", action="append", metavar="PATH",
@@ -406,7 +407,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--ledger", metavar="FILE", help="also compare what was delivered with a sandbox ledger"
     )
     add_format_arguments(parser)
-    parser.set_defaults(handler=_reconcile)
 
 
 def _reconcile(args: argparse.Namespace) -> int:

@@ -623,7 +623,7 @@ _SUBCOMMANDS: Final[tuple[_Subcommand, ...]] = (
     _Subcommand(
         "dead",
         "list dead letters (records Paygent refused) with status and reason",
-        "List dead letters, newest first: when, the status, the key, where the record "
+        "List dead letters, newest first: when, the status, the key, where the record\n"
         "came from and Paygent's answer. --json adds each record's body.",
         _dead,
         (
@@ -699,11 +699,11 @@ _SUBCOMMANDS: Final[tuple[_Subcommand, ...]] = (
     _Subcommand(
         "migrate",
         "move a SQLite spool's pending records and dead letters into a PostgreSQL spool",
-        "Move every pending record and dead letter of a SQLite spool file into the "
-        "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept, "
-        "then delete them from the file. Records whose key PostgreSQL already knows are "
-        "deleted from the file without a second copy: running it twice, or while replicas "
-        "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending "
+        "Move every pending record and dead letter of a SQLite spool file into the\n"
+        "PostgreSQL spool at URL (created if needed), keys, attempts and schedule kept,\n"
+        "then delete them from the file. Records whose key PostgreSQL already knows are\n"
+        "deleted from the file without a second copy: running it twice, or while replicas\n"
+        "on PostgreSQL deliver, sends nothing twice. Records a running exporter is sending\n"
         "right now stay in the file: stop the exporters on the file first, or run it again.",
         _migrate,
         (

@@ -30,7 +30,7 @@ from ._output import human_age, human_time, iso_utc
 from .reconcile import BLIND_SPOTS, COLUMNS, Report, check_against_ledger, report_from_journal
 
 if TYPE_CHECKING:
-    from ._spool import SqliteSpool
+    from ._spool import SqliteSpoolView
     from .bridge.app import BridgeApp
     from .sandbox.app import SandboxApp
 
@@ -86,7 +86,7 @@ class SpoolHealth:
     """(endpoint, its latest error, records waiting after an error)."""
 
 
-def spool_health(spool: SqliteSpool, endpoint: str | None = None) -> SpoolHealth:
+def spool_health(spool: SqliteSpoolView, endpoint: str | None = None) -> SpoolHealth:
     """Read a spool's health; ``endpoint`` names its destination id in the error list."""
     from ._spool import destination_id
 
@@ -473,7 +473,7 @@ def _route(
     return page
 
 
-def _journal_usage(spool: SqliteSpool, since: float, period: str) -> list[UsagePoint]:
+def _journal_usage(spool: SqliteSpoolView, since: float, period: str) -> list[UsagePoint]:
     _, length, fmt = WINDOWS[period]
     return [
         UsagePoint(
@@ -519,7 +519,7 @@ def bridge_page(app: BridgeApp) -> Callable[[Request], Any]:
 def sandbox_page(app: SandboxApp, spools: Sequence[Path]) -> Callable[[Request], Any]:
     """The page's route handler for the sandbox: its ledger's usage; the health and
     conservation report of ``spools`` (checked against the ledger), when given."""
-    from ._spool import SqliteSpool
+    from ._spool import open_sqlite_view
     from .sandbox.ledger import Ledger
 
     ledger = Ledger(app.writer.path)
@@ -535,7 +535,7 @@ def sandbox_page(app: SandboxApp, spools: Sequence[Path]) -> Callable[[Request],
         for path in spools:
             if not path.is_file():
                 continue
-            spool = SqliteSpool(path, max_bytes=1 << 62)
+            spool = open_sqlite_view(path)
             try:
                 health.append(spool_health(spool))
                 journal += spool.journal()

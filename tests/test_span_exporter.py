@@ -506,6 +506,7 @@ def test_api_key_never_appears_in_logs_reprs_or_errors(
         )
         pipeline.exporter.export([ended_span(attributes=STT)])
         wait_for(strict.ledger.request_log, message="the 401")
+        stats = pipeline.exporter.pipeline.spool.stats()
         pipeline.exporter.shutdown(timeout_millis=100)
     assert [e["status"] for e in strict.ledger.request_log()] == [401]
     assert "not accepted" in caplog.text  # the 401 was reported...
@@ -513,7 +514,7 @@ def test_api_key_never_appears_in_logs_reprs_or_errors(
         caplog.text,
         repr(pipeline.exporter),
         str(pipeline.exporter.config),
-        repr(pipeline.exporter.pipeline.spool.stats()),
+        repr(stats),
         str(pipeline.exporter.stats),
     ):
         assert API_KEY not in text
