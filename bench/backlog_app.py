@@ -44,8 +44,8 @@ def main() -> None:
     from opentelemetry.sdk.trace.export import SpanExportResult as Result
 
     from paygent_otel import IdentityDefaults, PaygentSpanExporter, UsageRecord
-    from paygent_otel._mapping import idempotency_key
-    from paygent_otel._spans import records_from_span
+    from paygent_otel.convention.mapping import idempotency_key
+    from paygent_otel.exporters.spans import records_from_span
 
     s = spec()
     total: int = s["n"]

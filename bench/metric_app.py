@@ -41,8 +41,8 @@ def main() -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    from paygent_otel.instruments import UsageInstruments
-    from paygent_otel.metric_exporter import PaygentMetricExporter
+    from paygent_otel.exporters.metric import PaygentMetricExporter
+    from paygent_otel.recording.instruments import UsageInstruments
 
     s = spec()
     rs = workload.records(s["n"])

@@ -192,7 +192,7 @@ def bridge_ingest(settings: Settings, usage: bool = True, workers: int = 1) -> d
     import signal
     import subprocess
 
-    from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+    from paygent_otel._cli.serve import LISTENING_LINE_PREFIX
 
     work = settings.workdir
     spool = _fresh(work / "bridge.spool.sqlite3")
@@ -202,7 +202,7 @@ def bridge_ingest(settings: Settings, usage: bool = True, workers: int = 1) -> d
         f"{workers} worker(s)")  # fmt: skip
     with (work / "bridge.log").open("wb") as bridge_log:
         bridge = subprocess.Popen(
-            [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
+            [sys.executable, "-m", "paygent_otel._cli.main", "serve", "--port", "0",
              "--endpoint", dead_endpoint(), "--spool", spool, "--flush-timeout", "1",
              "--workers", str(workers)],
             stdout=subprocess.PIPE, stderr=bridge_log, text=True, cwd=ROOT,
@@ -235,9 +235,9 @@ def bridge_ingest(settings: Settings, usage: bool = True, workers: int = 1) -> d
                 cpu0 = _process_cpu_s(bridge.pid)
                 result = child.expect("result")
                 # The bridge's CPU during the open-loop phase, as a share of one core.
-                result["paced"]["bridge_cpu_share"] = (
-                    _process_cpu_s(bridge.pid) - cpu0
-                ) / result["paced"]["elapsed_s"]
+                result["paced"]["bridge_cpu_share"] = (_process_cpu_s(bridge.pid) - cpu0) / result[
+                    "paced"
+                ]["elapsed_s"]
             finally:
                 child.finish()
         finally:
@@ -557,8 +557,9 @@ def delivery_rows(runs: dict[str, Any]) -> list[Row]:
                         "us",
                     )
                 )
-        helper, attrs = runs.get(f"helper-{latency}ms-durable"), runs.get(
-            f"attributes-{latency}ms-durable"
+        helper, attrs = (
+            runs.get(f"helper-{latency}ms-durable"),
+            runs.get(f"attributes-{latency}ms-durable"),
         )
         if helper and attrs:
             us, peer = helper["calls"]["thread_mean_us"], attrs["calls"]["thread_mean_us"]

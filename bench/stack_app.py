@@ -1,11 +1,11 @@
 """The application of row 11: deliver a spooled backlog through one HTTP stack.
 
-``stack`` is ``aiohttp`` (the runtime sender, :class:`paygent_otel._transport.AiohttpSender`)
-or ``httpx-aiohttp`` (``httpx.AsyncClient`` over ``httpx_aiohttp.AiohttpTransport``, the
-stack the design card names, through the pipeline's injected-transport seam). The records
-are written to a fresh SQLite spool before the clock starts, so the measured CPU is the
-delivery's alone: leasing, the HTTP stack, settling. Both stacks import aiohttp before the
-clock starts.
+``stack`` is ``aiohttp`` (the runtime sender,
+:class:`paygent_otel.delivery.transport.AiohttpSender`) or ``httpx-aiohttp``
+(``httpx.AsyncClient`` over ``httpx_aiohttp.AiohttpTransport``, the stack the design card
+names, through the pipeline's injected-transport seam). The records are written to a fresh
+SQLite spool before the clock starts, so the measured CPU is the delivery's alone: leasing,
+the HTTP stack, settling. Both stacks import aiohttp before the clock starts.
 
 Protocol: prints ``result`` with the process CPU seconds (every thread) from ``start()``
 to the moment the spool is empty, and the exporter's counters.
@@ -19,10 +19,10 @@ import aiohttp  # noqa: F401  (imported before the clock for both stacks)
 import httpx
 
 from bench._child import cpu_seconds, emit, now, spec
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._spool import destination_id, open_spool
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.spool import destination_id, open_spool
 
 
 def usage(prefix: str, i: int) -> UsageRecord:

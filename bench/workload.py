@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from paygent_otel import semconv as sc
+from paygent_otel.convention import semconv as sc
 from paygent_otel.sandbox import Ledger
 
 AGENT = "bench-agent"

@@ -1,23 +1,40 @@
 """Bill AI speech usage recorded with OpenTelemetry to Paygent.
 
 Set usage as span attributes (or metric points) following the Paygent semantic convention
-(:mod:`paygent_otel.semconv`), and let :class:`PaygentSpanExporter` or
-:class:`PaygentMetricExporter` turn them into Paygent tracking calls.
+(:mod:`paygent_otel.semconv`, in :mod:`paygent_otel.convention`), and let
+:class:`PaygentSpanExporter` or :class:`PaygentMetricExporter` turn them into Paygent
+tracking calls. What this module exports is the public API; ``docs/architecture.md`` says
+how the subpackages are layered.
 """
 
-from ._config import ExporterConfig
-from ._mapping import IdentityDefaults, Rejection, RejectReason, UsageRecord, map_usage
-from ._retry import RetryPolicy
-from ._version import __version__
-from .baggage import PaygentBaggageSpanProcessor
-from .instruments import UsageInstruments, create_usage_counters
-from .metric_exporter import PaygentMetricExporter
-from .recording import Identity, record_sts, record_stt, record_tts
-from .sampling import UsageSampler, UsageSpanProcessor
-from .semconv import UsageKind
-from .trace_exporter import PaygentSpanExporter
+from paygent_otel._version import __version__
+from paygent_otel.convention import semconv
+from paygent_otel.convention.mapping import (
+    IdentityDefaults,
+    Rejection,
+    RejectReason,
+    UsageRecord,
+    map_usage,
+)
+from paygent_otel.convention.semconv import UsageKind
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.retry import RetryPolicy
+from paygent_otel.exporters import PaygentMetricExporter, PaygentSpanExporter
+from paygent_otel.recording import (
+    ConversationIdentityProcessor,
+    Identity,
+    PaygentBaggageSpanProcessor,
+    UsageInstruments,
+    UsageSampler,
+    UsageSpanProcessor,
+    create_usage_counters,
+    record_sts,
+    record_stt,
+    record_tts,
+)
 
 __all__ = [
+    "ConversationIdentityProcessor",
     "ExporterConfig",
     "Identity",
     "IdentityDefaults",
@@ -38,4 +55,5 @@ __all__ = [
     "record_sts",
     "record_stt",
     "record_tts",
+    "semconv",
 ]

@@ -15,9 +15,10 @@ import sys
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
+    "PERIODS",
     "add_command",
     "add_format_arguments",
     "format_table",
@@ -29,6 +30,11 @@ __all__ = [
     "print_rows",
     "program_parser",
 ]
+
+
+PERIODS: Final = {"hour": "%Y-%m-%dT%H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
+"""The periods usage is grouped by (ledger totals, the conservation report, the usage page),
+and how each period's bucket is named (a ``strftime`` format)."""
 
 
 def iso_utc(timestamp: float) -> str:

@@ -50,8 +50,8 @@ from opentelemetry.sdk.trace import SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import UsageRecord
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import UsageRecord
 from paygent_otel.sandbox import SandboxServer
 
 API_KEY = "pg_test_3f9c2a7d41b8e6a0"
@@ -282,9 +282,9 @@ class Serving:
 def serving(*flags: str) -> Iterator[Serving]:
     """``paygent-otel serve --port 0 *flags`` in a child process (``PAYGENT_API_KEY`` set),
     once it prints its listening line; killed after the block if it still runs."""
-    from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+    from paygent_otel._cli.serve import LISTENING_LINE_PREFIX
 
-    command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0", *flags]
+    command = [sys.executable, "-m", "paygent_otel._cli.main", "serve", "--port", "0", *flags]
     process = subprocess.Popen(
         command,
         env={**os.environ, "PAYGENT_API_KEY": API_KEY},
@@ -326,6 +326,8 @@ def partially_rejected(response: Any, count: int, *quoted: str) -> str:
     for text in quoted:
         assert text in partial.error_message
     return str(partial.error_message)
+
+
 class QuietHandler(BaseHTTPRequestHandler):
     """Base of the loopback HTTP servers tests run: no access log, and :meth:`reply`."""
 
@@ -339,6 +341,8 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
 def stt_usage(key: str, seconds: float, origin: str) -> UsageRecord:
     """A spooled STT usage record of ``seconds`` of audio for cust-1, keyed ``key``."""
     payload = {

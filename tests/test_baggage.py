@@ -27,8 +27,8 @@ from conftest import QuietHandler
 from opentelemetry import baggage, context
 from opentelemetry.propagate import extract, inject
 
-from paygent_otel import semconv as sc
-from paygent_otel.baggage import (
+from paygent_otel.convention import semconv as sc
+from paygent_otel.recording.baggage import (
     MAX_BAGGAGE_VALUE_LENGTH,
     OTEL_EXPORTER_PAYGENT_BAGGAGE,
     PaygentBaggageSpanProcessor,
@@ -51,8 +51,8 @@ def run_callee(sandbox_url: str, api_key: str, spool: str) -> None:
     from opentelemetry.trace import SpanKind
 
     from paygent_otel import PaygentSpanExporter, record_stt
-    from paygent_otel.instruments import UsageInstruments
-    from paygent_otel.metric_exporter import PaygentMetricExporter
+    from paygent_otel.exporters.metric import PaygentMetricExporter
+    from paygent_otel.recording.instruments import UsageInstruments
 
     resource = Resource.create({sc.AGENT_ID: AGENT})
     tracer_provider = TracerProvider(resource=resource)

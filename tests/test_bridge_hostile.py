@@ -36,9 +36,9 @@ from test_bridge_security import spans, usage
 from test_collectors import Child, accepting, free_port, rotel_agent, rotel_env
 from test_collectors import start_bridge as serve
 
-from paygent_otel import semconv as sc
-from paygent_otel._config import ExporterConfig
 from paygent_otel.bridge import TRACES_PATH, Limits
+from paygent_otel.convention import semconv as sc
+from paygent_otel.delivery.config import ExporterConfig
 from paygent_otel.sandbox import SandboxServer
 
 LIVENESS = 5.0
@@ -572,7 +572,7 @@ def test_tls_and_client_certificates(sandbox, tmp_path, pki) -> None:
 
 
 def test_tls_files_that_do_not_load_stop_the_start(tmp_path, capsys) -> None:
-    from paygent_otel.cli import main
+    from paygent_otel._cli.main import main
 
     (tmp_path / "bad.pem").write_text("not a certificate\n")
     bad = str(tmp_path / "bad.pem")
@@ -591,7 +591,7 @@ def test_the_limits_table_matches_the_serve_flags() -> None:
     import argparse
     import dataclasses
 
-    from paygent_otel.bridge.cli import register
+    from paygent_otel._cli.serve import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -37,8 +37,6 @@ from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import semconv as sc
-from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import (
     LOGS_PATH,
     METRICS_PATH,
@@ -46,6 +44,8 @@ from paygent_otel.bridge import (
     BridgeServer,
     Limits,
 )
+from paygent_otel.convention import semconv as sc
+from paygent_otel.delivery.spool import SqliteSpool
 
 PB = {"Content-Type": "application/x-protobuf"}
 STT = {

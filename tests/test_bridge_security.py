@@ -26,8 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import semconv as sc
-from paygent_otel._spool import SqliteSpool
+from paygent_otel._cli.main import main
 from paygent_otel.bridge import (
     TRACES_PATH,
     BearerAuth,
@@ -36,7 +35,8 @@ from paygent_otel.bridge import (
     TokenError,
     is_loopback,
 )
-from paygent_otel.cli import main
+from paygent_otel.convention import semconv as sc
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf"}

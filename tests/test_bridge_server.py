@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import semconv as sc
 from paygent_otel.bridge import TRACES_PATH, Limits
+from paygent_otel.convention import semconv as sc
 
 PB = {"Content-Type": "application/x-protobuf"}
 

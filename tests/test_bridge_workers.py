@@ -17,8 +17,8 @@ from conftest import serving, wait_for
 from test_bridge_otlp import sum_request
 from test_bridge_server import spans
 
-from paygent_otel import semconv as sc
 from paygent_otel.bridge import METRICS_PATH, TRACES_PATH
+from paygent_otel.convention import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf", "Connection": "close"}
@@ -71,8 +71,10 @@ def test_workers_share_the_port_and_the_spool_and_bill_everything_once(
             return {t["customer_id"]: t for t in sandbox.ledger.totals(("customer_id",))}
 
         wait_for(
-            lambda: sum(t["calls"] for c, t in billed().items() if c != "cust-m") == 245
-            and billed().get("cust-m", {}).get("characters", 0) >= 600,
+            lambda: (
+                sum(t["calls"] for c, t in billed().items() if c != "cust-m") == 245
+                and billed().get("cust-m", {}).get("characters", 0) >= 600
+            ),
             timeout=30,
             message="everything delivered",
         )

@@ -17,15 +17,15 @@ import httpx
 import pytest
 from conftest import API_KEY, wait_for
 
-from paygent_otel import _reporting
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._spool import SqliteSpool, destination_id
-from paygent_otel._units import parse_duration, parse_instant, parse_size
+from paygent_otel._cli.main import main
 from paygent_otel._version import __version__
 from paygent_otel.bridge import BridgeApp, BridgeConfig
-from paygent_otel.cli import main
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery import reporting as _reporting
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.spool import SqliteSpool, destination_id
+from paygent_otel.delivery.units import parse_duration, parse_instant, parse_size
 from paygent_otel.sandbox import SandboxServer
 from paygent_otel.sandbox.app import validate_usage
 from paygent_otel.sandbox.ledger import LedgerWriter
@@ -74,15 +74,16 @@ def test_instants_are_iso_times_or_durations_ago() -> None:
     now = 1_790_000_000.0
     assert parse_instant("2h", now=now) == now - 7200
     assert parse_instant("2026-11-30", now=now) == datetime(2026, 11, 30, tzinfo=UTC).timestamp()
-    assert parse_instant("2026-11-30T14:00+01:00", now=now) == datetime(
-        2026, 11, 30, 13, tzinfo=UTC
-    ).timestamp()
+    assert (
+        parse_instant("2026-11-30T14:00+01:00", now=now)
+        == datetime(2026, 11, 30, 13, tzinfo=UTC).timestamp()
+    )
     with pytest.raises(ValueError, match="neither a time"):
         parse_instant("yesterday", now=now)
 
 
 def test_flags_take_units(capsys: pytest.CaptureFixture[str]) -> None:
-    from paygent_otel.cli import _build_parser
+    from paygent_otel._cli.main import _build_parser
 
     args = _build_parser().parse_args(
         ["serve", "--flush-timeout", "2m", "--spool-max-bytes", "64MiB", "--graceful-timeout",
@@ -160,7 +161,7 @@ def run_cli(
     *argv: str, cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", *argv],
+        [sys.executable, "-m", "paygent_otel._cli.main", *argv],
         capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
     )  # fmt: skip
 

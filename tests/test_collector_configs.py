@@ -1,7 +1,7 @@
 """The shipped collector configurations agree with the bridge and the convention.
 
-Names are imported from ``paygent_otel.semconv`` and ``paygent_otel.bridge``, so renaming an
-attribute, a path or the default port breaks this test instead of silently breaking a
+Names are imported from ``paygent_otel.convention.semconv`` and ``paygent_otel.bridge``, so
+renaming an attribute, a path or the default port breaks this test instead of silently breaking a
 user's Collector. (``tests/test_collectors.py`` runs the configs a real binary can run.)
 """
 
@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import env_file_settings
 
-from paygent_otel import semconv as sc
 from paygent_otel.bridge import DEFAULT_PORT, SIGNAL_PATHS, Signal
 from paygent_otel.bridge.config import DEFAULT_MAX_ITEMS
+from paygent_otel.convention import semconv as sc
 
 CONFIGS = Path(__file__).resolve().parents[1] / "collector-config"
 YAMLS = sorted(CONFIGS.glob("*.yaml"))

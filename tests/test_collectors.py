@@ -44,8 +44,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from paygent_otel import semconv as sc
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+from paygent_otel._cli.serve import LISTENING_LINE_PREFIX
+from paygent_otel.convention import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "collector-config"
@@ -141,7 +141,7 @@ def start_bridge(
 ) -> str:
     """``paygent-otel serve`` (with ``flags``) in a child process; its URL once it listens."""
     env = {**os.environ, "PAYGENT_API_KEY": API_KEY}
-    argv = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", str(port),
+    argv = [sys.executable, "-m", "paygent_otel._cli.main", "serve", "--port", str(port),
             "--spool", str(spool), "--endpoint", sandbox.url, "--flush-timeout", "2",
             "--drain-grace", "0", *flags]  # fmt: skip
     child = Child.start(argv, env)

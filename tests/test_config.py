@@ -18,12 +18,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from paygent_otel import PaygentSpanExporter, record_stt
-from paygent_otel import _config as config_module
-from paygent_otel._config import SETTINGS, ExporterConfig, ExporterSettings, flag_values
-from paygent_otel._config_doc import BEGIN_MARKER, END_MARKER, render_table
-from paygent_otel._units import parse_duration, parse_size
-from paygent_otel.baggage import baggage_enabled
-from paygent_otel.cli import _build_parser
+from paygent_otel._cli.main import _build_parser
+from paygent_otel.delivery import config as config_module
+from paygent_otel.delivery.config import SETTINGS, ExporterConfig, ExporterSettings, flag_values
+from paygent_otel.delivery.config_doc import BEGIN_MARKER, END_MARKER, render_table
+from paygent_otel.delivery.units import parse_duration, parse_size
+from paygent_otel.recording.baggage import baggage_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -46,7 +46,7 @@ def test_doc_table_is_the_generated_one() -> None:
     text = DOC.read_text()
     start, end = text.index(BEGIN_MARKER), text.index(END_MARKER) + len(END_MARKER)
     assert text[start:end] == render_table(), (
-        "docs/configuration.md is stale: paste `python -m paygent_otel._config_doc`"
+        "docs/configuration.md is stale: paste `python -m paygent_otel.delivery.config_doc`"
     )
 
 
@@ -60,12 +60,12 @@ def test_table_fields_and_arguments_are_the_same_settings() -> None:
 def test_every_environment_variable_is_read_in_the_config_module_only() -> None:
     readers = []
     for path in (ROOT / "paygent_otel").rglob("*.py"):
-        if path.name == "_config.py":
+        if path == ROOT / "paygent_otel" / "delivery" / "config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                 readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert readers == [], "read environment variables through paygent_otel._config"
+    assert readers == [], "read environment variables through paygent_otel.delivery.config"
     # ... and each variable it defines is a row of the table (XDG_STATE_HOME is not ours).
     defined = {
         value
@@ -76,10 +76,10 @@ def test_every_environment_variable_is_read_in_the_config_module_only() -> None:
 
 
 def test_old_import_names_still_work() -> None:
-    from paygent_otel._exporter import ExporterSettings as from_exporter
-    from paygent_otel.baggage import OTEL_EXPORTER_PAYGENT_BAGGAGE
-    from paygent_otel.bridge.cli import PAYGENT_BRIDGE_TOKEN
+    from paygent_otel._cli.serve import PAYGENT_BRIDGE_TOKEN
     from paygent_otel.bridge.config import DEFAULT_FLUSH_TIMEOUT
+    from paygent_otel.exporters.base import ExporterSettings as from_exporter
+    from paygent_otel.recording.baggage import OTEL_EXPORTER_PAYGENT_BAGGAGE
 
     assert from_exporter is ExporterSettings
     assert (OTEL_EXPORTER_PAYGENT_BAGGAGE, PAYGENT_BRIDGE_TOKEN) == (
@@ -355,7 +355,7 @@ def test_duration_and_size_flags_take_units() -> None:
 )
 def test_a_bad_flag_is_a_usage_error_naming_it(argv: list[str], says: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "serve", *argv],
+        [sys.executable, "-m", "paygent_otel._cli.main", "serve", *argv],
         check=False,
         capture_output=True,
         text=True,

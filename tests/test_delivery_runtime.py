@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from conftest import API_KEY, wait_for
 
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._retry import RetryPolicy
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.retry import RetryPolicy
 from paygent_otel.sandbox import SandboxServer
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY
 
-from paygent_otel._spool import SqliteSpool
-from paygent_otel.cli import main
+from paygent_otel._cli.main import main
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 
 
@@ -101,8 +101,8 @@ def test_a_wrong_key_a_bad_endpoint_and_a_closed_port_fail_with_their_fix(
 def test_plain_http_off_loopback_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from paygent_otel._config import ExporterConfig
-    from paygent_otel.doctor import _Target, _tls
+    from paygent_otel._cli.doctor import _Target, _tls
+    from paygent_otel.delivery.config import ExporterConfig
 
     target = _Target(ExporterConfig.resolve(endpoint="http://billing.example"), 1.0)
     target.host, target.port, target.addresses = "billing.example", 80, ("192.0.2.7",)
@@ -134,7 +134,7 @@ def test_the_spool_check_names_permissions_backlog_and_dead_letters(
 ) -> None:  # fmt: skip
     from test_cli import record
 
-    from paygent_otel._spool import destination_id
+    from paygent_otel.delivery.spool import destination_id
 
     monkeypatch.setenv("PAYGENT_API_KEY", API_KEY)
     path = tmp_path / "spool.sqlite3"

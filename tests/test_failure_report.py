@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from paygent_otel._reporting import SUMMARY_INTERVAL_SECONDS, FailureReport
+from paygent_otel.delivery.reporting import SUMMARY_INTERVAL_SECONDS, FailureReport
 
 LOGGER = "paygent_otel.tests.failures"
 

@@ -35,8 +35,8 @@ from typing import IO, Any
 import pytest
 from conftest import API_KEY, collect_lines, wait_for
 
-from paygent_otel._spool import SqliteSpool
-from paygent_otel.reconcile import BLIND_SPOTS, Report, conservation_report
+from paygent_otel.delivery.reconcile import BLIND_SPOTS, Report, conservation_report
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 from paygent_otel.sandbox.ledger import Outcome
 
@@ -214,7 +214,7 @@ def verdict(
         with_spool = SqliteSpool(spool, max_bytes=1 << 30)
         dead = with_spool.stats().dead_letters
         with_spool.close()
-        conservation = conservation_report([spool], ledger=sandbox.db_path)
+        conservation = conservation_report([spool], ledger=sandbox.ledger)
     return Verdict(
         recorded, len(keys), sandbox.ledger.duplicate_count(), dead, refused, conservation
     )
@@ -427,7 +427,7 @@ def test_rejected_records_are_dead_lettered_then_replayed_with_spool_retry(
 
     sandbox.set_faults(reject_rate=0.0)
     retry = subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "spool", "retry", "--spool", str(spool)],
+        [sys.executable, "-m", "paygent_otel._cli.main", "spool", "retry", "--spool", str(spool)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert retry.returncode == 0, retry.stderr

@@ -94,7 +94,7 @@ def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _dry_run_of(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "dry-run", *args],
+        [sys.executable, "-m", "paygent_otel._cli.main", "dry-run", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,11 +15,11 @@ from conftest import Tracing, wait_for
 from opentelemetry import baggage, context
 from paygent_sdk.openai_realtime_sts import speech_to_speech_metadata_from_openai_realtime_usage
 
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import IdentityDefaults, RejectReason
-from paygent_otel._spans import has_usage, records_from_span
-from paygent_otel.baggage import PaygentBaggageSpanProcessor
-from paygent_otel.genai import genai_record, has_genai_usage
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.genai import genai_record, has_genai_usage
+from paygent_otel.convention.mapping import IdentityDefaults, RejectReason
+from paygent_otel.exporters.spans import has_usage, records_from_span
+from paygent_otel.recording.baggage import PaygentBaggageSpanProcessor
 from paygent_otel.sandbox import SandboxServer
 
 AGENT = "agent-realtime"

@@ -18,12 +18,12 @@ from conftest import API_KEY, wait_for
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Sum
 
-import paygent_otel._delivery as delivery_module
-import paygent_otel._worker as worker_module
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._selfmetrics import register_self_metrics
+import paygent_otel.delivery.pipeline as delivery_module
+import paygent_otel.delivery.worker as worker_module
 from paygent_otel.bridge import BridgeApp, BridgeConfig, BridgeServer
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.selfmetrics import register_self_metrics
 from paygent_otel.sandbox import SandboxServer
 
 DASHBOARD = (

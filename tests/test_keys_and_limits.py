@@ -43,17 +43,17 @@ from test_collectors import (
 from test_span_exporter import ended_span, ids
 from test_spool_cli import run
 
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import (
+from paygent_otel.bridge import LOGS_PATH, TRACES_PATH, BridgeServer
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import (
     IdentityDefaults,
     Rejection,
     RejectReason,
     UsageRecord,
     idempotency_key,
 )
-from paygent_otel._metrics import UsagePoint, records_from_points
-from paygent_otel._spool import SqliteSpool, destination_id
-from paygent_otel.bridge import LOGS_PATH, TRACES_PATH, BridgeServer
+from paygent_otel.delivery.spool import SqliteSpool, destination_id
+from paygent_otel.exporters.metrics import UsagePoint, records_from_points
 from paygent_otel.sandbox import SandboxServer
 
 IDENTITY = {sc.AGENT_ID: "agent-1", sc.PROVIDER: "deepgram", sc.MODEL: "nova-2"}

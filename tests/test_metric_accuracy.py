@@ -21,9 +21,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from paygent_otel import semconv as sc
-from paygent_otel.instruments import UsageInstruments
-from paygent_otel.metric_exporter import PaygentMetricExporter
+from paygent_otel.convention import semconv as sc
+from paygent_otel.exporters.metric import PaygentMetricExporter
+from paygent_otel.recording.instruments import UsageInstruments
 from paygent_otel.sandbox import SandboxServer
 
 INCREMENTS = 102_000

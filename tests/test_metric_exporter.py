@@ -37,14 +37,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from paygent_otel import Identity
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import IdentityDefaults, UsageRecord
-from paygent_otel._metrics import UsagePoint, records_from_points
-from paygent_otel._spool import open_spool
-from paygent_otel.instruments import UsageInstruments, create_usage_counters
-from paygent_otel.metric_exporter import USAGE_TEMPORALITY, PaygentMetricExporter
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import IdentityDefaults, UsageRecord
+from paygent_otel.delivery.spool import open_spool
+from paygent_otel.exporters.metric import USAGE_TEMPORALITY, PaygentMetricExporter
+from paygent_otel.exporters.metrics import UsagePoint, records_from_points
+from paygent_otel.exporters.trace import PaygentSpanExporter
+from paygent_otel.recording.instruments import UsageInstruments, create_usage_counters
 from paygent_otel.sandbox import SandboxServer
-from paygent_otel.trace_exporter import PaygentSpanExporter
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 NOVA = {"provider": "deepgram", "model": "nova-2"}

@@ -21,7 +21,7 @@ APP = textwrap.dedent(
     """
     from opentelemetry import metrics
 
-    from paygent_otel.instruments import UsageInstruments
+    from paygent_otel import UsageInstruments
 
     usage = UsageInstruments(metrics.get_meter("zero-code-app"))
 

@@ -26,7 +26,7 @@ from paygent_sdk import (
     StsOutputSide,
 )
 
-from paygent_otel import semconv as sc
+from paygent_otel.convention import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 AGENT = "agent-support-voice"

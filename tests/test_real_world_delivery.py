@@ -66,7 +66,7 @@ def customers(sandbox: SandboxServer) -> list[str]:
 
 
 def spool_pending(tmp_path: Path) -> int:
-    from paygent_otel._spool import SqliteSpool
+    from paygent_otel.delivery.spool import SqliteSpool
 
     spool = SqliteSpool(tmp_path / "state" / "paygent-otel" / "spool.sqlite3", max_bytes=1 << 30)
     try:
@@ -149,7 +149,7 @@ def test_throttling_with_retry_after_is_logged_with_its_pause(
 def test_an_endpoint_that_answers_404_pauses_delivery_instead_of_dead_lettering(
     tmp_path: Path, sandbox: SandboxServer
 ) -> None:
-    from paygent_otel._spool import SqliteSpool
+    from paygent_otel.delivery.spool import SqliteSpool
 
     run = run_app(tmp_path, f"http://localhost:{sandbox.port}/v1", "main", "cust-404")
 
@@ -340,7 +340,7 @@ def test_a_proxy_that_is_down_is_named_in_the_failure(
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PAYGENT_"))}
     return subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", *args],
+        [sys.executable, "-m", "paygent_otel._cli.main", *args],
         env={**env, "XDG_STATE_HOME": str(tmp_path / "state")},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -405,7 +405,7 @@ def test_an_endpoint_without_a_scheme_stops_delivery_loudly_and_keeps_the_record
 def test_serve_refuses_to_start_when_it_could_not_deliver(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PAYGENT_"))}
     done = subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
+        [sys.executable, "-m", "paygent_otel._cli.main", "serve", "--port", "0",
          "--spool", str(tmp_path / "bridge.sqlite3")],
         env={**env, "PAYGENT_API_KEY": API_KEY,
              "OTEL_EXPORTER_PAYGENT_ENDPOINT": "https://cp-api.withpaygent.com/api/v2/usage"},

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY
 
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._journal import JOURNAL_RETENTION_SECONDS
-from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
-from paygent_otel._spool import SqliteSpool, destination_id
-from paygent_otel.cli import main
-from paygent_otel.reconcile import conservation_report
+from paygent_otel._cli.main import main
+from paygent_otel.convention.mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.reconcile import conservation_report
+from paygent_otel.delivery.spool import SqliteSpool, destination_id
+from paygent_otel.delivery.spool.journal import JOURNAL_RETENTION_SECONDS
 from paygent_otel.sandbox import SandboxServer
 
 
@@ -69,7 +69,7 @@ def test_every_outcome_is_journaled_and_the_report_balances(
     pipeline = DeliveryPipeline(config, name="traces")
     pipeline.force_flush(10)
     pipeline.shutdown(2)
-    report = conservation_report([path], ledger=sandbox.db_path)
+    report = conservation_report([path], ledger=sandbox.ledger)
 
     assert report.balanced, report.to_text()
     rows = {(r.customer, r.kind): r for r in report.rows}

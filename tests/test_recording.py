@@ -22,8 +22,8 @@ from paygent_sdk import (
 )
 
 from paygent_otel import Identity, record_sts, record_stt, record_tts
-from paygent_otel import recording as recording_module
-from paygent_otel import semconv as sc
+from paygent_otel.convention import semconv as sc
+from paygent_otel.recording import helpers as recording_module
 from paygent_otel.sandbox import SandboxServer
 
 AGENT, CUSTOMER = "agent-support-voice", "cust_8812"
@@ -417,7 +417,7 @@ def test_identity_gives_the_attributes_it_names() -> None:
 @pytest.mark.parametrize("function", ["record_sts", "add_sts"])
 def test_every_sts_quantity_argument_is_read(function: str) -> None:
     """The STS helpers read their quantity keywords by name: each must name a quantity."""
-    from paygent_otel.instruments import UsageInstruments
+    from paygent_otel.recording.instruments import UsageInstruments
 
     helper = record_sts if function == "record_sts" else UsageInstruments.add_sts
     not_quantities = {"self", "agent_id", "customer_id", "indicator", "usage_metadata", "span"}

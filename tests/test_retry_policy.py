@@ -28,12 +28,12 @@ from conftest import wait_for
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-import paygent_otel._delivery as delivery
+import paygent_otel.delivery.pipeline as delivery
 from paygent_otel import PaygentMetricExporter, PaygentSpanExporter
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import USAGE_PATH, DeliveryPipeline
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._retry import (
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import USAGE_PATH, DeliveryPipeline
+from paygent_otel.delivery.retry import (
     AUTH_STATUSES,
     MAX_RETRY_AFTER,
     RETRYABLE_STATUSES,
@@ -42,8 +42,12 @@ from paygent_otel._retry import (
     classify_status,
     parse_retry_after,
 )
-from paygent_otel._selfmetrics import RECORDS_METRIC, SPOOL_DEAD_METRIC, SPOOL_PENDING_METRIC
-from paygent_otel._spool import SqliteSpool
+from paygent_otel.delivery.selfmetrics import (
+    RECORDS_METRIC,
+    SPOOL_DEAD_METRIC,
+    SPOOL_PENDING_METRIC,
+)
+from paygent_otel.delivery.spool import SqliteSpool
 
 SECRET_KEY = "pk_live_7f3a9c2e51d84b06aa1f"
 FAST = RetryPolicy(initial_interval=0.02, max_interval=0.1)

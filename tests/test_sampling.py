@@ -38,9 +38,9 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from paygent_otel import PaygentSpanExporter, record_stt
-from paygent_otel import semconv as sc
-from paygent_otel._sampled_demo import run_sampled_service_demo
-from paygent_otel.sampling import UsageSampler, UsageSpanProcessor
+from paygent_otel._cli.sampled_demo import run_sampled_service_demo
+from paygent_otel.convention import semconv as sc
+from paygent_otel.recording.sampling import UsageSampler, UsageSpanProcessor
 from paygent_otel.sandbox import SandboxServer
 
 AGENT = "agent-sampled"

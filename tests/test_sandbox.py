@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 import paygent_otel.sandbox as sandbox_pkg
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import map_usage
+from paygent_otel._cli.sandbox import register
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import map_usage
 from paygent_otel.sandbox import Ledger, SandboxProcess, SandboxServer
 from paygent_otel.sandbox.app import INJECTED_REJECTION_ERROR
-from paygent_otel.sandbox.cli import register
 
 API_KEY = "test-key"
 USAGE = "/api/v2/usage"

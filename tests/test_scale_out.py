@@ -31,9 +31,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from postgres import pg_server, pg_url  # noqa: F401 (fixtures used by name)
 
-from paygent_otel import semconv as sc
+from paygent_otel._cli.serve import LISTENING_LINE_PREFIX
 from paygent_otel.bridge import TRACES_PATH
-from paygent_otel.bridge.cli import LISTENING_LINE_PREFIX
+from paygent_otel.convention import semconv as sc
 from paygent_otel.sandbox import SandboxServer
 
 PB = {"Content-Type": "application/x-protobuf"}
@@ -69,7 +69,7 @@ class Replica:
             "OTEL_EXPORTER_PAYGENT_SPOOL_LEASE_SECONDS": "3",
             "OTEL_EXPORTER_PAYGENT_SPOOL_FALLBACK_PATH": str(folder / "fallback.sqlite3"),
         }
-        command = [sys.executable, "-m", "paygent_otel.cli", "serve", "--port", "0",
+        command = [sys.executable, "-m", "paygent_otel._cli.main", "serve", "--port", "0",
                    "--spool", url, "--endpoint", sandbox.url, "--flush-timeout", "5"]  # fmt: skip
         self.log = (folder / "bridge.log").open("w+")
         self.process = subprocess.Popen(
@@ -101,9 +101,7 @@ class Replica:
         self.log.close()
 
 
-def test_three_replicas_one_killed_bill_every_record_once(
-    pg_url: str, tmp_path: Path
-) -> None:
+def test_three_replicas_one_killed_bill_every_record_once(pg_url: str, tmp_path: Path) -> None:
     sandbox = SandboxServer(tmp_path / "ledger.sqlite3", latency_ms=200)
     sandbox.start()
     replicas: list[Replica] = []

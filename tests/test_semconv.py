@@ -6,9 +6,13 @@ import re
 from pathlib import Path
 
 import paygent_otel
-import paygent_otel.sampling
-from paygent_otel import semconv as sc
-from paygent_otel._semconv_doc import BEGIN_MARKER, END_MARKER, attribute_docs, render_tables
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.semconv_doc import (
+    BEGIN_MARKER,
+    END_MARKER,
+    attribute_docs,
+    render_tables,
+)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "semantic-conventions.md"
 
@@ -17,7 +21,8 @@ def test_doc_table_is_the_generated_one() -> None:
     text = DOC.read_text()
     start, end = text.index(BEGIN_MARKER), text.index(END_MARKER) + len(END_MARKER)
     assert text[start:end] == render_tables(), (
-        "docs/semantic-conventions.md is stale: paste `python -m paygent_otel._semconv_doc`"
+        "docs/semantic-conventions.md is stale: "
+        "paste `python -m paygent_otel.convention.semconv_doc`"
     )
 
 
@@ -67,4 +72,4 @@ def test_public_surface() -> None:
         paygent_otel.__all__
     )
     # Only the sampler and its processor are public in sampling (the demo route is not).
-    assert paygent_otel.sampling.__all__ == ["UsageSampler", "UsageSpanProcessor"]
+    assert paygent_otel.recording.sampling.__all__ == ["UsageSampler", "UsageSpanProcessor"]

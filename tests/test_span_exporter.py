@@ -20,9 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from paygent_otel import PaygentSpanExporter, RetryPolicy
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import UsageRecord, idempotency_key, map_usage
-from paygent_otel._spool import SqliteSpool
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import UsageRecord, idempotency_key, map_usage
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 
 FAST_RETRY = RetryPolicy(initial_interval=0.05, max_interval=0.2)
@@ -437,7 +437,7 @@ def test_one_span_that_cannot_be_mapped_does_not_lose_the_batch(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import paygent_otel.trace_exporter as module
+    import paygent_otel.exporters.trace as module
 
     real = module.records_from_span
 

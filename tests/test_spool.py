@@ -30,11 +30,11 @@ from conftest import API_KEY
 from postgres import pg_server, pg_url  # noqa: F401 (fixtures used by name)
 
 from paygent_otel import PaygentSpanExporter
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
-from paygent_otel._retry import RetryPolicy
-from paygent_otel._spool import (
+from paygent_otel.convention.mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.retry import RetryPolicy
+from paygent_otel.delivery.spool import (
     DELIVERED_KEY_RETENTION,
     LEASE_SECONDS,
     MemorySpool,
@@ -42,8 +42,8 @@ from paygent_otel._spool import (
     SqliteSpool,
     open_spool,
 )
-from paygent_otel._spool_pg import PostgresSpool
-from paygent_otel._spool_schema import SQLITE_SCHEMA_VERSION
+from paygent_otel.delivery.spool.postgres import PostgresSpool
+from paygent_otel.delivery.spool.schema import SQLITE_SCHEMA_VERSION
 from paygent_otel.sandbox import SandboxServer
 
 DEST = "dest-a"
@@ -434,7 +434,7 @@ def test_leases_of_a_killed_process_are_taken_back_at_once(spool_path: Path) -> 
     SqliteSpool(spool_path, max_bytes=1 << 30).add(DEST, records(4))
     code = (
         "import sys, time, os, signal\n"
-        "from paygent_otel._spool import SqliteSpool\n"
+        "from paygent_otel.delivery.spool import SqliteSpool\n"
         f"s = SqliteSpool({str(spool_path)!r}, max_bytes=1 << 30)\n"
         f"print(len(s.lease({DEST!r}, 3, time.time())), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

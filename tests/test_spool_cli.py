@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import stt_usage
 
-from paygent_otel._config import default_spool_path
-from paygent_otel._mapping import Rejection, RejectReason, UsageRecord
-from paygent_otel._spool import SqliteSpool
-from paygent_otel.cli import main
+from paygent_otel._cli.main import main
+from paygent_otel.convention.mapping import Rejection, RejectReason, UsageRecord
+from paygent_otel.delivery.config import default_spool_path
+from paygent_otel.delivery.spool import SqliteSpool
 
 DEST = "dest-a"
 
@@ -235,7 +235,7 @@ def test_every_subcommand_explains_itself(sub: str, capsys: pytest.CaptureFixtur
 
 def test_the_installed_command_runs_the_spool_commands(spool_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "paygent_otel.cli", "spool", "status", "--spool",
+        [sys.executable, "-m", "paygent_otel._cli.main", "spool", "status", "--spool",
          str(spool_path), "--json"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

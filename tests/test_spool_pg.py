@@ -26,21 +26,21 @@ from postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures used by
 from test_spool import record, records
 
 from paygent_otel import PaygentSpanExporter
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._metrics import UsagePoint
-from paygent_otel._spool import MemorySpool, SqliteSpool, open_spool
-from paygent_otel._spool_pg import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
-from paygent_otel._spool_url import SpoolUrl, mask_password, redact
+from paygent_otel._cli.main import main
 from paygent_otel.bridge.cumulative import (
     CumulativePoint,
     CumulativeStore,
     PostgresCumulativeStore,
     open_cumulative_store,
 )
-from paygent_otel.cli import main
-from paygent_otel.recording import record_stt
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.spool import MemorySpool, SqliteSpool, open_spool
+from paygent_otel.delivery.spool.postgres import SCHEMA_VERSION, PostgresSpool, SpoolUnavailable
+from paygent_otel.delivery.spool.url import SpoolUrl, mask_password, redact
+from paygent_otel.exporters.metrics import UsagePoint
+from paygent_otel.recording.helpers import record_stt
 from paygent_otel.sandbox import SandboxServer
 
 DEST = "dest-a"
@@ -446,8 +446,8 @@ def test_a_database_that_cannot_be_used_is_one_clear_error(pg_url: str, tmp_path
 
 
 def usage_with_id(seconds: float) -> UsageRecord:
-    from paygent_otel import semconv as sc
-    from paygent_otel._mapping import map_usage
+    from paygent_otel.convention import semconv as sc
+    from paygent_otel.convention.mapping import map_usage
 
     attributes = {
         sc.USAGE_KIND: "stt", sc.USAGE_ID: "job-42", sc.AGENT_ID: "agent-voice",
@@ -478,7 +478,7 @@ def test_the_same_usage_id_with_other_usage_is_refused_by_every_replica(pg_url: 
 def test_status_and_retarget_work_per_endpoint_on_a_postgres_spool(
     pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from paygent_otel._spool import destination_id
+    from paygent_otel.delivery.spool import destination_id
 
     wrong, right = "http://paygent.test/v1", "http://paygent.test"
     spool = PostgresSpool(pg_url, max_bytes=1 << 30)

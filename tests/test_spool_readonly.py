@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY, stt_usage
 
-from paygent_otel._mapping import UsageRecord
-from paygent_otel._spool import SqliteSpool, open_spool
-from paygent_otel.cli import main
+from paygent_otel._cli.main import main
+from paygent_otel.convention.mapping import UsageRecord
+from paygent_otel.delivery.spool import SqliteSpool, open_spool
 from paygent_otel.sandbox.ledger import LedgerWriter
 
 LOOKING = [

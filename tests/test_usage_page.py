@@ -22,11 +22,11 @@ from conftest import API_KEY, wait_for
 from test_bridge_server import PB, spans
 from test_cli import record
 
-from paygent_otel._config import ExporterConfig
-from paygent_otel._delivery import DeliveryPipeline
-from paygent_otel._spool import SqliteSpool
 from paygent_otel.bridge import BridgeApp, BridgeConfig, BridgeServer
 from paygent_otel.bridge.auth import BearerAuth
+from paygent_otel.delivery.config import ExporterConfig
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 from paygent_otel.sandbox.app import SandboxApp
 from paygent_otel.sandbox.ledger import LedgerWriter

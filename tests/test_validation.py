@@ -20,9 +20,9 @@ from conftest import USAGE_IDENTITY as IDENTITY
 from conftest import Tracing
 
 from paygent_otel import Rejection, RejectReason, UsageRecord
-from paygent_otel import semconv as sc
-from paygent_otel._mapping import MAX_COUNT, MAX_MINUTES, IdentityDefaults
-from paygent_otel._spans import records_from_span
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.mapping import MAX_COUNT, MAX_MINUTES, IdentityDefaults
+from paygent_otel.exporters.spans import records_from_span
 from paygent_otel.sandbox import SandboxServer
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import API_KEY
 
-from paygent_otel._spool import SqliteSpool
+from paygent_otel.delivery.spool import SqliteSpool
 from paygent_otel.sandbox import SandboxServer
 
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"

@@ -1,10 +1,10 @@
 """The OTLP bridge: ``paygent-otel serve``, an OTLP/HTTP receiver that bills usage.
 
-Applications in any language set the convention's attributes (:mod:`paygent_otel.semconv`)
-and send OTLP to their Collector; the Collector forwards the usage-bearing spans, metrics
-and log records here. The bridge maps them with the same code as the SDK exporters, commits
-them to the durable spool, acknowledges, and delivers to Paygent in the background.
-See ``docs/bridge.md`` and ``collector-config/``.
+Applications in any language set the convention's attributes
+(:mod:`paygent_otel.convention.semconv`) and send OTLP to their Collector; the Collector
+forwards the usage-bearing spans, metrics and log records here. The bridge maps them with
+the same code as the SDK exporters, commits them to the durable spool, acknowledges, and
+delivers to Paygent in the background. See ``docs/bridge.md`` and ``collector-config/``.
 
 :class:`BridgeApp` and :class:`BridgeServer` need the ``server`` extra (uvicorn, starlette);
 they are imported on first use, so the rest works without it.
@@ -15,14 +15,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .auth import BearerAuth, Grant, TokenError, is_loopback
-from .config import DEFAULT_HOST, DEFAULT_PORT, BridgeConfig, Limits
-from .cumulative import CumulativeStore, cumulative_state_path
-from .otlp import LOGS_PATH, METRICS_PATH, SIGNAL_PATHS, TRACES_PATH, Signal, UsageExtractor
+from paygent_otel.bridge.auth import BearerAuth, Grant, TokenError, is_loopback
+from paygent_otel.bridge.config import DEFAULT_HOST, DEFAULT_PORT, BridgeConfig, Limits
+from paygent_otel.bridge.cumulative import CumulativeStore, cumulative_state_path
+from paygent_otel.bridge.otlp import (
+    LOGS_PATH,
+    METRICS_PATH,
+    SIGNAL_PATHS,
+    TRACES_PATH,
+    Signal,
+    UsageExtractor,
+)
 
 if TYPE_CHECKING:
-    from .app import BridgeApp
-    from .server import BridgeServer
+    from paygent_otel.bridge.app import BridgeApp
+    from paygent_otel.bridge.server import BridgeServer
 
 __all__ = [
     "DEFAULT_HOST",

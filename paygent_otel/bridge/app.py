@@ -2,17 +2,17 @@
 
 ``POST /v1/traces``, ``/v1/metrics`` and ``/v1/logs`` take protobuf or OTLP/JSON, plain or
 gzip. A request is answered 200 only after every valid usage record in it is committed to
-the durable spool (the same :class:`~paygent_otel._delivery.DeliveryPipeline` the SDK
+the durable spool (the same :class:`~paygent_otel.delivery.pipeline.DeliveryPipeline` the SDK
 exporters use, which delivers in the background). Invalid records are dead-lettered and
 reported in ``partial_success``. Every error answer is a ``google.rpc.Status`` in the
 request's encoding, with the status a Collector acts on: 429/503 (+ ``Retry-After``) when
 it should retry later, 400/401/403/413/415 when retrying cannot help.
 
 ``GET /health`` answers 200 while serving; ``GET /metrics`` gives the bridge's counters in
-the Prometheus text format (:mod:`paygent_otel._bridge_metrics`).
+the Prometheus text format (:mod:`paygent_otel.bridge.metrics`).
 
-The jobs are apart: :class:`~paygent_otel._bridge_admission.Admission` checks a request
-before its body is read and reads it, :class:`~paygent_otel._bridge_intake.UsageIntake`
+The jobs are apart: :class:`~paygent_otel.bridge.admission.Admission` checks a request
+before its body is read and reads it, :class:`~paygent_otel.bridge.intake.UsageIntake`
 decodes, maps and commits it; this app routes, answers and counts.
 """
 
@@ -30,16 +30,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .._bridge_admission import CONNECTION_EXTENSION, Admission, Gone, Refusal, unavailable
-from .._bridge_intake import UsageIntake
-from .._bridge_metrics import METRICS_MEDIA_TYPE, BridgeCounters, bridge_metrics_text
-from .._delivery import DeliveryPipeline
-from .._retry import RetryPolicy
-from ..usage_page import USAGE_PAGE_PATH, bridge_page
-from .config import BridgeConfig
-from .cumulative import CumulativeStore, open_cumulative_store
-from .guard import ConnectionGuard, MemoryBudget, RateLimitedLog
-from .otlp import (
+from paygent_otel._web.usage_page import USAGE_PAGE_PATH
+from paygent_otel.bridge.admission import (
+    CONNECTION_EXTENSION,
+    Admission,
+    Gone,
+    Refusal,
+    unavailable,
+)
+from paygent_otel.bridge.config import BridgeConfig
+from paygent_otel.bridge.cumulative import CumulativeStore, open_cumulative_store
+from paygent_otel.bridge.guard import ConnectionGuard, MemoryBudget, RateLimitedLog
+from paygent_otel.bridge.intake import UsageIntake
+from paygent_otel.bridge.metrics import METRICS_MEDIA_TYPE, BridgeCounters, bridge_metrics_text
+from paygent_otel.bridge.otlp import (
     JSON_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
     SIGNAL_PATHS,
@@ -49,6 +53,9 @@ from .otlp import (
     encode_response,
     encode_status,
 )
+from paygent_otel.bridge.usage import bridge_page
+from paygent_otel.delivery.pipeline import DeliveryPipeline
+from paygent_otel.delivery.retry import RetryPolicy
 
 __all__ = [
     "CLIENT_CLOSED_STATUS",
@@ -313,7 +320,7 @@ class BridgeApp:
         """The counters in the Prometheus text exposition format."""
         return bridge_metrics_text(self)
 
-    # What the /metrics collector reads (paygent_otel._bridge_metrics.BridgeState).
+    # What the /metrics collector reads (paygent_otel.bridge.metrics.BridgeState).
 
     @property
     def in_flight(self) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from .._config import DEFAULT_FLUSH_TIMEOUT, ExporterConfig
-from .auth import BearerAuth
+from paygent_otel.bridge.auth import BearerAuth
+from paygent_otel.delivery.config import DEFAULT_FLUSH_TIMEOUT, ExporterConfig
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",

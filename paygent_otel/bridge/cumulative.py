@@ -41,13 +41,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .._metrics import UsagePoint
-from .._spool import SqliteSpool
+from paygent_otel.delivery.spool import SqliteSpool
+from paygent_otel.exporters.metrics import UsagePoint
 
 if TYPE_CHECKING:
     import psycopg
 
-    from .._spool_pg import PostgresSpool
+    from paygent_otel.delivery.spool.postgres import PostgresSpool
 
 __all__ = [
     "STATE_RETENTION_SECONDS",
@@ -521,7 +521,7 @@ def open_cumulative_store(spool: object, spool_path: str) -> CumulativeStore | N
         store.recover(spool.known_keys)
     else:
         try:
-            from .._spool_pg import PostgresSpool
+            from paygent_otel.delivery.spool.postgres import PostgresSpool
         except ImportError:
             return None
         if not isinstance(spool, PostgresSpool):

@@ -2,8 +2,9 @@
 
 This module only *extracts*: it decodes ``Export*ServiceRequest`` messages (protobuf or
 OTLP/JSON, plain or gzip/deflate) and hands each span, metric point and log record to the
-same functions the SDK exporters use (:func:`paygent_otel._spans.records_from_span`,
-:func:`paygent_otel._metrics.records_from_points`, :func:`paygent_otel._mapping.map_usage`),
+same functions the SDK exporters use (:func:`paygent_otel.exporters.spans.records_from_span`,
+:func:`paygent_otel.exporters.metrics.records_from_points`,
+:func:`paygent_otel.convention.mapping.map_usage`),
 which decide what a valid record is. It never touches HTTP or the spool.
 
 Log records: a log record whose attributes carry ``paygent.usage.kind`` is one usage
@@ -35,8 +36,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
-from .. import semconv as sc
-from .._mapping import (
+from paygent_otel.bridge.cumulative import CumulativePoint, CumulativeStore, StreamUpdate
+from paygent_otel.convention import semconv as sc
+from paygent_otel.convention.frameworks import FrameworkSet
+from paygent_otel.convention.mapping import (
     IdentityDefaults,
     Rejection,
     RejectReason,
@@ -47,10 +50,13 @@ from .._mapping import (
     rejected,
     rejection_key,
 )
-from .._metrics import UsagePoint, records_from_points, usage_stream_problem
-from .._spans import EVENT_LIMIT_SETTING, Truncation, has_usage, records_from_span
-from ..frameworks import FrameworkSet
-from .cumulative import CumulativePoint, CumulativeStore, StreamUpdate
+from paygent_otel.exporters.metrics import UsagePoint, records_from_points, usage_stream_problem
+from paygent_otel.exporters.spans import (
+    EVENT_LIMIT_SETTING,
+    Truncation,
+    has_usage,
+    records_from_span,
+)
 
 __all__ = [
     "JSON_CONTENT_TYPE",
@@ -868,7 +874,8 @@ class UsageExtractor:
         self.genai = genai
         self.max_attribute_length = max_attribute_length
         self.frameworks = frameworks or FrameworkSet()
-        """Framework mappings (``paygent_otel.frameworks``) applied to spans and metrics."""
+        """Framework mappings (``paygent_otel.convention.frameworks``) applied to spans and
+        metrics."""
         self._rules = _Rules(
             defaults,
             genai,

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Self, cast
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .._serving import (
+from paygent_otel._web.serving import (
     LOOP_IMPLEMENTATION,
     StartStop,
     UvicornThread,
@@ -39,8 +39,13 @@ from .._serving import (
     bind_socket,
     caught_signals,
 )
-from .app import CONNECTION_EXTENSION, BridgeApp
-from .config import DEFAULT_DRAIN_GRACE, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HOST, Limits
+from paygent_otel.bridge.app import CONNECTION_EXTENSION, BridgeApp
+from paygent_otel.bridge.config import (
+    DEFAULT_DRAIN_GRACE,
+    DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HOST,
+    Limits,
+)
 
 __all__ = [
     "BridgeServer",

@@ -22,7 +22,7 @@ import time
 from types import FrameType
 from typing import Final
 
-from .config import BridgeConfig
+from paygent_otel.bridge.config import BridgeConfig
 
 __all__ = ["RESPAWN_PAUSE_SECONDS", "run_workers"]
 
@@ -34,8 +34,8 @@ RESPAWN_PAUSE_SECONDS: Final = 1.0
 
 def _work(config: BridgeConfig, sock: socket.socket, host: str, graceful_timeout: int) -> int:
     """One worker process: serve on the inherited socket until signalled."""
-    from .app import BridgeApp
-    from .server import BridgeServer, run_until_signalled
+    from paygent_otel.bridge.app import BridgeApp
+    from paygent_otel.bridge.server import BridgeServer, run_until_signalled
 
     server = BridgeServer(BridgeApp(config), host, graceful_timeout=graceful_timeout)
     server.start(sock=sock)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .ledger import Ledger, LedgerWriter, UsageRow
+from paygent_otel.sandbox.ledger import Ledger, LedgerWriter, UsageRow
 
 if TYPE_CHECKING:
-    from .app import Faults, PayloadError, SandboxApp, validate_usage
-    from .server import SandboxProcess, SandboxServer
+    from paygent_otel.sandbox.app import Faults, PayloadError, SandboxApp, validate_usage
+    from paygent_otel.sandbox.server import SandboxProcess, SandboxServer
 
 __all__ = [
     "Faults",

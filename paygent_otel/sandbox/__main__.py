@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from paygent_otel._cli.sandbox import main
 
 sys.exit(main())

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .ledger import LedgerWriter, Outcome, UsageRow
+from paygent_otel.sandbox.ledger import LedgerWriter, Outcome, UsageRow
 
 __all__ = [
     "AUTH_CHECK_PATH",
@@ -450,7 +450,8 @@ class SandboxApp:
 
     def _page_routes(self, spools: Sequence[Path]) -> list[Route]:
         """``GET /usage``: the usage page over the ledger (and ``spools``, when given)."""
-        from ..usage_page import USAGE_PAGE_PATH, sandbox_page
+        from paygent_otel._web.usage_page import USAGE_PAGE_PATH
+        from paygent_otel.sandbox.usage import sandbox_page
 
         return [Route(USAGE_PAGE_PATH, sandbox_page(self, spools), methods=["GET"])]
 

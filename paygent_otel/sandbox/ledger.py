@@ -29,6 +29,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+from paygent_otel._output import PERIODS
+
 __all__ = [
     "GROUP_COLUMNS",
     "PERIODS",
@@ -45,9 +47,6 @@ SCHEMA_VERSION: Final = 1
 GROUP_COLUMNS: Final = ("customer_id", "agent_id", "indicator", "kind", "provider", "model", "plan")
 """Columns :meth:`Ledger.totals` can group by."""
 
-PERIODS: Final = {"hour": "%Y-%m-%dT%H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
-"""Time buckets :meth:`Ledger.totals` can also group by (of ``received_at``), and how each
-bucket is named."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (

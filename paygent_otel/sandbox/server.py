@@ -26,7 +26,7 @@ from typing import IO, Any, Final, Self
 import httpx
 import uvicorn
 
-from .._serving import (
+from paygent_otel._web.serving import (
     HTTP_IMPLEMENTATION,
     LOOP_IMPLEMENTATION,
     StartStop,
@@ -34,8 +34,8 @@ from .._serving import (
     base_url,
     bind_socket,
 )
-from .app import Faults, SandboxApp
-from .ledger import Ledger, LedgerWriter
+from paygent_otel.sandbox.app import Faults, SandboxApp
+from paygent_otel.sandbox.ledger import Ledger, LedgerWriter
 
 __all__ = [
     "DEFAULT_HOST",

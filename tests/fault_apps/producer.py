@@ -39,7 +39,7 @@ import httpx
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-import paygent_otel._delivery as delivery
+import paygent_otel.delivery.pipeline as delivery
 from paygent_otel import PaygentSpanExporter, RetryPolicy, record_stt
 
 

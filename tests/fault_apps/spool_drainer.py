@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from paygent_otel._spool import open_spool
+from paygent_otel.delivery.spool import open_spool
 
 
 def main() -> int:

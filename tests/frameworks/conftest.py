@@ -34,9 +34,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paygent_otel import PaygentSpanExporter
-from paygent_otel.frameworks import ConversationIdentityProcessor
-from paygent_otel.metric_exporter import USAGE_TEMPORALITY
+from paygent_otel import ConversationIdentityProcessor, PaygentSpanExporter
+from paygent_otel.exporters.metric import USAGE_TEMPORALITY
 from paygent_otel.sandbox import SandboxServer
 
 

@@ -24,9 +24,9 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 from opentelemetry.sdk.trace import TracerProvider
 
 from paygent_otel import PaygentMetricExporter
-from paygent_otel._mapping import IdentityDefaults
 from paygent_otel.bridge.otlp import UsageExtractor
-from paygent_otel.frameworks import parse_frameworks
+from paygent_otel.convention.frameworks import parse_frameworks
+from paygent_otel.convention.mapping import IdentityDefaults
 from paygent_otel.sandbox import SandboxServer
 
 from .conftest import METRICS, Billing

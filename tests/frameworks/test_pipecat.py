@@ -24,10 +24,10 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 
-from paygent_otel import record_tts
-from paygent_otel._mapping import IdentityDefaults
+from paygent_otel import ConversationIdentityProcessor, record_tts
 from paygent_otel.bridge.otlp import UsageExtractor
-from paygent_otel.frameworks import ConversationIdentityProcessor, parse_frameworks
+from paygent_otel.convention.frameworks import parse_frameworks
+from paygent_otel.convention.mapping import IdentityDefaults
 from paygent_otel.sandbox import SandboxServer
 
 from .conftest import Billing
@@ -257,7 +257,7 @@ def test_the_bridge_route_bills_the_same_records_and_dry_run_prints_them(
         [
             sys.executable,
             "-m",
-            "paygent_otel.frameworks.dry_run",
+            "paygent_otel._cli.dry_run",
             "--frameworks",
             "pipecat",
             "--agent-id",

@@ -1,0 +1,1 @@
+"""The ``paygent-otel`` command line (private: run it, do not import it)."""
