@@ -5,7 +5,6 @@ wait; the password never appears in an error (:func:`~._spool_url.redact`)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any, Final
 
 import psycopg
 
+from paygent_otel.delivery.forking import register_at_fork_once
 from paygent_otel.delivery.spool.url import SpoolUrl, redact
 
 __all__ = [
@@ -51,9 +51,6 @@ def _after_fork_in_child() -> None:
         pool._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class ConnectionPool:
     """At most ``size`` autocommit connections, reused; broken ones are dropped.
 
@@ -70,6 +67,7 @@ class ConnectionPool:
         self._slots = threading.BoundedSemaphore(size)
         self.opened = 0
         """Connections opened by this process (for tests and status)."""
+        register_at_fork_once("postgres-pools", after_in_child=_after_fork_in_child)
         _live_pools.add(self)
 
     def _after_fork(self) -> None:

@@ -1,0 +1,98 @@
+"""Importing any module of the package does nothing but define names.
+
+No fork hooks, no logging filters or handlers, no threads, no warnings (the deprecated
+aliases of moved modules excepted: warning is their job), and ``import paygent_otel``
+leaves aiohttp and the server packages unloaded until they are used.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_layout import DEPRECATED_ALIASES
+
+PACKAGE = Path(__file__).resolve().parent.parent / "paygent_otel"
+
+_PROBE = """
+import json, logging, os, sys, threading, warnings
+calls = []
+
+
+def ours(what, original):
+    # Only what our modules do counts: the OpenTelemetry SDK registers its own at import.
+    def spy(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("paygent_otel"):
+            calls.append(f"{what} from {caller}")
+        return original(*args, **kwargs)
+    return spy
+
+
+os.register_at_fork = ours("os.register_at_fork", os.register_at_fork)
+logging.Logger.addFilter = ours("Logger.addFilter", logging.Logger.addFilter)
+logging.Logger.addHandler = ours("Logger.addHandler", logging.Logger.addHandler)
+warnings.simplefilter("error")
+threads = threading.active_count()
+import importlib
+importlib.import_module(sys.argv[1])
+loaded = sorted(m for m in ("aiohttp", "uvicorn", "starlette", "psycopg", "prometheus_client")
+                if m in sys.modules)
+print(json.dumps({"calls": calls, "threads": threading.active_count() - threads,
+                  "loaded": loaded}))
+"""
+
+
+def _import_alone(module: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, module],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def _modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name.endswith("__main__") or name in DEPRECATED_ALIASES:
+            continue
+        if name == "paygent_otel.frameworks":  # the deprecated alias package
+            continue
+        names.append(name)
+    return names
+
+
+def test_import_paygent_otel_loads_no_http_stack_or_server() -> None:
+    assert _import_alone("paygent_otel") == {"calls": [], "threads": 0, "loaded": []}
+
+
+def test_no_module_does_work_when_imported() -> None:
+    """Every module, each in a fresh interpreter: no hooks, filters, threads or warnings."""
+    script = (
+        _PROBE.replace("importlib.import_module(sys.argv[1])", "")
+        .replace('print(json.dumps({"calls": calls', "pass  # ")
+        .rsplit("loaded = ", 1)[0]
+    )
+    script += (
+        "for name in sys.argv[1:]:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps({'calls': calls, 'threads': threading.active_count() - threads}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *_modules()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"calls": [], "threads": 0}
