@@ -12,8 +12,8 @@ import random
 import time
 from email.utils import formatdate
 
-from paygent_otel._decision import Answer, Decision, EndpointState, Failure, Verdict, decide
-from paygent_otel._retry import RetryPolicy, parse_retry_after
+from paygent_otel.delivery.decision import Answer, Decision, EndpointState, Failure, Verdict, decide
+from paygent_otel.delivery.retry import RetryPolicy, parse_retry_after
 
 NOW = 1_800_000_000.0
 URL = "https://paygent.test/api/v2/usage"

@@ -2,7 +2,7 @@
 
 Written from the survivors of ``make mutate`` (see ``docs/testing.md``): every test here
 asserts something a user or Paygent sees through :func:`paygent_otel.map_usage` or the
-other public functions of ``paygent_otel._mapping`` -- the JSON sent, the
+other public functions of ``paygent_otel.convention.mapping`` -- the JSON sent, the
 ``Idempotency-Key`` (pinned: a key that changed between versions would bill a re-sent
 record twice), the rejection, its reason, key and message (the dead-letter reason).
 """
@@ -17,7 +17,7 @@ import pytest
 
 from paygent_otel import Rejection, RejectReason, UsageRecord, map_usage
 from paygent_otel import semconv as sc
-from paygent_otel._mapping import (
+from paygent_otel.convention.mapping import (
     MAX_META_TAGS,
     MAX_MINUTES,
     MAX_USAGE_ID_LENGTH,
