@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 HTTP_IMPLEMENTATION: Final = "httptools" if importlib.util.find_spec("httptools") else "h11"
-"""The sandbox's uvicorn HTTP parser: httptools (the ``server`` extra) when installed; h11
-alone took about 60% of the sandbox's CPU per request. The bridge always uses httptools,
-through its own guarded protocol (``bridge/server.py``)."""
+"""The sandbox's uvicorn HTTP parser: httptools (the ``server`` extra) when installed, h11
+otherwise (far slower: bench/README.md). The bridge always uses httptools, through its own
+guarded protocol (``bridge/server.py``)."""
 
 LOOP_IMPLEMENTATION: Final = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """uvicorn's event loop: uvloop when installed."""
