@@ -99,22 +99,46 @@ class Identity:
         Raises ``TypeError`` when ``meta_tags`` is not a mapping, and :class:`IdentityError`
         (a ``ValueError``) when a field is not a string or a required one is blank.
         """
-        _require_mapping("meta_tags", self.meta_tags)
-        attrs: dict[str, Any] = {}
-        for field, name in _IDENTITY_FIELDS.items():
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise IdentityError(field, name, f"must be a string, got {type(value).__name__}")
-            if name in _NOT_BLANK and not value.strip():
-                raise IdentityError(field, name, "must not be blank")
-            attrs[name] = value
-        for key, value in (self.meta_tags or {}).items():
-            attrs[sc.META_PREFIX + str(key)] = (
-                value if isinstance(value, str | int | float | bool) else str(value)
-            )
-        return attrs
+        return _attributes(
+            self.agent_id,
+            self.customer_id,
+            self.indicator,
+            self.provider,
+            self.model,
+            self.plan,
+            self.meta_tags,
+        )
+
+
+def _attributes(
+    agent_id: str | None,
+    customer_id: str | None,
+    indicator: str | None,
+    provider: str | None,
+    model: str | None,
+    plan: str | None,
+    meta_tags: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """:meth:`Identity.attributes` of these fields, without building an :class:`Identity`
+    (the recording calls' hot path)."""
+    _require_mapping("meta_tags", meta_tags)
+    attrs: dict[str, Any] = {}
+    for field, value in zip(
+        _IDENTITY_FIELDS, (agent_id, customer_id, indicator, provider, model, plan), strict=True
+    ):
+        if value is None:
+            continue
+        name = _IDENTITY_FIELDS[field]
+        if not isinstance(value, str):
+            raise IdentityError(field, name, f"must be a string, got {type(value).__name__}")
+        if name in _NOT_BLANK and not value.strip():
+            raise IdentityError(field, name, "must not be blank")
+        attrs[name] = value
+    for key, value in (meta_tags or {}).items():
+        attrs[sc.META_PREFIX + str(key)] = (
+            value if isinstance(value, str | int | float | bool) else str(value)
+        )
+    return attrs
 
 
 def _resolve_identity(identity: Identity | None, call: Identity) -> Identity:
@@ -153,6 +177,16 @@ def _sdk_attributes(
 ) -> dict[str, Any]:
     """The identity attributes of a ported SDK call: the SDK dict's pricing fields win
     over the keywords, the call's over ``identity``'s."""
+    if identity is None:  # the common case, without building a second Identity
+        return _attributes(
+            call.agent_id,
+            call.customer_id,
+            call.indicator,
+            data.get("serviceProvider", call.provider),
+            data.get("model", call.model),
+            data.get("plan", call.plan),
+            call.meta_tags,
+        )
     call = replace(call, **{field: data[key] for key, field in _SDK_FIELDS.items() if key in data})
     return _resolve_identity(identity, call).attributes()
 
