@@ -52,9 +52,6 @@ _IDENTITY_FIELDS = {
 }
 _NOT_BLANK = frozenset({sc.AGENT_ID, sc.CUSTOMER_ID, sc.PROVIDER, sc.MODEL})
 
-# The SDK's usage dict key -> Identity field (track_stt/track_tts carry pricing in it).
-_SDK_FIELDS = {"serviceProvider": "provider", "model": "model", "plan": "plan"}
-
 
 class IdentityError(ValueError):
     """An :class:`Identity` field breaks a rule; ``field`` names it, the message names the
@@ -172,23 +169,28 @@ def _usage_data(argument: str, value: Mapping[str, Any] | None) -> Mapping[str, 
     return value or {}
 
 
-def _sdk_attributes(
-    identity: Identity | None, call: Identity, data: Mapping[str, Any]
+_Fields = tuple[
+    str | None, str | None, str | None, str | None, str | None, str | None,
+    Mapping[str, Any] | None,
+]  # fmt: skip
+"""A call's identity arguments, in :class:`Identity`'s field order."""
+
+
+def _call_attributes(
+    identity: Identity | None, call: _Fields, data: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The identity attributes of a ported SDK call: the SDK dict's pricing fields win
-    over the keywords, the call's over ``identity``'s."""
-    if identity is None:  # the common case, without building a second Identity
-        return _attributes(
-            call.agent_id,
-            call.customer_id,
-            call.indicator,
-            data.get("serviceProvider", call.provider),
-            data.get("model", call.model),
-            data.get("plan", call.plan),
-            call.meta_tags,
-        )
-    call = replace(call, **{field: data[key] for key, field in _SDK_FIELDS.items() if key in data})
-    return _resolve_identity(identity, call).attributes()
+    """The identity attributes of a recording call: the SDK dict's pricing fields (``data``)
+    win over the keywords, the call's over ``identity``'s. Without ``identity=`` (the common
+    case) no :class:`Identity` is built."""
+    agent_id, customer_id, indicator, provider, model, plan, meta_tags = call
+    if data:
+        provider = data.get("serviceProvider", provider)
+        model = data.get("model", model)
+        plan = data.get("plan", plan)
+    if identity is None:
+        return _attributes(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+    given = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+    return _resolve_identity(identity, given).attributes()
 
 
 def _write(kind: sc.UsageKind, attrs: dict[str, Any], span: trace.Span | None) -> bool:
@@ -294,8 +296,8 @@ def record_stt(
 
     def build() -> dict[str, Any]:
         data = _usage_data("stt_usage_data", stt_usage_data)
-        call = Identity(agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
-        attrs = _sdk_attributes(identity, call, data)
+        call = (agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
+        attrs = _call_attributes(identity, call, data)
         minutes = data.get("audioDuration", audio_minutes)
         if minutes is not None:
             attrs[sc.STT_AUDIO_MINUTES] = minutes
@@ -329,8 +331,8 @@ def record_tts(
 
     def build() -> dict[str, Any]:
         data = _usage_data("tts_usage_data", tts_usage_data)
-        call = Identity(agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
-        attrs = _sdk_attributes(identity, call, data)
+        call = (agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
+        attrs = _call_attributes(identity, call, data)
         count = data.get("characterCount", characters)
         if count is not None:
             attrs[sc.TTS_CHARACTERS] = count
@@ -416,8 +418,8 @@ def record_sts(
     keywords = _sts_keywords(locals())
 
     def build() -> dict[str, Any]:
-        call = Identity(agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
-        attrs = _resolve_identity(identity, call).attributes()
+        call = (agent_id, customer_id, indicator, service_provider, model, plan, meta_tags)
+        attrs = _call_attributes(identity, call)
         if usage_metadata is not None:
             attrs.update(_flatten_sts(usage_metadata))
         for _, name, value in keywords:

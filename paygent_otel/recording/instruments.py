@@ -28,8 +28,9 @@ from paygent_otel.recording.baggage import identity_from_baggage
 from paygent_otel.recording.helpers import (
     Identity,
     IdentityError,
+    _call_attributes,
+    _Fields,
     _flatten_sts,
-    _resolve_identity,
     _sts_keywords,
 )
 
@@ -108,7 +109,7 @@ class UsageInstruments:
 
         ``identity`` gives what the call does not: every identity argument the call gives
         wins over its field (meta tags merge key by key)."""
-        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+        call = (agent_id, customer_id, indicator, provider, model, plan, meta_tags)
         quantities = (
             ("seconds", sc.STT_AUDIO_SECONDS, seconds),
             ("minutes", sc.STT_AUDIO_MINUTES, minutes),
@@ -131,7 +132,7 @@ class UsageInstruments:
         """Add text-to-speech ``characters``. True when recorded.
 
         ``identity`` gives what the call does not, as for :meth:`add_stt`."""
-        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+        call = (agent_id, customer_id, indicator, provider, model, plan, meta_tags)
         quantities = (("characters", sc.TTS_CHARACTERS, characters),)
         return self._add("add_tts", sc.UsageKind.TTS, quantities, identity, call)
 
@@ -177,7 +178,7 @@ class UsageInstruments:
         # Every quantity keyword is named after its attribute: read them all from the
         # arguments as given, before any other local exists.
         quantities = _sts_keywords(locals())
-        call = Identity(agent_id, customer_id, indicator, provider, model, plan, meta_tags)
+        call = (agent_id, customer_id, indicator, provider, model, plan, meta_tags)
         if usage_metadata is not None:
             from_metadata = _metadata_quantities(usage_metadata, quantities)
             if from_metadata is None:
@@ -191,7 +192,7 @@ class UsageInstruments:
         kind: sc.UsageKind,
         quantities: Sequence[tuple[str, str, object]],
         identity: Identity | None,
-        call: Identity,
+        call: _Fields,
     ) -> bool:
         try:
             return self._checked_add(method, kind, quantities, identity, call)
@@ -205,10 +206,10 @@ class UsageInstruments:
         kind: sc.UsageKind,
         quantities: Sequence[tuple[str, str, object]],
         identity: Identity | None,
-        call: Identity,
+        call: _Fields,
     ) -> bool:
         try:
-            attributes = _resolve_identity(identity, call).attributes()
+            attributes = _call_attributes(identity, call)
         except IdentityError as exc:
             # The field is the argument: add_* take identity under the Identity's names.
             _logger.warning("paygent %s: nothing recorded: argument %s: %s", method, exc.field, exc)
