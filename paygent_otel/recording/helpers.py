@@ -120,12 +120,13 @@ def _attributes(
     (the recording calls' hot path)."""
     _require_mapping("meta_tags", meta_tags)
     attrs: dict[str, Any] = {}
-    for field, value in zip(
-        _IDENTITY_FIELDS, (agent_id, customer_id, indicator, provider, model, plan), strict=True
+    for (field, name), value in zip(
+        _IDENTITY_FIELDS.items(),
+        (agent_id, customer_id, indicator, provider, model, plan),
+        strict=True,
     ):
         if value is None:
             continue
-        name = _IDENTITY_FIELDS[field]
         if not isinstance(value, str):
             raise IdentityError(field, name, f"must be a string, got {type(value).__name__}")
         if name in _NOT_BLANK and not value.strip():
@@ -138,15 +139,13 @@ def _attributes(
     return attrs
 
 
-def _resolve_identity(identity: Identity | None, call: Identity) -> Identity:
+def _resolve_identity(identity: Identity, call: Identity) -> Identity:
     """``call`` (a call's own arguments) over ``identity`` (the ``identity=`` argument).
 
     A field the call gives wins over the same field of ``identity``; meta tags are merged
     key by key, the call's winning. Raises ``TypeError`` when ``identity`` is not an
     :class:`Identity` or a ``meta_tags`` is not a mapping.
     """
-    if identity is None:
-        return call
     if not isinstance(identity, Identity):
         raise TypeError(f"identity: must be an Identity, got {type(identity).__name__}")
     _require_mapping("meta_tags", identity.meta_tags)
