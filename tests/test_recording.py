@@ -328,6 +328,7 @@ def test_usage_outside_a_recording_span_is_lost_loudly(
             assert record_stt(AGENT, CUSTOMER, "m", STT_DATA) is False
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not recording" in warnings[0]
+    assert "Install paygent_otel.UsageSampler " in warnings[0]  # a public name that imports
 
 
 def test_a_full_event_list_refuses_the_record_instead_of_evicting_one(

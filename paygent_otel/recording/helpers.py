@@ -206,7 +206,7 @@ def _write(kind: sc.UsageKind, attrs: dict[str, Any], span: trace.Span | None) -
             _logger.warning(
                 "paygent usage recorded on a span that is not recording (no active span, or "
                 "it was not sampled): the usage is lost. Install "
-                "paygent_otel.recording.sampling.UsageSampler to keep usage under sampling."
+                "paygent_otel.UsageSampler to keep usage under sampling."
             )
         return False
     # The SDK enforces its span limits silently: a full attribute map evicts its oldest

@@ -144,6 +144,7 @@ def test_a_conversation_that_never_named_a_customer_is_refused_with_the_reason(
     reasons = [d.reason for d in pipeline.exporter.pipeline.spool.dead_letters()]
     assert len(reasons) == 2
     assert all("never named a customer" in r and "additional_span_attributes" in r for r in reasons)
+    assert all("add paygent_otel.ConversationIdentityProcessor to" in r for r in reasons)
 
 
 def test_genai_mapping_on_the_same_spans_bills_nothing_twice_and_skips_cascaded_llm(

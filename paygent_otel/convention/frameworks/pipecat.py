@@ -98,6 +98,6 @@ RULE: Final = FrameworkRule(
     missing_customer=(
         "its Pipecat conversation never named a customer: pass "
         "additional_span_attributes={'paygent.customer.id': ...} to PipelineWorker and add "
-        "paygent_otel.convention.frameworks.ConversationIdentityProcessor to the tracer provider"
+        "paygent_otel.ConversationIdentityProcessor to the tracer provider"
     ),
 )
