@@ -1,5 +1,5 @@
-"""Deprecated alias of :mod:`paygent_otel._cli.reconcile` (moved in 0.2; removed in 0.3)."""
+"""Deprecated alias of :mod:`paygent_otel.delivery.reconcile` (moved in 0.2; removed in 0.3)."""
 
 from paygent_otel._deprecated import alias
 
-alias(__name__, "paygent_otel._cli.reconcile")
+alias(__name__, "paygent_otel.delivery.reconcile")

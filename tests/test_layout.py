@@ -47,7 +47,7 @@ DEPRECATED_ALIASES: dict[str, str] = {
     "paygent_otel.cli": "paygent_otel._cli.main",
     "paygent_otel.demo": "paygent_otel._cli.demo",
     "paygent_otel.doctor": "paygent_otel._cli.doctor",
-    "paygent_otel.reconcile": "paygent_otel._cli.reconcile",
+    "paygent_otel.reconcile": "paygent_otel.delivery.reconcile",
     "paygent_otel.spool_cli": "paygent_otel._cli.spool",
     "paygent_otel.usage_page": "paygent_otel._web.usage_page",
     "paygent_otel.bridge.cli": "paygent_otel._cli.serve",
